@@ -1,0 +1,8 @@
+"""mlx-vlm-native: vision-language models on MLX."""
+
+__version__ = "0.1.0"
+
+from .utils import load  # noqa: E402
+from .generate import generate, stream_generate  # noqa: E402
+
+__all__ = ["load", "generate", "stream_generate", "__version__"]

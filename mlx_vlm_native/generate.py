@@ -1,0 +1,169 @@
+"""Generate text about images and videos: Python API and `generate` command."""
+
+import argparse
+import sys
+import time
+from dataclasses import dataclass
+from typing import Generator, List, Optional, Sequence
+
+import mlx.core as mx
+from mlx_lm.generate import generate_step
+from mlx_lm.sample_utils import make_sampler
+
+DEFAULT_MODEL = None  # set by the embedded demo model once it ships
+
+
+@dataclass
+class GenerationResponse:
+    text: str  # the new text of this step
+    token: Optional[int]
+    prompt_tokens: int
+    prompt_tps: float
+    generation_tokens: int
+    generation_tps: float
+    peak_memory: float  # GB
+    finish_reason: Optional[str] = None
+
+
+def context_length(model) -> int:
+    return model.args.text_config.max_position_embeddings
+
+
+def stream_generate(
+    model,
+    processor,
+    prompt: str,
+    images: Optional[Sequence] = None,
+    videos: Optional[Sequence[Sequence]] = None,
+    max_tokens: int = 256,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: Optional[int] = None,
+    apply_chat_template: bool = True,
+) -> Generator[GenerationResponse, None, None]:
+    """Yield the answer piece by piece; the last response carries the stats."""
+    images, videos = list(images or []), list(videos or [])
+    if apply_chat_template:
+        prompt = processor.format_prompt(prompt, len(images), len(videos))
+    tic = time.perf_counter()
+    inputs = processor(prompt, images=images, videos=videos)
+    n_prompt = len(inputs.input_ids)
+    limit = context_length(model)
+    if n_prompt + 1 > limit:
+        raise ValueError(
+            f"the prompt is {n_prompt} tokens (images and video included); the model's "
+            f"context is {limit} tokens. Use fewer or smaller images, or fewer frames"
+        )
+    max_tokens = min(max_tokens, limit - n_prompt)
+    if seed is not None:
+        mx.random.seed(seed)
+    embeddings = model.get_input_embeddings(inputs)[0]
+    tokenizer = processor.tokenizer
+    detok = tokenizer.detokenizer
+    detok.reset()
+    sampler = make_sampler(temp=temperature, top_p=top_p)
+    steps = generate_step(
+        mx.array(inputs.input_ids),
+        model,
+        max_tokens=max_tokens,
+        sampler=sampler,
+        input_embeddings=embeddings,
+    )
+    n, token = 0, None
+    prompt_tps = gen_tic = None
+    for n, (token, _) in enumerate(steps, start=1):
+        if n == 1:
+            prompt_time = time.perf_counter() - tic
+            prompt_tps = n_prompt / prompt_time
+            gen_tic = time.perf_counter()
+        if token in tokenizer.eos_token_ids:
+            break
+        detok.add_token(token)
+        yield GenerationResponse(
+            detok.last_segment, token, n_prompt, prompt_tps, n,
+            n / max(time.perf_counter() - gen_tic, 1e-9), mx.get_peak_memory() / 1e9,
+        )
+    detok.finalize()
+    finish = "stop" if token in tokenizer.eos_token_ids else "length"
+    gen_time = time.perf_counter() - gen_tic if gen_tic else 0.0
+    yield GenerationResponse(
+        detok.last_segment, None, n_prompt, prompt_tps or 0.0, n,
+        n / gen_time if gen_time else 0.0, mx.get_peak_memory() / 1e9, finish,
+    )
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    prompt_tokens: int
+    generation_tokens: int
+    prompt_tps: float
+    generation_tps: float
+    peak_memory: float
+    finish_reason: str
+
+
+def generate(model, processor, prompt: str, images=None, videos=None, verbose=False, **kwargs) -> GenerationResult:
+    """Generate a whole answer; with `verbose`, stream it and print the stats."""
+    text, last = "", None
+    for r in stream_generate(model, processor, prompt, images, videos, **kwargs):
+        text += r.text
+        last = r
+        if verbose:
+            print(r.text, end="", flush=True)
+    if verbose:
+        print()
+        print_stats(last)
+    return GenerationResult(
+        text, last.prompt_tokens, last.generation_tokens, last.prompt_tps,
+        last.generation_tps, last.peak_memory, last.finish_reason,
+    )
+
+
+def print_stats(r: GenerationResponse, file=sys.stdout) -> None:
+    print("=" * 10, file=file)
+    print(f"Prompt: {r.prompt_tokens} tokens, {r.prompt_tps:.3f} tokens-per-sec", file=file)
+    print(f"Generation: {r.generation_tokens} tokens, {r.generation_tps:.3f} tokens-per-sec", file=file)
+    print(f"Peak memory: {r.peak_memory:.3f} GB", file=file)
+
+
+def setup_arg_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Answer a prompt about images or a video.")
+    p.add_argument("--model", default=DEFAULT_MODEL, required=DEFAULT_MODEL is None,
+                   help="local model folder (MLX or HF layout) or Hugging Face repo id")
+    p.add_argument("--image", nargs="+", default=[], help="image paths or URLs")
+    p.add_argument("--video", default=None,
+                   help="a folder of frames or an animated GIF/WebP")
+    p.add_argument("--video-frames", type=int, default=8, help="frames sampled from --video")
+    p.add_argument("--prompt", default="Describe this image.")
+    p.add_argument("--max-tokens", "-m", type=int, default=256)
+    p.add_argument("--temperature", "--temp", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--no-chat-template", action="store_true",
+                   help="use --prompt as the full prompt (it must contain the placeholders)")
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    from .processors.image import ImageError, load_video_frames
+    from .utils import load
+
+    args = setup_arg_parser().parse_args(argv)
+    try:
+        videos = [load_video_frames(args.video, args.video_frames)] if args.video else []
+        model, processor = load(args.model)
+        generate(
+            model, processor, args.prompt, images=args.image, videos=videos,
+            max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+            seed=args.seed, apply_chat_template=not args.no_chat_template, verbose=True,
+        )
+    except (ImageError, ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    from .cli import ensure_fast_blas
+
+    ensure_fast_blas()
+    main()

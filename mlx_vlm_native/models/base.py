@@ -1,0 +1,78 @@
+import inspect
+from dataclasses import dataclass
+
+
+@dataclass
+class BaseModelArgs:
+    @classmethod
+    def from_dict(cls, params: dict):
+        fields = inspect.signature(cls).parameters
+        return cls(**{k: v for k, v in params.items() if k in fields})
+
+
+def check_weights(model, weights: dict) -> None:
+    """Raise naming the first missing, unexpected or mis-shaped key."""
+    from mlx.utils import tree_flatten
+
+    expected = dict(tree_flatten(model.parameters()))
+    missing = sorted(set(expected) - set(weights))
+    extra = sorted(set(weights) - set(expected))
+    if missing:
+        raise ValueError(
+            f"checkpoint is missing {len(missing)} weight(s), first: '{missing[0]}'"
+        )
+    if extra:
+        raise ValueError(
+            f"checkpoint has {len(extra)} unexpected weight(s), first: '{extra[0]}'"
+        )
+    for k, v in weights.items():
+        if v.shape != expected[k].shape:
+            raise ValueError(
+                f"weight '{k}' has shape {tuple(v.shape)}, the model expects "
+                f"{tuple(expected[k].shape)}"
+            )
+
+
+def text_config_for_mlx_lm(cfg: dict, tie_word_embeddings=None) -> dict:
+    """A HF text config in the form mlx-lm's ModelArgs expect.
+
+    transformers 5 writes `rope_parameters` where older configs had
+    `rope_theta`/`rope_scaling`; both are accepted.
+    """
+    cfg = dict(cfg)
+    rope = cfg.pop("rope_parameters", None) or {}
+    if "rope_theta" in rope:
+        cfg.setdefault("rope_theta", rope["rope_theta"])
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type != "default" and not cfg.get("rope_scaling"):
+        cfg["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
+    if cfg.get("num_key_value_heads") is None:
+        cfg["num_key_value_heads"] = cfg["num_attention_heads"]
+    if tie_word_embeddings is not None:
+        cfg["tie_word_embeddings"] = tie_word_embeddings
+    return cfg
+
+
+def resize_bilinear(x, rows: int, cols: int):
+    """(H, W, D) -> (rows, cols, D) bilinear, matching torch's
+    `interpolate(mode="bilinear", align_corners=False)` without antialiasing."""
+    import mlx.core as mx
+    import numpy as np
+
+    def weights(n_in: int, n_out: int) -> np.ndarray:
+        src = (np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5
+        src = np.maximum(src, 0.0)
+        lo = np.floor(src).astype(np.int64)
+        lo = np.minimum(lo, n_in - 1)
+        hi = np.minimum(lo + 1, n_in - 1)
+        frac = src - lo
+        w = np.zeros((n_out, n_in), np.float32)
+        np.add.at(w, (np.arange(n_out), lo), 1 - frac)
+        np.add.at(w, (np.arange(n_out), hi), frac)
+        return w
+
+    H, W, D = x.shape
+    wr = mx.array(weights(H, rows)).astype(x.dtype)
+    wc = mx.array(weights(W, cols)).astype(x.dtype)
+    x = (wr @ x.reshape(H, W * D)).reshape(rows, W, D)
+    return mx.einsum("cw,rwd->rcd", wc, x)

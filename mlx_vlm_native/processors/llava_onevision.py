@@ -1,0 +1,268 @@
+"""LLaVA-OneVision preprocessing: AnyRes tiling, multi-image, video, prompts.
+
+Mirrors transformers' `LlavaOnevisionImageProcessor` (Pillow backend) and
+`LlavaOnevisionProcessor` pixel for pixel and token for token.
+"""
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .image import (
+    OPENAI_CLIP_MEAN,
+    OPENAI_CLIP_STD,
+    ImageInput,
+    load_image,
+    pad_to_square,
+    rescale_and_normalize,
+    resize,
+    to_chw,
+)
+
+DEFAULT_PINPOINTS = [[384 * i, 384 * j] for i in range(1, 7) for j in range(1, 7)]
+
+
+def select_best_resolution(size: Tuple[int, int], candidates) -> Tuple[int, int]:
+    """The (height, width) candidate keeping the most pixels, then wasting fewest."""
+    h, w = size
+    best, best_effective, best_waste = None, 0, float("inf")
+    for ch, cw in candidates:
+        scale = min(cw / w, ch / h)
+        effective = min(int(w * scale) * int(h * scale), w * h)
+        waste = ch * cw - effective
+        if effective > best_effective or (effective == best_effective and waste < best_waste):
+            best, best_effective, best_waste = (ch, cw), effective, waste
+    return best
+
+
+def fit_inside(size: Tuple[int, int], target: Tuple[int, int]) -> Tuple[int, int]:
+    """Aspect-preserving size that fits `target`, touching it on one side."""
+    h, w = size
+    th, tw = target
+    if tw / w < th / h:
+        return min(math.ceil(h * tw / w), th), tw
+    return th, min(math.ceil(w * th / h), tw)
+
+
+@dataclass(frozen=True)
+class AnyResLayout:
+    """Where an image's AnyRes features go: tile grid, unpadded and final grid."""
+
+    tiles: Tuple[int, int]  # crops per column, per row
+    unpadded: Tuple[int, int]  # feature rows/cols after removing the padding
+    rows: int  # feature rows after anyres_max_N down-sampling
+    cols: int
+    crop_top: int  # first kept row/col in the (tiles * side) feature map
+    crop_left: int
+
+    def num_tokens(self, side: int) -> int:
+        return side * side + self.rows * (self.cols + 1)
+
+
+def anyres_layout(
+    image_size: Tuple[int, int], pinpoints, tile: int, side: int, max_tiles: int
+) -> AnyResLayout:
+    """Feature-grid geometry of one AnyRes image (`side` features per tile edge)."""
+    h, w = image_size
+    best_h, best_w = select_best_resolution((h, w), pinpoints)
+    gh, gw = best_h // tile, best_w // tile
+    cur_h, cur_w = gh * side, gw * side
+    top = left = 0
+    if w / h > cur_w / cur_h:
+        new_h = int(round(h * (cur_w / w), 7))
+        top = (cur_h - new_h) // 2
+        cur_h -= 2 * top
+    else:
+        new_w = int(round(w * (cur_h / h), 7))
+        left = (cur_w - new_w) // 2
+        cur_w -= 2 * left
+    rows, cols = cur_h, cur_w
+    ratio = math.sqrt(cur_h * cur_w / (max_tiles * side**2))
+    if ratio > 1.1:
+        rows, cols = int(cur_h // ratio), int(cur_w // ratio)
+    return AnyResLayout((gh, gw), (cur_h, cur_w), rows, cols, top, left)
+
+
+def parse_max_tiles(vision_aspect_ratio: str) -> int:
+    if not vision_aspect_ratio.startswith("anyres_max_"):
+        raise ValueError(
+            f"unsupported vision_aspect_ratio {vision_aspect_ratio!r}: expected 'anyres_max_N'"
+        )
+    return int(vision_aspect_ratio[len("anyres_max_") :])
+
+
+class LlavaOnevisionImageProcessor:
+    def __init__(
+        self,
+        size: int = 384,
+        image_grid_pinpoints=None,
+        image_mean: Sequence[float] = OPENAI_CLIP_MEAN,
+        image_std: Sequence[float] = OPENAI_CLIP_STD,
+        rescale_factor: float = 1 / 255,
+    ):
+        self.size = size
+        self.image_grid_pinpoints = image_grid_pinpoints or DEFAULT_PINPOINTS
+        self.image_mean = tuple(image_mean)
+        self.image_std = tuple(image_std)
+        self.rescale_factor = rescale_factor
+
+    @classmethod
+    def from_dict(cls, cfg: dict) -> "LlavaOnevisionImageProcessor":
+        size = cfg.get("size", {"height": 384})
+        size = size.get("height") or size.get("shortest_edge") if isinstance(size, dict) else size
+        return cls(
+            size=int(size),
+            image_grid_pinpoints=cfg.get("image_grid_pinpoints"),
+            image_mean=cfg.get("image_mean", OPENAI_CLIP_MEAN),
+            image_std=cfg.get("image_std", OPENAI_CLIP_STD),
+            rescale_factor=cfg.get("rescale_factor", 1 / 255),
+        )
+
+    def _finish(self, chw: np.ndarray) -> np.ndarray:
+        chw = resize(chw, (self.size, self.size))
+        return rescale_and_normalize(chw, self.rescale_factor, self.image_mean, self.image_std)
+
+    def anyres_crops(self, chw: np.ndarray) -> np.ndarray:
+        """[base image] + row-major tile crops of the best-fitting grid, (N, 3, S, S)."""
+        size = chw.shape[1:]
+        target = select_best_resolution(size, self.image_grid_pinpoints)
+        fitted = resize(chw, fit_inside(size, target))
+        fh, fw = fitted.shape[1:]
+        top, left = (target[0] - fh) // 2, (target[1] - fw) // 2
+        canvas = np.zeros((3, *target), dtype=np.uint8)
+        canvas[:, top : top + fh, left : left + fw] = fitted
+        s = self.size
+        crops = [
+            canvas[:, i : i + s, j : j + s]
+            for i in range(0, target[0], s)
+            for j in range(0, target[1], s)
+        ]
+        return np.stack([self._finish(c) for c in [chw] + crops])
+
+    def square(self, chw: np.ndarray) -> np.ndarray:
+        """Multi-image path: pad to a square with the mean colour, one tile."""
+        fill = [int(m * 255) for m in self.image_mean]
+        return self._finish(pad_to_square(chw, fill))[None]
+
+    def video_frames(self, frames: Sequence[ImageInput]) -> np.ndarray:
+        return np.stack([self._finish(to_chw(load_image(f))) for f in frames])
+
+
+@dataclass
+class ProcessedInputs:
+    input_ids: np.ndarray  # (L,) int32
+    pixel_values: List[np.ndarray]  # per image: (tiles, 3, S, S)
+    image_sizes: List[Tuple[int, int]]
+    multi_image: bool
+    video_frames: List[np.ndarray]  # per video: (frames, 3, S, S)
+
+
+class LlavaOnevisionProcessor:
+    """Images/video + text -> token ids with placeholders expanded, and pixels."""
+
+    def __init__(self, image_processor, tokenizer, config, chat_template=None):
+        self.image_processor = image_processor
+        self.tokenizer = tokenizer
+        self.chat_template = chat_template
+        vision = config.vision_config
+        self.side = vision.image_size // vision.patch_size
+        self.max_tiles = parse_max_tiles(config.vision_aspect_ratio)
+        self.image_token_id = config.image_token_index
+        self.video_token_id = config.video_token_index
+
+    @classmethod
+    def from_pretrained(cls, path: Path, tokenizer, config) -> "LlavaOnevisionProcessor":
+        path = Path(path)
+        cfg_file = path / "preprocessor_config.json"
+        cfg = json.loads(cfg_file.read_text()) if cfg_file.exists() else {}
+        cfg.setdefault("size", {"height": config.vision_config.image_size})
+        cfg.setdefault("image_grid_pinpoints", config.image_grid_pinpoints)
+        return cls(
+            LlavaOnevisionImageProcessor.from_dict(cfg),
+            tokenizer,
+            config,
+            chat_template=load_chat_template(path),
+        )
+
+    def image_layout(self, image_size: Tuple[int, int]) -> AnyResLayout:
+        ip = self.image_processor
+        return anyres_layout(
+            image_size, ip.image_grid_pinpoints, ip.size, self.side, self.max_tiles
+        )
+
+    def num_image_tokens(self, image_size, multi_image: bool) -> int:
+        if multi_image:
+            return self.side * self.side + 1
+        return self.image_layout(image_size).num_tokens(self.side)
+
+    def num_video_tokens(self, num_frames: int) -> int:
+        pooled = math.ceil(self.side / 2)
+        return num_frames * pooled * pooled + 1
+
+    def format_prompt(self, prompt: str, num_images: int = 0, num_videos: int = 0) -> str:
+        """A user turn with the images/videos placed as the chat template puts them."""
+        content = [{"type": "image"}] * num_images + [{"type": "video"}] * num_videos
+        content = content + [{"type": "text", "text": prompt}]
+        messages = [{"role": "user", "content": content}]
+        template = self.chat_template or getattr(self.tokenizer, "chat_template", None)
+        if template is None:
+            return "<image>\n" * num_images + "<video>\n" * num_videos + prompt
+        return self.tokenizer.apply_chat_template(
+            messages, chat_template=template, tokenize=False, add_generation_prompt=True
+        )
+
+    def __call__(
+        self,
+        text: str,
+        images: Optional[Sequence[ImageInput]] = None,
+        videos: Optional[Sequence[Sequence[ImageInput]]] = None,
+    ) -> ProcessedInputs:
+        images = [load_image(i) for i in images or []]
+        videos = list(videos or [])
+        multi = len(images) > 1
+        ip = self.image_processor
+        arrays = [to_chw(i) for i in images]
+        pixels = [ip.square(a) if multi else ip.anyres_crops(a) for a in arrays]
+        sizes = [a.shape[1:] for a in arrays]
+        frames = [ip.video_frames(v) for v in videos]
+
+        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        expansions = {
+            self.image_token_id: [self.num_image_tokens(s, multi) for s in sizes],
+            self.video_token_id: [self.num_video_tokens(len(f)) for f in frames],
+        }
+        found = {t: ids.count(t) for t in expansions}
+        for tok, counts in expansions.items():
+            if found[tok] != len(counts):
+                kind = "image" if tok == self.image_token_id else "video"
+                raise ValueError(
+                    f"the prompt has {found[tok]} {kind} placeholder(s) but "
+                    f"{len(counts)} {kind}(s) were given"
+                )
+        out, next_index = [], {t: 0 for t in expansions}
+        for t in ids:
+            if t in expansions:
+                out.extend([t] * expansions[t][next_index[t]])
+                next_index[t] += 1
+            else:
+                out.append(t)
+        return ProcessedInputs(np.array(out, dtype=np.int32), pixels, sizes, multi, frames)
+
+
+def load_chat_template(path: Path) -> Optional[str]:
+    path = Path(path)
+    if (path / "chat_template.jinja").exists():
+        return (path / "chat_template.jinja").read_text()
+    if (path / "chat_template.json").exists():
+        return json.loads((path / "chat_template.json").read_text())["chat_template"]
+    for name in ("processor_config.json", "tokenizer_config.json"):
+        f = path / name
+        if f.exists():
+            template = json.loads(f.read_text()).get("chat_template")
+            if template:
+                return template
+    return None

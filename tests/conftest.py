@@ -1,0 +1,55 @@
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np
+import pytest
+from PIL import Image
+
+
+def make_image(h: int, w: int, seed: int = 0) -> Image.Image:
+    """Smooth gradients plus noise: resampling differences show, unlike flat colour."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:h, 0:w]
+    base = np.stack([x * 255 / max(w - 1, 1), y * 255 / max(h - 1, 1), (x + y) % 256], -1)
+    noisy = base + rng.normal(0, 20, (h, w, 3))
+    return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8))
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_dir(tmp_path_factory):
+    """A tiny random LLaVA-OneVision checkpoint as transformers itself writes it."""
+    import torch
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    from mlx_vlm_native.random_checkpoint import write_checkpoint
+
+    torch.set_num_threads(1)
+    ours = write_checkpoint(tmp_path_factory.mktemp("tiny_ours"))
+    hf_dir = tmp_path_factory.mktemp("tiny_hf")
+    model = LlavaOnevisionForConditionalGeneration.from_pretrained(ours, dtype=torch.float32)
+    model.save_pretrained(hf_dir)
+    for f in ours.iterdir():
+        if f.name not in ("model.safetensors", "config.json"):
+            (hf_dir / f.name).write_bytes(f.read_bytes())
+    return hf_dir
+
+
+@pytest.fixture(scope="session")
+def hf_model(tiny_hf_dir):
+    import torch
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    torch.set_num_threads(1)
+    return LlavaOnevisionForConditionalGeneration.from_pretrained(
+        tiny_hf_dir, dtype=torch.float32
+    ).eval()
+
+
+@pytest.fixture(scope="session")
+def mlx_model(tiny_hf_dir):
+    from mlx_vlm_native import load
+
+    return load(str(tiny_hf_dir))
