@@ -131,7 +131,7 @@ def load(
     return model, load_processor(path, model)
 
 
-def save_weights(path: Path, model: nn.Module, max_shard_gb: float = 5.0, progress=True) -> None:
+def save_weights(path: Path, model: nn.Module, max_shard_gb: int = 5, progress=True) -> None:
     """Sharded safetensors + index; each shard is evaluated only as it is written,
     so with lazily loaded sources peak memory stays near one shard."""
     from mlx_lm.utils import make_shards
