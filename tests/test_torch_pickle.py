@@ -1,8 +1,7 @@
 """The torch-free checkpoint reader against torch.load."""
 
-import builtins
 import os
-import pickle
+import zipfile
 
 import mlx.core as mx
 import numpy as np
@@ -16,6 +15,11 @@ def as_numpy(a: mx.array) -> np.ndarray:
     return np.array(a.astype(mx.float32)) if a.dtype == mx.bfloat16 else np.array(a)
 
 
+def torch_numpy(t: torch.Tensor) -> np.ndarray:
+    t = t.detach()
+    return t.float().numpy() if t.dtype in (torch.bfloat16, torch.float64) else t.numpy()
+
+
 def test_tensors_views_and_dtypes_match_torch(tmp_path):
     torch.manual_seed(0)
     base = torch.randn(6, 5)
@@ -23,29 +27,39 @@ def test_tensors_views_and_dtypes_match_torch(tmp_path):
         "f32": torch.randn(3, 4),
         "f16": torch.randn(7).half(),
         "bf16": torch.randn(2, 3).bfloat16(),
-        "i64": torch.arange(10),
+        "f64": torch.randn(3).double(),
+        "i64": torch.arange(-5, 5),
+        "i8": torch.tensor([-128, 0, 127], dtype=torch.int8),
+        "u16": torch.tensor([0, 1, 65535], dtype=torch.uint16),  # _rebuild_tensor_v3 path
         "mask": torch.tensor([True, False, True]),
-        "transposed": base.t(),  # non-contiguous view
-        "slice": base[2:4, 1:],  # shares storage, offset
+        "base": base,
+        "transposed": base.t(),  # non-contiguous view of base's storage
+        "slice": base[2:4, 1:],  # offset view sharing base's storage
         "scalar": torch.tensor(3.5),
-        "param": torch.nn.Parameter(torch.ones(2, 2)),
+        "param": torch.nn.Parameter(torch.randn(2, 2)),
+        "empty": torch.zeros(0, 3),
     }
     path = tmp_path / "m.bin"
-    torch.save({"state_dict": state, "epoch": 3}, path)
+    torch.save({"state_dict": state, "epoch": 3, "name": "run"}, path)
     ours = load_torch_checkpoint(path)
-    assert set(ours) == set(state)
-    for k, v in state.items():
-        ref = v.detach().float().numpy() if v.dtype == torch.bfloat16 else v.detach().numpy()
-        got = as_numpy(ours[k])
+    theirs = torch.load(path, weights_only=True)["state_dict"]
+    assert set(ours) == set(theirs)
+    for k, v in theirs.items():
+        got, ref = as_numpy(ours[k]), torch_numpy(v)
         assert got.shape == ref.shape, k
         assert np.array_equal(got, ref), k
-    assert ours["bf16"].dtype == mx.bfloat16 and ours["i64"].dtype == mx.int64
+    assert ours["bf16"].dtype == mx.bfloat16 and ours["f16"].dtype == mx.float16
+    assert ours["i64"].dtype == mx.int64 and ours["u16"].dtype == mx.uint16
+    assert ours["mask"].dtype == mx.bool_ and ours["scalar"].shape == ()
 
 
 def test_nested_dicts_flatten(tmp_path):
     path = tmp_path / "n.pth"
     torch.save({"model": {"encoder": {"w": torch.ones(2)}, "head": torch.zeros(1)}}, path)
     assert set(load_torch_checkpoint(path)) == {"encoder.w", "head"}
+    # A submodule called "model" beside other tensors is part of the state dict, not a wrapper.
+    torch.save({"model": {"w": torch.ones(2)}, "lm_head": torch.zeros(1)}, path)
+    assert set(load_torch_checkpoint(path)) == {"model.w", "lm_head"}
 
 
 class Exploit:
@@ -56,24 +70,79 @@ class Exploit:
         return (self.fn, (self.arg,))
 
 
+def write_checkpoint(path, pickle_bytes: bytes, storages: dict, byteorder="little"):
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("archive/data.pkl", pickle_bytes)
+        z.writestr("archive/version", "3\n")
+        z.writestr("archive/byteorder", byteorder)
+        for key, raw in storages.items():
+            z.writestr(f"archive/data/{key}", raw)
+
+
+def tensor_pickle(size: int) -> bytes:
+    """{'w': FloatStorage tensor of `size` elements, offset 0, stride 1}, by hand."""
+    return (
+        b"\x80\x02}X\x01\x00\x00\x00w"
+        b"ctorch._utils\n_rebuild_tensor_v2\n("
+        b"(X\x07\x00\x00\x00storagectorch\nFloatStorage\n"
+        b"X\x01\x00\x00\x000X\x03\x00\x00\x00cpuK\x02tQ"
+        b"K\x00K" + bytes([size]) + b"\x85K\x01\x85\x89ccollections\nOrderedDict\n)Rt"
+        b"Rs."
+    )
+
+
 def test_code_executing_pickles_are_refused(tmp_path):
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.bin"
     torch.save({"w": torch.ones(2), "x": Exploit(os.system, f"touch {marker}")}, path)
-    with pytest.raises(UnsafePickleError, match="system"):
+    with pytest.raises(UnsafePickleError, match=r"refusing to load \w+\.system from .*evil\.bin"):
         load_torch_checkpoint(path)
     assert not marker.exists()
-    torch.save({"x": Exploit(builtins.eval, "1+1")}, path)
-    with pytest.raises(UnsafePickleError, match=r"builtin\w*\.eval"):
+
+    evil = b"\x80\x02cbuiltins\neval\nX\x03\x00\x00\x001+1\x85R."
+    write_checkpoint(path, evil, {})
+    with pytest.raises(UnsafePickleError, match=r"builtins\.eval"):
         load_torch_checkpoint(path)
 
 
-def test_legacy_and_garbage_files_are_clear_errors(tmp_path):
+def test_hand_written_tensor_and_out_of_bounds_view(tmp_path):
+    path = tmp_path / "crafted.bin"
+    raw = np.array([1.5, -2.0], dtype="<f4").tobytes()
+    write_checkpoint(path, tensor_pickle(2), {"0": raw})
+    assert torch.load(path, weights_only=True)["w"].tolist() == [1.5, -2.0]
+    assert np.array_equal(np.array(load_torch_checkpoint(path)["w"]), [1.5, -2.0])
+    big = np.array([1.5, -2.0], dtype=">f4").tobytes()
+    write_checkpoint(path, tensor_pickle(2), {"0": big}, byteorder="big")
+    assert torch.load(path, weights_only=True)["w"].tolist() == [1.5, -2.0]
+    assert np.array_equal(np.array(load_torch_checkpoint(path)["w"]), [1.5, -2.0])
+    write_checkpoint(path, tensor_pickle(100), {"0": raw})  # view past the storage's end
+    with pytest.raises(ValueError, match="overruns"):
+        load_torch_checkpoint(path)
+    write_checkpoint(path, tensor_pickle(2), {})  # storage file missing
+    with pytest.raises(ValueError, match="malformed"):
+        load_torch_checkpoint(path)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit
+def test_unsupported_formats_are_clear_errors(tmp_path):
     legacy = tmp_path / "legacy.bin"
     torch.save({"w": torch.ones(2)}, legacy, _use_new_zipfile_serialization=False)
-    with pytest.raises(ValueError, match="legacy"):
+    with pytest.raises(ValueError, match="legacy.*torch.save"):
         load_torch_checkpoint(legacy)
+
+    script = tmp_path / "script.pt"
+    torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), script)
+    with pytest.raises(ValueError, match="TorchScript.*torch.save") as e:
+        load_torch_checkpoint(script)
+    assert not isinstance(e.value, UnsafePickleError)
+
     junk = tmp_path / "junk.bin"
-    junk.write_bytes(os.urandom(64).replace(b"\x80", b"\x00").replace(b"PK", b"pk"))
-    with pytest.raises(ValueError, match="not a PyTorch checkpoint"):
+    junk.write_bytes(np.random.default_rng(0).bytes(64).replace(b"PK", b"pk"))
+    with pytest.raises(ValueError, match="junk.bin is not a PyTorch checkpoint"):
         load_torch_checkpoint(junk)
+
+    other_zip = tmp_path / "other.zip"
+    with zipfile.ZipFile(other_zip, "w") as z:
+        z.writestr("readme.txt", "hi")
+    with pytest.raises(ValueError, match="other.zip .*not a PyTorch checkpoint"):
+        load_torch_checkpoint(other_zip)
