@@ -1,0 +1,154 @@
+"""Qwen2-VL vision tower: a NaViT-style ViT over packed native-resolution
+patches with 2-D rotary embeddings, attention inside each image only, and a
+2x2 patch merger into the language model's width."""
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from ..packed_attention import packed_attention
+from ..packing import Pack
+from .base import BaseModelArgs
+
+ACTIVATIONS = {"quick_gelu": nn.gelu_fast_approx, "gelu": nn.gelu, "gelu_pytorch_tanh": nn.gelu_approx}
+
+
+@dataclass
+class VisionConfig(BaseModelArgs):
+    depth: int = 32
+    embed_dim: int = 1280
+    hidden_size: int = 3584  # the merger's output: the language model width
+    hidden_act: str = "quick_gelu"
+    mlp_ratio: float = 4
+    num_heads: int = 16
+    in_channels: int = 3
+    patch_size: int = 14
+    spatial_merge_size: int = 2
+    temporal_patch_size: int = 2
+    rope_parameters: Optional[dict] = None
+    in_chans: Optional[int] = None  # older configs
+
+    def __post_init__(self):
+        if self.in_chans is not None:
+            self.in_channels = self.in_chans
+        if self.hidden_act not in ACTIVATIONS:
+            raise ValueError(f"unsupported vision hidden_act {self.hidden_act!r}")
+        if self.embed_dim % self.num_heads or (self.embed_dim // self.num_heads) % 4:
+            raise ValueError("embed_dim / num_heads must be a multiple of 4 for 2-D RoPE")
+
+    @property
+    def rope_theta(self) -> float:
+        return (self.rope_parameters or {}).get("rope_theta", 10000.0)
+
+
+def rope_2d_angles(positions: np.ndarray, head_dim: int, theta: float) -> mx.array:
+    """(N, 2) (row, col) -> (N, head_dim) angles: [row freqs, col freqs] twice."""
+    quarter = np.arange(0, head_dim // 2, 2, dtype=np.float32) / (head_dim // 2)
+    inv_freq = mx.array(1.0 / theta**quarter)
+    pos = mx.array(positions).astype(mx.float32)
+    hw = mx.concatenate([pos[:, :1] * inv_freq, pos[:, 1:] * inv_freq], axis=-1)
+    return mx.concatenate([hw, hw], axis=-1)
+
+
+def apply_rope(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
+    """x (N, H, D) rotated in fp32 by per-token angles (rotate-half convention)."""
+    dtype = x.dtype
+    x = x.astype(mx.float32)
+    half = x.shape[-1] // 2
+    rotated = mx.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return (x * cos[:, None] + rotated * sin[:, None]).astype(dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=True)
+        self.proj = nn.Linear(dim, dim)
+
+    def __call__(self, x, cu_seqlens, cos, sin):
+        N, D = x.shape
+        q, k, v = self.qkv(x).reshape(N, 3, self.num_heads, -1).transpose(1, 0, 2, 3)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        return self.proj(packed_attention(q, k, v, cu_seqlens).reshape(N, D))
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, hidden: int, act: str):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = ACTIVATIONS[act]
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def __call__(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, c: VisionConfig):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(c.embed_dim, eps=1e-6)
+        self.norm2 = nn.LayerNorm(c.embed_dim, eps=1e-6)
+        self.attn = Attention(c.embed_dim, c.num_heads)
+        self.mlp = MLP(c.embed_dim, int(c.embed_dim * c.mlp_ratio), c.hidden_act)
+
+    def __call__(self, x, cu_seqlens, cos, sin):
+        x = x + self.attn(self.norm1(x), cu_seqlens, cos, sin)
+        return x + self.mlp(self.norm2(x))
+
+
+class PatchEmbed(nn.Module):
+    """The Conv3d with stride = kernel is a matmul over (C, T, P, P) rows."""
+
+    def __init__(self, c: VisionConfig):
+        super().__init__()
+        self.proj = nn.Linear(c.in_channels * c.temporal_patch_size * c.patch_size**2, c.embed_dim, bias=False)
+
+    def __call__(self, patches):
+        return self.proj(patches.astype(self.proj.weight.dtype))
+
+
+class PatchMerger(nn.Module):
+    def __init__(self, c: VisionConfig):
+        super().__init__()
+        width = c.embed_dim * c.spatial_merge_size**2
+        self.ln_q = nn.LayerNorm(c.embed_dim, eps=1e-6)
+        self.mlp = [nn.Linear(width, width), nn.GELU(), nn.Linear(width, c.hidden_size)]
+
+    def __call__(self, x):
+        x = self.ln_q(x).reshape(-1, self.mlp[0].weight.shape[1])  # 2x2 blocks are consecutive
+        for layer in self.mlp:
+            x = layer(x)
+        return x
+
+
+class VisionModel(nn.Module):
+    def __init__(self, config: VisionConfig):
+        super().__init__()
+        self.config = config
+        self.patch_embed = PatchEmbed(config)
+        self.blocks = [Block(config) for _ in range(config.depth)]
+        self.merger = PatchMerger(config)
+
+    def __call__(self, pack: Pack, merge: bool = True) -> mx.array:
+        """One call for the whole pack: (N, patch dim) -> (N / 4, out) merged tokens."""
+        c = self.config
+        x = self.patch_embed(mx.array(pack.patches))
+        angles = rope_2d_angles(pack.positions, c.embed_dim // c.num_heads, c.rope_theta)
+        cos, sin = mx.cos(angles), mx.sin(angles)
+        for block in self.blocks:
+            x = block(x, pack.cu_seqlens, cos, sin)
+        return self.merger(x) if merge else x
+
+    def sanitize(self, weights: dict) -> dict:
+        out = {}
+        for k, v in weights.items():
+            if k.startswith("visual."):
+                k = k[len("visual.") :]
+            if k == "patch_embed.proj.weight" and v.ndim == 5:
+                v = v.reshape(v.shape[0], -1)  # (D, C, T, P, P): rows are (C, T, P, P)
+            out[k] = v
+        return out
