@@ -57,3 +57,47 @@ def test_packing_equals_one_image_at_a_time(towers):
     together = np.array(ours(pack(items)))
     alone = np.concatenate([np.array(ours(pack([it]))) for it in items])
     assert np.abs(together - alone).max() <= 1e-5
+
+
+CONFIG_25 = dict(depth=4, hidden_size=32, out_hidden_size=64, intermediate_size=64, num_heads=4,
+                 hidden_act="silu", window_size=112, fullatt_block_indexes=[1, 3],
+                 rope_parameters={"rope_type": "axial", "rope_theta": 10000.0})
+
+
+def test_window_index_matches_transformers():
+    from transformers.vision_utils import get_vision_window_index
+
+    from mlx_vlm_native.models.qwen2_vision import window_index
+
+    grids = [(1, 12, 20), (1, 26, 8), (2, 12, 18)]
+    ref_order, ref_cu = get_vision_window_index(torch.tensor(grids), 2, 112, 14)
+    order, cu = window_index(grids, 2, 112, 14)
+    assert order.tolist() == ref_order.tolist()
+    assert cu.tolist() == ref_cu.tolist()
+    assert window_index([(1, 12, 20), (1, 26, 8)], 2, 112, 14)[1].tolist() == [
+        0, 64, 128, 160, 192, 224, 240, 304, 368, 432, 448]
+
+
+def test_qwen2_5_tower_pack_matches():
+    from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLVisionConfig
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
+
+    torch.manual_seed(0)
+    hf = Qwen2_5_VisionTransformerPretrainedModel(Qwen2_5_VLVisionConfig(**CONFIG_25)).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "norm" in name or "ln_q" in name:
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+            elif name.endswith("bias"):
+                p.copy_(0.1 * torch.randn_like(p))
+            else:
+                p.copy_(torch.randn_like(p) / np.sqrt(p[0].numel()))
+    ours = VisionModel(VisionConfig.from_dict(CONFIG_25))
+    ours.load_weights(list(ours.sanitize({k: mx.array(v.numpy()) for k, v in hf.state_dict().items()}).items()))
+    rng = np.random.default_rng(0)
+    items = [patchify(rng.standard_normal((1, 3, 14 * h, 14 * w)).astype(np.float32)) for h, w in [(12, 20), (26, 8)]]
+    items.append(patchify(rng.standard_normal((4, 3, 14 * 12, 14 * 18)).astype(np.float32)))
+    p = pack(items)
+    with torch.inference_mode():
+        out = hf(torch.from_numpy(p.patches), grid_thw=torch.tensor(p.grids))
+    assert np.abs(np.array(ours(p)) - out.pooler_output.numpy()).max() <= 1e-4

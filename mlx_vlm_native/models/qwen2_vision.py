@@ -1,6 +1,9 @@
-"""Qwen2-VL vision tower: a NaViT-style ViT over packed native-resolution
-patches with 2-D rotary embeddings, attention inside each image only, and a
-2x2 patch merger into the language model's width."""
+"""Qwen2-VL / Qwen2.5-VL vision tower: a NaViT-style ViT over packed
+native-resolution patches with 2-D rotary embeddings, attention inside each
+image only, and a 2x2 patch merger into the language model's width.
+
+Qwen2.5-VL adds RMSNorm, a SwiGLU MLP and windowed attention (windows of
+`window_size` pixels) in all blocks but `fullatt_block_indexes`."""
 
 from dataclasses import dataclass, field
 from typing import Optional
@@ -13,7 +16,10 @@ from ..packed_attention import packed_attention
 from ..packing import Pack
 from .base import BaseModelArgs
 
-ACTIVATIONS = {"quick_gelu": nn.gelu_fast_approx, "gelu": nn.gelu, "gelu_pytorch_tanh": nn.gelu_approx}
+ACTIVATIONS = {
+    "quick_gelu": nn.gelu_fast_approx, "gelu": nn.gelu,
+    "gelu_pytorch_tanh": nn.gelu_approx, "silu": nn.silu,
+}
 
 
 @dataclass
@@ -30,14 +36,25 @@ class VisionConfig(BaseModelArgs):
     temporal_patch_size: int = 2
     rope_parameters: Optional[dict] = None
     in_chans: Optional[int] = None  # older configs
+    # Qwen2.5-VL: hidden_size is the tower width and out_hidden_size the merger's output
+    out_hidden_size: Optional[int] = None
+    intermediate_size: Optional[int] = None
+    window_size: int = 0
+    fullatt_block_indexes: tuple = ()
 
     def __post_init__(self):
+        if self.out_hidden_size is not None:
+            self.embed_dim, self.hidden_size = self.hidden_size, self.out_hidden_size
         if self.in_chans is not None:
             self.in_channels = self.in_chans
         if self.hidden_act not in ACTIVATIONS:
             raise ValueError(f"unsupported vision hidden_act {self.hidden_act!r}")
         if self.embed_dim % self.num_heads or (self.embed_dim // self.num_heads) % 4:
             raise ValueError("embed_dim / num_heads must be a multiple of 4 for 2-D RoPE")
+
+    @property
+    def windowed(self) -> bool:
+        return self.out_hidden_size is not None
 
     @property
     def rope_theta(self) -> float:
@@ -60,6 +77,25 @@ def apply_rope(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
     half = x.shape[-1] // 2
     rotated = mx.concatenate([-x[..., half:], x[..., :half]], axis=-1)
     return (x * cos[:, None] + rotated * sin[:, None]).astype(dtype)
+
+
+def window_index(grids, merge: int, window_size: int, patch_size: int):
+    """Qwen2.5-VL windows: the order of merged (2x2) units that groups them into
+    windows of `window_size` pixels, row-major within each frame, and the
+    windows' cu_seqlens in patch tokens."""
+    side = window_size // merge // patch_size
+    order, cu, offset = [], [0], 0
+    for t, h, w in grids:
+        gh, gw = h // merge, w // merge
+        for f in range(t):
+            units = offset + f * gh * gw + np.arange(gh * gw).reshape(gh, gw)
+            for r in range(0, gh, side):
+                for q in range(0, gw, side):
+                    window = units[r : r + side, q : q + side].reshape(-1)
+                    order.append(window)
+                    cu.append(cu[-1] + window.size * merge * merge)
+        offset += t * gh * gw
+    return np.concatenate(order), np.asarray(cu, dtype=np.int32)
 
 
 class Attention(nn.Module):
@@ -87,13 +123,32 @@ class MLP(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
+class GatedMLP(nn.Module):
+    def __init__(self, dim: int, hidden: int, act: str):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden)
+        self.up_proj = nn.Linear(dim, hidden)
+        self.down_proj = nn.Linear(hidden, dim)
+        self.act = ACTIVATIONS[act]
+
+    def __call__(self, x):
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+def make_norm(c: VisionConfig, dim: int):
+    return nn.RMSNorm(dim, eps=1e-6) if c.windowed else nn.LayerNorm(dim, eps=1e-6)
+
+
 class Block(nn.Module):
     def __init__(self, c: VisionConfig):
         super().__init__()
-        self.norm1 = nn.LayerNorm(c.embed_dim, eps=1e-6)
-        self.norm2 = nn.LayerNorm(c.embed_dim, eps=1e-6)
+        self.norm1 = make_norm(c, c.embed_dim)
+        self.norm2 = make_norm(c, c.embed_dim)
         self.attn = Attention(c.embed_dim, c.num_heads)
-        self.mlp = MLP(c.embed_dim, int(c.embed_dim * c.mlp_ratio), c.hidden_act)
+        if c.windowed:
+            self.mlp = GatedMLP(c.embed_dim, c.intermediate_size, c.hidden_act)
+        else:
+            self.mlp = MLP(c.embed_dim, int(c.embed_dim * c.mlp_ratio), c.hidden_act)
 
     def __call__(self, x, cu_seqlens, cos, sin):
         x = x + self.attn(self.norm1(x), cu_seqlens, cos, sin)
@@ -115,7 +170,7 @@ class PatchMerger(nn.Module):
     def __init__(self, c: VisionConfig):
         super().__init__()
         width = c.embed_dim * c.spatial_merge_size**2
-        self.ln_q = nn.LayerNorm(c.embed_dim, eps=1e-6)
+        self.ln_q = make_norm(c, c.embed_dim)
         self.mlp = [nn.Linear(width, width), nn.GELU(), nn.Linear(width, c.hidden_size)]
 
     def __call__(self, x):
@@ -138,10 +193,23 @@ class VisionModel(nn.Module):
         c = self.config
         x = self.patch_embed(mx.array(pack.patches))
         angles = rope_2d_angles(pack.positions, c.embed_dim // c.num_heads, c.rope_theta)
+        if not c.windowed:
+            cos, sin = mx.cos(angles), mx.sin(angles)
+            for block in self.blocks:
+                x = block(x, pack.cu_seqlens, cos, sin)
+            return self.merger(x) if merge else x
+        # windowed: run in window order (whole 2x2 units moved), undo after merging
+        unit = c.spatial_merge_size**2
+        order, cu_windows = window_index(pack.grids, c.spatial_merge_size, c.window_size, c.patch_size)
+        token_order = mx.array((order[:, None] * unit + np.arange(unit)).reshape(-1))
+        x, angles = x[token_order], angles[token_order]
         cos, sin = mx.cos(angles), mx.sin(angles)
-        for block in self.blocks:
-            x = block(x, pack.cu_seqlens, cos, sin)
-        return self.merger(x) if merge else x
+        for i, block in enumerate(self.blocks):
+            cu = pack.cu_seqlens if i in c.fullatt_block_indexes else cu_windows
+            x = block(x, cu, cos, sin)
+        if not merge:
+            return x[mx.array(np.argsort(token_order))]
+        return self.merger(x)[mx.array(np.argsort(order))]
 
     def sanitize(self, weights: dict) -> dict:
         out = {}
