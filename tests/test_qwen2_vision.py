@@ -13,6 +13,19 @@ CONFIG = dict(depth=2, embed_dim=32, hidden_size=64, mlp_ratio=2, num_heads=4, h
               rope_parameters={"rope_type": "axial", "rope_theta": 10000.0})
 
 
+def rerandomize(hf):
+    """Fan-in-scaled weights, norms near 1, non-zero biases: layout bugs show."""
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            is_norm = "norm" in name or "ln_q" in name
+            if is_norm and name.endswith("weight"):
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+            elif name.endswith("bias"):
+                p.copy_(0.1 * torch.randn_like(p))
+            else:
+                p.copy_(torch.randn_like(p) / np.sqrt(p[0].numel()))
+
+
 @pytest.fixture(scope="module")
 def towers():
     from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLVisionConfig
@@ -20,14 +33,7 @@ def towers():
 
     torch.manual_seed(0)
     hf = Qwen2VisionTransformerPretrainedModel(Qwen2VLVisionConfig(**CONFIG)).eval()
-    with torch.no_grad():
-        for name, p in hf.named_parameters():
-            if "norm" in name or "ln_q" in name:
-                p.copy_(1 + 0.1 * torch.randn_like(p) if name.endswith("weight") else 0.1 * torch.randn_like(p))
-            elif name.endswith("bias"):
-                p.copy_(0.1 * torch.randn_like(p))
-            else:
-                p.copy_(torch.randn_like(p) / np.sqrt(p[0].numel()))
+    rerandomize(hf)
     ours = VisionModel(VisionConfig.from_dict(CONFIG))
     weights = {f"visual.{k}": mx.array(v.detach().numpy()) for k, v in hf.state_dict().items()}
     ours.load_weights(list(ours.sanitize(weights).items()))
@@ -84,14 +90,7 @@ def test_qwen2_5_tower_pack_matches():
 
     torch.manual_seed(0)
     hf = Qwen2_5_VisionTransformerPretrainedModel(Qwen2_5_VLVisionConfig(**CONFIG_25)).eval()
-    with torch.no_grad():
-        for name, p in hf.named_parameters():
-            if "norm" in name or "ln_q" in name:
-                p.copy_(1 + 0.1 * torch.randn_like(p))
-            elif name.endswith("bias"):
-                p.copy_(0.1 * torch.randn_like(p))
-            else:
-                p.copy_(torch.randn_like(p) / np.sqrt(p[0].numel()))
+    rerandomize(hf)
     ours = VisionModel(VisionConfig.from_dict(CONFIG_25))
     ours.load_weights(list(ours.sanitize({k: mx.array(v.numpy()) for k, v in hf.state_dict().items()}).items()))
     rng = np.random.default_rng(0)
