@@ -1,15 +1,11 @@
 """LLaVA-OneVision on CPU: this project against transformers (torch, fp32) and,
-when available, mlx-vlm, on the same checkpoint, image and prompt.
+when installed, mlx-vlm, on one checkpoint, image and prompt; see README.md.
 
     python benchmarks/bench_llava_onevision.py [--model PATH | --preset tiny]
-        [--image-size 500x800 --decode-tokens 32 --runs 3]
-        [--mlx-vlm-python /path/to/venv/bin/python]
+        [--image-size 500x800 --decode-tokens 32 --runs 3] [--mlx-vlm-python PY]
 
-Each framework runs in its own subprocess (this script with `--worker NAME`),
-so peak memory is per framework. Metrics, median of --runs after one warm-up:
-image preprocessing (the image processor alone), prefill (prompt tokens incl.
-image tokens / time to the first token, from preprocessed inputs), greedy
-decode (the tokens after the first) and the worker's peak RSS.
+Each framework runs in its own subprocess (`--worker NAME`), so peak memory is
+per framework.
 """
 
 import argparse
@@ -28,7 +24,6 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-OPENBLAS = "/usr/lib/x86_64-linux-gnu/libopenblas.so.0"
 PROMPT = "Describe this image in detail."
 METRICS = [  # key, label, higher is better
     ("preprocess_ms", "image preprocessing (ms)", False),
@@ -71,8 +66,8 @@ def measure(preprocess, generate, n_prompt: int, runs: int) -> dict:
 
 
 def mlx_blas() -> str:
-    maps = Path("/proc/self/maps").read_text() if Path("/proc/self/maps").exists() else ""
-    return "OpenBLAS (LD_PRELOAD)" if "libopenblas" in maps else "MLX's bundled BLAS"
+    maps = Path("/proc/self/maps")
+    return "OpenBLAS (LD_PRELOAD)" if maps.exists() and "libopenblas" in maps.read_text() else "MLX's bundled BLAS"
 
 
 def worker_ours(spec, image):
@@ -130,19 +125,17 @@ def worker_transformers(spec, image):
             pass
 
     def generate():
-        clock = Clock()
-        tic = time.perf_counter()
+        clock, tic = Clock(), time.perf_counter()
         with torch.inference_mode():
             model.generate(**kwargs, max_new_tokens=n + 1, min_new_tokens=n + 1,
                            do_sample=False, streamer=clock)
-        t = clock.times
+        t = clock.times  # the prompt, the first token, then the decoded ones
         return t[1] - tic, (len(t) - 2) / (t[-1] - t[1])
 
     preprocess = lambda: image_processor(images=[image], return_tensors="pt")
     stats = measure(preprocess, generate, ids.shape[1], spec["runs"])
-    mkl = torch.backends.mkl.is_available()
-    return dict(stats, blas=f"torch {'MKL' if mkl else 'built-in BLAS'}, {torch.get_num_threads()} threads",
-                version=transformers.__version__)
+    blas = "MKL" if torch.backends.mkl.is_available() else "built-in BLAS"
+    return dict(stats, blas=f"torch {blas}, {torch.get_num_threads()} threads", version=transformers.__version__)
 
 
 def worker_mlx_vlm(spec, image):
@@ -172,11 +165,15 @@ def worker_mlx_vlm(spec, image):
 WORKERS = {"mlx-vlm-native": worker_ours, "transformers": worker_transformers, "mlx-vlm": worker_mlx_vlm}
 
 
-def run_worker(name, python, spec_file, preload):
+def run_worker(name, python, spec_file, preload_openblas):
+    """MLX workers get OpenBLAS preloaded (MLX's Linux wheel bundles the reference
+    BLAS); torch must not: with OpenBLAS preloaded it runs ~10x slower."""
+    from mlx_vlm_native.cli import find_openblas
+
     env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
     env.update(TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
-    if preload and os.path.exists(OPENBLAS):
-        env["LD_PRELOAD"] = OPENBLAS
+    if preload_openblas and find_openblas():
+        env["LD_PRELOAD"] = find_openblas()
     cmd = [python, __file__, "--worker", name, "--spec", str(spec_file)]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True)
     lines = [l for l in r.stdout.splitlines() if l.startswith("RESULT ")]
@@ -188,6 +185,7 @@ def run_worker(name, python, spec_file, preload):
 
 def prepare(args, work: Path) -> Path:
     """The checkpoint (built if needed), the image, and our processor's inputs."""
+    import mlx.core as mx
     from mlx_lm.utils import load_tokenizer
 
     from mlx_vlm_native.models.llava_onevision import ModelArgs
@@ -199,6 +197,7 @@ def prepare(args, work: Path) -> Path:
     if model is None:
         print(f"building a random {args.preset!r} checkpoint ...", flush=True)
         model = write_checkpoint(work / "model", args.preset)
+        mx.clear_cache()
     config = ModelArgs.from_dict(load_config(model))
     processor = LlavaOnevisionProcessor.from_pretrained(model, load_tokenizer(model), config)
     h, w = args.image_size
@@ -225,13 +224,26 @@ def cell(key, value, base, higher_is_better):
     return f"{text} ({r:.2f}x {worse})" if r >= 1 else f"{text} ({1 / r:.2f}x {better})"
 
 
-def print_table(results, args):
+def cpu_seconds():
+    """(CPU seconds used by the whole machine, by this process's children); Linux."""
+    if not Path("/proc/stat").exists():
+        return None
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    ticks = list(map(int, Path("/proc/stat").read_text().split("\n")[0].split()[1:8]))
+    busy = sum(ticks) - ticks[3] - ticks[4]  # minus idle and iowait
+    return busy / os.sysconf("SC_CLK_TCK"), children.ru_utime + children.ru_stime
+
+
+def print_table(results, args, others):
     names = list(results)
     ours = results["mlx-vlm-native"]
     print(f"\nLLaVA-OneVision, {args.model or 'random ' + args.preset + ' checkpoint'}, fp32, "
           f"one {args.image_size[0]}x{args.image_size[1]} image, {ours['prompt_tokens']} prompt tokens, "
           f"{args.decode_tokens} decode tokens, median of {args.runs} after a warm-up")
-    print(f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPU cores\n")
+    load = "" if others is None else f"; other processes used {others:.0%} of the CPU during the runs"
+    if others and others > 0.1:
+        load += " (expect noise; torch suffers most)"
+    print(f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPU cores{load}\n")
     print("| metric | " + " | ".join(f"{n} {results[n]['version']}" for n in names) + " |")
     print("|---" * (len(names) + 1) + "|")
     for key, label, higher in METRICS:
@@ -258,26 +270,33 @@ def main():
         spec = json.loads(Path(args.spec).read_text())
         image = Image.open(spec["image"]).convert("RGB")
         result = WORKERS[args.worker](spec, image)
-        result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KB on Linux, bytes on macOS
+        result["peak_rss_mb"] = rss / (2**20 if sys.platform == "darwin" else 2**10)
         print("RESULT " + json.dumps(result))
         return
 
     with tempfile.TemporaryDirectory() as tmp:
         spec = prepare(args, Path(tmp))
-        runs = [("mlx-vlm-native", sys.executable, True), ("transformers", sys.executable, False)]
+        frameworks = [("mlx-vlm-native", sys.executable, True), ("transformers", sys.executable, False)]
         if args.mlx_vlm_python:
-            runs.append(("mlx-vlm", args.mlx_vlm_python, True))
+            frameworks.append(("mlx-vlm", args.mlx_vlm_python, True))
         elif importlib.util.find_spec("mlx_vlm") is not None:
-            runs.append(("mlx-vlm", sys.executable, True))
+            frameworks.append(("mlx-vlm", sys.executable, True))
         else:
             print("mlx-vlm: not installed (pip install mlx-vlm, or pass --mlx-vlm-python)")
+        tic, before = time.perf_counter(), cpu_seconds()
         results = {}
-        for name, python, preload in runs:
+        for name, python, preload in frameworks:
             print(f"running {name} ...", flush=True)
             results[name] = run_worker(name, python, spec, preload)
         results = {k: v for k, v in results.items() if v is not None}
-    if "mlx-vlm-native" in results:
-        print_table(results, args)
+        others = None
+        if before is not None:  # CPU used by other processes, as a share of all cores
+            (busy, ours), (busy2, ours2) = before, cpu_seconds()
+            others = max(busy2 - busy - (ours2 - ours), 0) / ((time.perf_counter() - tic) * os.cpu_count())
+    if "mlx-vlm-native" not in results:
+        sys.exit("mlx-vlm-native failed: nothing to compare with")
+    print_table(results, args, others)
 
 
 if __name__ == "__main__":
