@@ -2,7 +2,6 @@
 continuous token dropping, resolution sampling, masked attention pooling and
 factorized fractional positional embeddings."""
 
-import math
 from typing import Sequence, Tuple
 
 import mlx.core as mx

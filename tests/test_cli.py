@@ -5,7 +5,6 @@ import shutil
 import subprocess
 import sys
 
-import pytest
 
 from conftest import make_image
 
@@ -42,7 +41,7 @@ def test_generate_video_from_gif(tiny_hf_dir, tmp_path):
 
 def test_convert_then_generate(tiny_hf_dir, tmp_path):
     out = tmp_path / "mlx"
-    r = run("convert", "--hf-path", str(tiny_hf_dir), "--mlx-path", str(out), "-q", "--q-group-size", "32")
+    run("convert", "--hf-path", str(tiny_hf_dir), "--mlx-path", str(out), "-q", "--q-group-size", "32")
     assert (out / "model.safetensors").exists()
     image = tmp_path / "b.png"
     make_image(100, 100).save(image)

@@ -6,7 +6,7 @@ prompt use one square view each; video frames are 2x2 bilinear pooled.
 """
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import List, Optional
 
 import mlx.core as mx

@@ -5,7 +5,7 @@ image only, and a 2x2 patch merger into the language model's width.
 Qwen2.5-VL adds RMSNorm, a SwiGLU MLP and windowed attention (windows of
 `window_size` pixels) in all blocks but `fullatt_block_indexes`."""
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import mlx.core as mx

@@ -2,7 +2,7 @@
 attention-pooling head so that full SigLIP vision checkpoints load too."""
 
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Optional
 
 import mlx.core as mx
 import mlx.nn as nn
