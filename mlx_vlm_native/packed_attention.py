@@ -14,6 +14,8 @@ from typing import Optional
 import mlx.core as mx
 import numpy as np
 
+from .packing import segment_ids
+
 PATHS = ("dense", "segmented")
 
 
@@ -22,7 +24,7 @@ def _heads_first(x: mx.array) -> mx.array:
 
 
 def dense_attention(q, k, v, cu_seqlens, scale: float) -> mx.array:
-    seg = mx.array(np.repeat(np.arange(len(cu_seqlens) - 1), np.diff(cu_seqlens)))
+    seg = mx.array(segment_ids(cu_seqlens))
     mask = seg[:, None] == seg[None, :]
     o = mx.fast.scaled_dot_product_attention(
         _heads_first(q), _heads_first(k), _heads_first(v), scale=scale, mask=mask
