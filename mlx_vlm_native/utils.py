@@ -109,12 +109,12 @@ def load_model(path: Path, lazy: bool = False, strict: bool = True) -> Tuple[nn.
 
 
 def load_processor(path: Path, model):
+    """`processors/<model_type>.py` provides `Processor.from_pretrained(path, tokenizer, args)`."""
     from mlx_lm.utils import load_tokenizer
 
-    from .processors.llava_onevision import LlavaOnevisionProcessor
-
-    tokenizer = load_tokenizer(path)
-    return LlavaOnevisionProcessor.from_pretrained(path, tokenizer, model.args)
+    model_type = MODEL_REMAPPING.get(model.model_type, model.model_type)
+    module = importlib.import_module(f"mlx_vlm_native.processors.{model_type}")
+    return module.Processor.from_pretrained(path, load_tokenizer(path), model.args)
 
 
 def load(

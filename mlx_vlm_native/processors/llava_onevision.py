@@ -266,3 +266,6 @@ def load_chat_template(path: Path) -> Optional[str]:
             if template:
                 return template
     return None
+
+
+Processor = LlavaOnevisionProcessor
