@@ -1,0 +1,133 @@
+"""Caption an image with an OpenVision 2 encoder + caption decoder:
+`mlx-vlm-native caption --model <folder or Hub id> --image photo.jpg`.
+
+The folder is either a converted MLX folder (config.json) or a released
+`*-vision-only` repo (open_clip weights + caption_decoder.safetensors).
+Decoding uses a KV cache: with both attention masks the image tokens never
+attend to text, so the cached prefix stays valid as text grows.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+from typing import List, Optional, Sequence, Union
+
+import mlx.core as mx
+import numpy as np
+from mlx_lm.models.cache import KVCache
+from mlx_lm.sample_utils import make_sampler
+
+from . import openvision_checkpoint as ovc
+from .processors.image import ImageInput, load_image
+from .training.data import center_crop_pixels
+
+CHECKPOINT_PATTERNS = ["*.json", "*.safetensors", "*.bin", "*.txt"]
+
+
+def resolve_model_path(path_or_repo: str) -> Path:
+    """A local folder, or a Hub repo downloaded with its open_clip/decoder files."""
+    path = Path(path_or_repo)
+    if path.exists():
+        return path
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(path_or_repo, allow_patterns=CHECKPOINT_PATTERNS))
+    except Exception as e:
+        raise FileNotFoundError(f"{path_or_repo!r} is neither a local folder nor a reachable Hub repo: {e}") from e
+
+
+def preprocess(images: Sequence[ImageInput], image_size: int, mean=ovc.IMAGE_MEAN, std=ovc.IMAGE_STD) -> mx.array:
+    """Short side to `image_size`, center crop, ImageNet normalisation: (B, S, S, 3)."""
+    return mx.array(np.stack([center_crop_pixels(load_image(i), image_size, mean, std) for i in images]))
+
+
+def generate_captions(model, pixels: mx.array, max_tokens: int = 64, temperature: float = 0.0,
+                      top_p: float = 1.0, keep_ratio: float = 1.0, seed: Optional[int] = None) -> List[List[int]]:
+    """Token ids (without bos/eos) for each image of the batch."""
+    from .models.openvision import mask_image_tokens
+
+    if "decoder" not in model:
+        raise ValueError("this checkpoint has no caption decoder (caption_decoder.safetensors)")
+    if seed is not None:
+        mx.random.seed(seed)
+    cfg = model.decoder.config
+    sampler = make_sampler(temp=temperature, top_p=top_p)
+    tokens = mask_image_tokens(model.vision(pixels)["tokens"], keep_ratio)
+    B = tokens.shape[0]
+    cache = [KVCache() for _ in model.decoder.blocks]
+    text = mx.full((B, 1), cfg.bos_token_id, dtype=mx.int32)
+    logits = model.decoder(tokens, text, cache=cache)[:, -1]
+    out, done = [[] for _ in range(B)], np.zeros(B, dtype=bool)
+    for _ in range(max_tokens):
+        next_ids = sampler(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
+        ids = np.array(next_ids)
+        for b in range(B):
+            if not done[b]:
+                if ids[b] == cfg.eos_token_id:
+                    done[b] = True
+                else:
+                    out[b].append(int(ids[b]))
+        if done.all():
+            break
+        logits = model.decoder(None, next_ids[:, None].astype(mx.int32), cache=cache)[:, -1]
+    return out
+
+
+def caption(
+    model: Union[str, Path, "object"],
+    images: Union[ImageInput, Sequence[ImageInput]],
+    max_tokens: int = 64,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: Optional[int] = None,
+    attention_mask: Optional[str] = None,
+    tokenizer=None,
+) -> Union[str, List[str]]:
+    """Caption one image (returns a str) or a list of images (a list of str).
+
+    `model` is a folder / Hub id or an already loaded OpenVision model (then
+    pass `tokenizer`). Greedy at temperature 0, else sampling."""
+    if isinstance(model, (str, Path)):
+        path = resolve_model_path(str(model))
+        model = ovc.load(path, attention_mask=attention_mask)
+        tokenizer = tokenizer or ovc.load_tokenizer(path)
+    if tokenizer is None:
+        raise ValueError("pass the tokenizer along with a loaded model")
+    single = not isinstance(images, (list, tuple))
+    images = [images] if single else list(images)
+    pixels = preprocess(images, model.args.vision_config.image_size)
+    ids = generate_captions(model, pixels, max_tokens, temperature, top_p, seed=seed)
+    texts = [tokenizer.decode(i, skip_special_tokens=True).strip() for i in ids]
+    return texts[0] if single else texts
+
+
+def configure_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Caption images with an OpenVision 2 encoder + decoder.")
+    p.add_argument("--model", required=True, help="MLX or released open_clip folder, or Hub id")
+    p.add_argument("--image", nargs="+", required=True)
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--temperature", "--temp", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--attention-mask", choices=["prefix", "causal"], default=None,
+                   help="override the decoder's image/text mask (default: the checkpoint's, prefix)")
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    args = configure_parser().parse_args(argv)
+    try:
+        texts = caption(args.model, list(args.image), args.max_tokens, args.temperature,
+                        args.top_p, args.seed, args.attention_mask)
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+    for image, text in zip(args.image, texts):
+        print(f"{image}: {text}" if len(args.image) > 1 else text)
+
+
+if __name__ == "__main__":
+    from .cli import ensure_fast_blas
+
+    ensure_fast_blas()
+    main()

@@ -1,0 +1,83 @@
+"""Atomic training checkpoints with exact resume.
+
+A checkpoint is a folder `step_XXXXXXXX/` holding the trainable weights, the
+optimizer state, the MLX RNG key and a JSON `state.json` (step, data position,
+anything else the caller passes). It is written to a temporary folder and
+renamed into place, so an interrupted save never leaves a half checkpoint;
+`latest` names the newest complete one.
+"""
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_unflatten
+
+WEIGHTS = "weights.safetensors"
+OPTIMIZER = "optimizer.safetensors"
+STATE = "state.json"
+
+
+def step_dir(root: Path, step: int) -> Path:
+    return Path(root) / f"step_{step:08d}"
+
+
+def save_checkpoint(root, step: int, model: nn.Module, optimizer, state: dict, keep: int = 0) -> Path:
+    """Write checkpoint `step` under `root` atomically; keep the newest `keep` (0: all)."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp_step_", dir=root))
+    try:
+        mx.save_safetensors(str(tmp / WEIGHTS), dict(tree_flatten(model.trainable_parameters())))
+        opt_state = dict(tree_flatten(optimizer.state))
+        mx.save_safetensors(str(tmp / OPTIMIZER), opt_state)
+        rng = mx.random.state[0]
+        meta = {"step": step, "rng": [int(v) for v in rng.tolist()], **state}
+        (tmp / STATE).write_text(json.dumps(meta, indent=2))
+        final = step_dir(root, step)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    latest_tmp = root / ".latest.tmp"
+    latest_tmp.write_text(final.name)
+    os.replace(latest_tmp, root / "latest")
+    if keep > 0:
+        steps = sorted(p for p in root.glob("step_*") if p.is_dir())
+        for old in steps[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(root) -> Optional[Path]:
+    """The newest complete checkpoint under `root` (or `root` itself if it is one)."""
+    root = Path(root)
+    if (root / STATE).exists():
+        return root
+    if (root / "latest").exists():
+        path = root / (root / "latest").read_text().strip()
+        if (path / STATE).exists():
+            return path
+    steps = sorted(p for p in root.glob("step_*") if (p / STATE).exists())
+    return steps[-1] if steps else None
+
+
+def load_checkpoint(path, model: nn.Module, optimizer) -> dict:
+    """Restore weights, optimizer state and RNG key in place; return state.json."""
+    path = Path(path)
+    if not (path / STATE).exists():
+        raise FileNotFoundError(f"{path} is not a training checkpoint (no {STATE})")
+    model.load_weights(list(mx.load(str(path / WEIGHTS)).items()), strict=False)
+    opt = mx.load(str(path / OPTIMIZER))
+    optimizer.state = tree_unflatten(list(opt.items()))
+    state = json.loads((path / STATE).read_text())
+    mx.random.state[0] = mx.array(state["rng"], dtype=mx.uint32)
+    mx.eval(model.parameters(), optimizer.state)
+    return state

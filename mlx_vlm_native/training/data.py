@@ -1,0 +1,195 @@
+"""Image-caption pairs for training, deterministic by seed and resumable.
+
+Two sources:
+- `CaptionFolder`: a folder of images plus a JSONL file of
+  `{"image": "relative/path.jpg", "caption": "..."}` lines;
+- `CaptionShards`: WebDataset-style tar shards (`key.jpg` + `key.txt`, or a
+  `key.json` with a "caption"), streamed member by member with `tarfile`.
+
+Both iterate in epochs shuffled from `seed + epoch` and describe where they
+are with a small JSON-able `position`; `iterate(position)` continues exactly
+from there.
+"""
+
+import io
+import json
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, List, Optional, Sequence
+
+import numpy as np
+from PIL import Image
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp")
+
+
+@dataclass
+class Sample:
+    image: Image.Image
+    caption: str
+
+
+class CaptionFolder:
+    def __init__(self, jsonl, image_root=None, seed: int = 0, shuffle: bool = True):
+        jsonl = Path(jsonl)
+        self.root = Path(image_root) if image_root else jsonl.parent
+        self.records = []
+        for n, line in enumerate(jsonl.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            rec = json.loads(line)
+            if "image" not in rec or "caption" not in rec:
+                raise ValueError(f"{jsonl}:{n}: each line needs 'image' and 'caption'")
+            self.records.append((rec["image"], rec["caption"]))
+        if not self.records:
+            raise ValueError(f"{jsonl} has no records")
+        self.seed, self.shuffle = seed, shuffle
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def order(self, epoch: int) -> np.ndarray:
+        n = len(self.records)
+        if not self.shuffle:
+            return np.arange(n)
+        return np.random.default_rng((self.seed, epoch)).permutation(n)
+
+    def iterate(self, position: Optional[dict] = None) -> Iterator:
+        """Yield (Sample, position after it) forever, epoch after epoch."""
+        pos = dict(position or {"epoch": 0, "index": 0})
+        epoch, index = pos["epoch"], pos["index"]
+        while True:
+            order = self.order(epoch)
+            for i in range(index, len(order)):
+                path, caption = self.records[order[i]]
+                image = Image.open(self.root / path).convert("RGB")
+                yield Sample(image, caption), {"epoch": epoch, "index": i + 1}
+            epoch, index = epoch + 1, 0
+
+
+def read_shard(path: Path) -> Iterator[Sample]:
+    """Stream one tar shard: group consecutive members by key (name up to the first dot)."""
+    current, parts = None, {}
+    with tarfile.open(path, mode="r|*") as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            name = Path(member.name).name
+            key, _, ext = member.name.rpartition("/")[2].partition(".")
+            key = str(Path(member.name).parent / key)
+            if key != current and current is not None:
+                sample = to_sample(current, parts)
+                if sample is not None:
+                    yield sample
+                parts = {}
+            current = key
+            parts[ext.lower() or name] = tar.extractfile(member).read()
+    if current is not None:
+        sample = to_sample(current, parts)
+        if sample is not None:
+            yield sample
+
+
+def to_sample(key: str, parts: dict) -> Optional[Sample]:
+    image = next((parts[e] for e in IMAGE_EXTENSIONS if e in parts), None)
+    if image is None:
+        return None
+    if "txt" in parts:
+        caption = parts["txt"].decode("utf-8").strip()
+    elif "json" in parts:
+        caption = json.loads(parts["json"])["caption"]
+    else:
+        return None
+    return Sample(Image.open(io.BytesIO(image)).convert("RGB"), caption)
+
+
+class CaptionShards:
+    """Tar shards, shard order shuffled per epoch and samples shuffled inside a
+    bounded buffer; a position is (epoch, shard, samples already yielded from it)."""
+
+    def __init__(self, shards: Sequence, seed: int = 0, shuffle: bool = True, buffer: int = 256):
+        self.shards = sorted(Path(s) for s in shards)
+        if not self.shards:
+            raise ValueError("no tar shards given")
+        missing = [s for s in self.shards if not s.exists()]
+        if missing:
+            raise FileNotFoundError(f"shard not found: {missing[0]}")
+        self.seed, self.shuffle, self.buffer = seed, shuffle, buffer
+
+    def shard_order(self, epoch: int) -> np.ndarray:
+        n = len(self.shards)
+        return np.random.default_rng((self.seed, epoch)).permutation(n) if self.shuffle else np.arange(n)
+
+    def shard_samples(self, shard: Path, epoch: int, index: int) -> Iterator[Sample]:
+        if not self.shuffle:
+            yield from read_shard(shard)
+            return
+        rng = np.random.default_rng((self.seed, epoch, index))
+        pool: List[Sample] = []
+        for sample in read_shard(shard):
+            pool.append(sample)
+            if len(pool) >= self.buffer:
+                yield pool.pop(int(rng.integers(len(pool))))
+        while pool:
+            yield pool.pop(int(rng.integers(len(pool))))
+
+    def iterate(self, position: Optional[dict] = None) -> Iterator:
+        pos = dict(position or {"epoch": 0, "shard": 0, "offset": 0})
+        epoch, shard, offset = pos["epoch"], pos["shard"], pos["offset"]
+        while True:
+            order = self.shard_order(epoch)
+            for s in range(shard, len(order)):
+                stream = self.shard_samples(self.shards[order[s]], epoch, s)
+                for k, sample in enumerate(stream):
+                    if k < offset:  # resuming: replay the deterministic stream
+                        continue
+                    yield sample, {"epoch": epoch, "shard": s, "offset": k + 1}
+                offset = 0
+            epoch, shard = epoch + 1, 0
+
+
+def open_dataset(spec: dict, seed: int = 0):
+    """A recipe's `data` section: {"jsonl": ..., "images": ...} or {"shards": [...]/glob}."""
+    if "jsonl" in spec:
+        return CaptionFolder(spec["jsonl"], spec.get("images"), seed=seed, shuffle=spec.get("shuffle", True))
+    if "shards" in spec:
+        shards = spec["shards"]
+        if isinstance(shards, str):
+            base = Path(shards)
+            shards = sorted(base.parent.glob(base.name)) if any(c in base.name for c in "*?[") else [base]
+        return CaptionShards(shards, seed=seed, shuffle=spec.get("shuffle", True),
+                             buffer=spec.get("shuffle_buffer", 256))
+    raise ValueError("data needs either 'jsonl' (+ 'images') or 'shards'")
+
+
+def batches(dataset, batch_size: int, collate: Callable, position: Optional[dict] = None) -> Iterator:
+    """Yield (collate(samples), position after the batch)."""
+    items, pos = [], position
+    for sample, pos in dataset.iterate(position):
+        items.append(sample)
+        if len(items) == batch_size:
+            yield collate(items), pos
+            items = []
+
+
+def center_crop_pixels(image: Image.Image, size: int, mean, std) -> np.ndarray:
+    """Resize the short side to `size` (bilinear), center-crop, normalise: (size, size, 3)."""
+    w, h = image.size
+    scale = size / min(w, h)
+    image = image.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BILINEAR)
+    w, h = image.size
+    left, top = (w - size) // 2, (h - size) // 2
+    image = image.crop((left, top, left + size, top + size))
+    x = np.asarray(image, dtype=np.float32) / 255.0
+    return (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+
+
+def tokenize_captions(tokenizer, captions: Sequence[str], max_len: int, bos: int, eos: int, pad: int) -> np.ndarray:
+    """[bos] caption [eos] pad..., truncated to `max_len` tokens, (B, max_len) int32."""
+    out = np.full((len(captions), max_len), pad, dtype=np.int32)
+    for i, text in enumerate(captions):
+        ids = tokenizer.encode(text, add_special_tokens=False)[: max_len - 2]
+        ids = [bos] + ids + [eos]
+        out[i, : len(ids)] = ids
+    return out

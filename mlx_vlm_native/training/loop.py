@@ -1,0 +1,140 @@
+"""A small, model-agnostic training loop.
+
+`loss_fn(model, batch) -> (mean loss, weight)`: the weight (e.g. the number of
+target tokens) makes gradient accumulation and data parallelism give exactly
+the weighted mean over the whole global batch. Gradients of micro-batches are
+summed as `grad * weight`, summed across processes with
+`mx.distributed.all_sum`, then divided by the total weight.
+"""
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterator, Optional, Sequence
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_map
+from tqdm import tqdm
+
+from .checkpoint import save_checkpoint
+from .optim import current_lr
+
+
+@dataclass
+class TrainConfig:
+    steps: int
+    grad_accumulation: int = 1
+    compute_dtype: Optional[str] = None  # "bfloat16" / "float16": cast weights for the forward
+    grad_checkpoint: bool = False
+    checkpoint_dir: Optional[str] = None
+    checkpoint_every: int = 0
+    keep_checkpoints: int = 0
+    log_every: int = 1
+    progress: bool = True
+
+
+def cast_floats(tree, dtype):
+    return tree_map(lambda p: p.astype(dtype) if mx.issubdtype(p.dtype, mx.floating) else p, tree)
+
+
+def enable_grad_checkpoint(layers: Sequence[nn.Module]) -> None:
+    """Recompute each block's activations in the backward pass (mlx-lm's helper,
+    once per block class)."""
+    from mlx_lm.tuner.trainer import grad_checkpoint
+
+    seen = set()
+    for layer in layers:
+        if type(layer) not in seen:
+            grad_checkpoint(layer)
+            seen.add(type(layer))
+
+
+def make_step(model: nn.Module, loss_fn: Callable, optimizer, config: TrainConfig):
+    """One optimizer step over `grad_accumulation` micro-batches."""
+    dtype = getattr(mx, config.compute_dtype) if config.compute_dtype else None
+    group = mx.distributed.init()
+
+    def loss_of(params, batch):
+        model.update(cast_floats(params, dtype) if dtype is not None else params)
+        loss, weight = loss_fn(model, batch)
+        return loss.astype(mx.float32), weight
+
+    value_and_grad = mx.value_and_grad(loss_of)
+
+    def step(micro_batches):
+        params = model.trainable_parameters()
+        total_grad, total_loss, total_weight = None, mx.array(0.0), mx.array(0.0)
+        for batch in micro_batches:
+            (loss, weight), grads = value_and_grad(params, batch)
+            weight = weight.astype(mx.float32)
+            grads = tree_map(lambda g: g.astype(mx.float32) * weight, grads)
+            total_grad = grads if total_grad is None else tree_map(mx.add, total_grad, grads)
+            total_loss = total_loss + loss * weight
+            total_weight = total_weight + weight
+            mx.eval(total_grad, total_loss, total_weight)
+        if group.size() > 1:
+            total_grad = tree_map(lambda g: mx.distributed.all_sum(g, group=group), total_grad)
+            total_loss = mx.distributed.all_sum(total_loss, group=group)
+            total_weight = mx.distributed.all_sum(total_weight, group=group)
+        scale = 1.0 / mx.maximum(total_weight, 1e-8)
+        grads = tree_map(lambda g: g * scale, total_grad)
+        model.update(params)  # back to the full-precision weights
+        optimizer.update(model, grads)
+        loss = total_loss * scale
+        mx.eval(model.parameters(), optimizer.state, loss)
+        return loss.item()
+
+    return step
+
+
+def train(
+    model: nn.Module,
+    loss_fn: Callable,
+    optimizer,
+    batches: Iterator,
+    config: TrainConfig,
+    start_step: int = 0,
+    checkpoint_layers: Sequence[nn.Module] = (),
+    batch_size_of: Callable = len,
+    extra_state: Optional[dict] = None,
+    on_step: Optional[Callable] = None,
+) -> dict:
+    """Run steps `start_step+1 .. config.steps`.
+
+    `batches` yields (batch, data position); the position after the last batch
+    of each step is stored in checkpoints so a resumed run reads on from there.
+    Returns {"losses": [...], "step": last step, "position": data position}."""
+    if config.grad_checkpoint:
+        enable_grad_checkpoint(checkpoint_layers)
+    model.train()
+    step_fn = make_step(model, loss_fn, optimizer, config)
+    group = mx.distributed.init()
+    is_main = group.rank() == 0
+    bar = tqdm(total=config.steps, initial=start_step, disable=not (config.progress and is_main),
+               desc="train", unit="step")
+    losses, position, step = [], None, start_step
+    for step in range(start_step + 1, config.steps + 1):
+        tic = time.perf_counter()
+        micro, images = [], 0
+        for _ in range(config.grad_accumulation):
+            batch, position = next(batches)
+            micro.append(batch)
+            images += batch_size_of(batch)
+        loss = step_fn(micro)
+        lr = current_lr(optimizer)
+        losses.append(loss)
+        seconds = time.perf_counter() - tic
+        if step % max(config.log_every, 1) == 0:
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}",
+                            img_s=f"{images * group.size() / seconds:.1f}")
+        bar.update(1)
+        last = step == config.steps
+        due = config.checkpoint_every and step % config.checkpoint_every == 0
+        if config.checkpoint_dir and is_main and (due or last):
+            save_checkpoint(config.checkpoint_dir, step, model, optimizer,
+                            {"position": position, **(extra_state or {})},
+                            keep=config.keep_checkpoints)
+        if on_step is not None:
+            on_step(step, loss)
+    bar.close()
+    return {"losses": losses, "step": step, "position": position}
