@@ -13,7 +13,7 @@ from mlx.utils import tree_map_with_path
 from .utils import copy_side_files, get_model_path, load_model, save_config, save_weights
 
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
-MULTIMODAL_PREFIXES = ("vision_tower", "multi_modal_projector")
+MULTIMODAL_PREFIXES = ("vision_tower", "multi_modal_projector", "visual", "vision_encoder", "vision_projector")
 
 
 def cast(model: nn.Module, dtype) -> None:

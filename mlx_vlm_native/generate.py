@@ -29,6 +29,21 @@ def context_length(model) -> int:
     return model.args.text_config.max_position_embeddings
 
 
+def prepare_inputs(model, processor, prompt: str, images=(), videos=(), apply_chat_template=True):
+    """Prompt + media -> processed inputs, checked against the model's context."""
+    images, videos = list(images or []), list(videos or [])
+    if apply_chat_template:
+        prompt = processor.format_prompt(prompt, len(images), len(videos))
+    inputs = processor(prompt, images=images, videos=videos)
+    n_prompt, limit = len(inputs.input_ids), context_length(model)
+    if n_prompt + 1 > limit:
+        raise ValueError(
+            f"the prompt is {n_prompt} tokens (images and video included); the model's "
+            f"context is {limit} tokens. Use fewer or smaller images, or fewer frames"
+        )
+    return inputs
+
+
 def stream_generate(
     model,
     processor,
@@ -42,28 +57,26 @@ def stream_generate(
     apply_chat_template: bool = True,
 ) -> Generator[GenerationResponse, None, None]:
     """Yield the answer piece by piece; the last response carries the stats."""
-    images, videos = list(images or []), list(videos or [])
-    if apply_chat_template:
-        prompt = processor.format_prompt(prompt, len(images), len(videos))
     tic = time.perf_counter()
-    inputs = processor(prompt, images=images, videos=videos)
-    n_prompt = len(inputs.input_ids)
-    limit = context_length(model)
-    if n_prompt + 1 > limit:
-        raise ValueError(
-            f"the prompt is {n_prompt} tokens (images and video included); the model's "
-            f"context is {limit} tokens. Use fewer or smaller images, or fewer frames"
-        )
-    max_tokens = min(max_tokens, limit - n_prompt)
+    inputs = prepare_inputs(model, processor, prompt, images, videos, apply_chat_template)
+    embeddings = model.get_input_embeddings(inputs)[0]
+    yield from stream_from_embeddings(
+        model, processor.tokenizer, inputs.input_ids, embeddings, tic,
+        max_tokens, temperature, top_p, seed,
+    )
+
+
+def stream_from_embeddings(model, tokenizer, input_ids, embeddings, tic, max_tokens=256,
+                           temperature=0.0, top_p=1.0, seed=None):
+    n_prompt = len(input_ids)
+    max_tokens = min(max_tokens, context_length(model) - n_prompt)
     if seed is not None:
         mx.random.seed(seed)
-    embeddings = model.get_input_embeddings(inputs)[0]
-    tokenizer = processor.tokenizer
     detok = tokenizer.detokenizer
     detok.reset()
     sampler = make_sampler(temp=temperature, top_p=top_p)
     steps = generate_step(
-        mx.array(inputs.input_ids),
+        mx.array(input_ids),
         model,
         max_tokens=max_tokens,
         sampler=sampler,
@@ -105,8 +118,36 @@ class GenerationResult:
 
 def generate(model, processor, prompt: str, images=None, videos=None, verbose=False, **kwargs) -> GenerationResult:
     """Generate a whole answer; with `verbose`, stream it and print the stats."""
+    return collect(stream_generate(model, processor, prompt, images, videos, **kwargs), verbose)
+
+
+def batch_generate(model, processor, prompts: Sequence[str], images: Optional[Sequence[Sequence]] = None,
+                   apply_chat_template: bool = True, **kwargs) -> List["GenerationResult"]:
+    """Answer several prompts, each with its own images. Models with a packed
+    vision encoder (`encode_vision`) encode the images of ALL prompts in one
+    call; the answers are then decoded prompt by prompt."""
+    images = list(images) if images is not None else [[] for _ in prompts]
+    if len(images) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(images)} image lists")
+    tic = time.perf_counter()
+    batch = [prepare_inputs(model, processor, p, i, (), apply_chat_template) for p, i in zip(prompts, images)]
+    encode = getattr(model, "encode_vision", None)
+    features = encode(batch) if encode else [None] * len(batch)
+    results = []
+    for inputs, feats in zip(batch, features):
+        if encode:
+            embeddings = model.get_input_embeddings(inputs, vision_features=feats)[0]
+        else:
+            embeddings = model.get_input_embeddings(inputs)[0]
+        stream = stream_from_embeddings(model, processor.tokenizer, inputs.input_ids, embeddings, tic, **kwargs)
+        results.append(collect(stream))
+        tic = time.perf_counter()
+    return results
+
+
+def collect(stream, verbose: bool = False) -> "GenerationResult":
     text, last = "", None
-    for r in stream_generate(model, processor, prompt, images, videos, **kwargs):
+    for r in stream:
         text += r.text
         last = r
         if verbose:

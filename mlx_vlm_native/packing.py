@@ -95,6 +95,15 @@ def pack(items: Sequence[Tuple[np.ndarray, Tuple[int, int, int]]], merge: int = 
     )
 
 
+def pack_of_packs(packs: Sequence[Pack]) -> Pack:
+    """Several packs (e.g. one per prompt) as one, for a single encoder call."""
+    grids = [g for p in packs for g in p.grids]
+    return Pack(
+        np.concatenate([p.patches for p in packs]), grids, cu_seqlens(grids),
+        np.concatenate([p.positions for p in packs]),
+    )
+
+
 def unpack(x, lengths: Sequence[int]) -> list:
     """Split a packed (N, ...) array back into per-image arrays."""
     bounds = np.cumsum(lengths)[:-1].tolist()

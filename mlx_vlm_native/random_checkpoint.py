@@ -1,8 +1,10 @@
-"""Random-weight LLaVA-OneVision checkpoints in the Hugging Face layout, at any
-geometry: tiny ones for tests and the demo, real-size ones for benchmarks.
+"""Random-weight checkpoints in their released layouts, at any geometry: tiny
+ones for tests and the demo, real-size ones for benchmarks.
 
-They load in transformers (`LlavaOnevisionForConditionalGeneration`) as well as
-here, which is what makes them a parity fixture. No torch is needed.
+LLaVA-OneVision and Qwen2-VL / Qwen2.5-VL ones load in transformers as well as
+here, which is what makes them parity fixtures; POINTS1.5 ones are written in
+its own key layout (original CustomLlama decoder or Qwen2 decoder). No torch
+is needed.
 """
 
 import json
@@ -15,6 +17,9 @@ from mlx.utils import tree_flatten
 from .processors.image import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>"]
+QWEN2_VL_SPECIAL_TOKENS = SPECIAL_TOKENS + [
+    "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
+]
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
@@ -22,6 +27,17 @@ CHAT_TEMPLATE = (
     "{% for c in message['content'] %}{% if c['type'] == 'image' %}<image>\n"
     "{% elif c['type'] == 'video' %}<video>\n{% elif c['type'] == 'text' %}{{ c['text'] }}"
     "{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+QWEN2_VL_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for c in message['content'] %}{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif c['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
@@ -35,6 +51,9 @@ CORPUS = [
     "Where is the star? The star is at the top left of the image.",
     "Compare the two images: the first is bright, the second is dark.",
 ]
+
+TINY_TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2)
 
 PRESETS = {
     # tiny widths at the real 384-px / 14-px geometry (729 tokens per tile)
@@ -56,10 +75,35 @@ PRESETS = {
         vocab_size=152000,
         tie_word_embeddings=True,
     ),
+    "qwen2-vl-tiny": dict(
+        family="qwen2_vl",
+        vision=dict(depth=2, embed_dim=32, num_heads=4, mlp_ratio=2, hidden_act="quick_gelu"),
+        text=TINY_TEXT, mrope_section=[2, 3, 3], tie_word_embeddings=False,
+    ),
+    "qwen2.5-vl-tiny": dict(
+        family="qwen2_5_vl",
+        vision=dict(depth=4, hidden_size=32, intermediate_size=64, num_heads=4, hidden_act="silu",
+                    window_size=112, fullatt_block_indexes=[1, 3], tokens_per_second=2),
+        text=TINY_TEXT, mrope_section=[2, 3, 3], tie_word_embeddings=False,
+    ),
+    # POINTS1.5 as released: CustomLlama decoder names with fused k/v and gate/up
+    "points-tiny": dict(
+        family="points_v15", llm_layout="custom_llama",
+        vision=dict(depth=2, embed_dim=32, num_heads=4, mlp_ratio=2, hidden_act="quick_gelu"),
+        text=TINY_TEXT, tie_word_embeddings=False,
+    ),
+    # later POINTS checkpoints: a Qwen2ForCausalLM decoder
+    "points-tiny-qwen2": dict(
+        family="points_v15", llm_layout="qwen2",
+        vision=dict(depth=2, embed_dim=32, num_heads=4, mlp_ratio=2, hidden_act="quick_gelu"),
+        text=TINY_TEXT, tie_word_embeddings=False,
+    ),
 }
+# small pixel budgets keep the tiny NaViT models' token counts test-sized
+TINY_MIN_PIXELS, TINY_MAX_PIXELS = 56 * 56, 28 * 28 * 256
 
 
-def build_tokenizer(path: Path, vocab_size: int = 500):
+def build_tokenizer(path: Path, vocab_size: int = 500, special_tokens=SPECIAL_TOKENS, chat_template=CHAT_TEMPLATE):
     """A byte-level BPE tokenizer with Qwen2's pre-tokenizer, trained on a fixed
     corpus (deterministic), saved with a ChatML template."""
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
@@ -76,17 +120,17 @@ def build_tokenizer(path: Path, vocab_size: int = 500):
     )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size - len(SPECIAL_TOKENS),
+        vocab_size=vocab_size - len(special_tokens),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator(CORPUS * 4, trainer)
-    tok.add_special_tokens(SPECIAL_TOKENS)
+    tok.add_special_tokens(special_tokens)
     wrapped = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
-        chat_template=CHAT_TEMPLATE,
+        chat_template=chat_template,
     )
     wrapped.save_pretrained(str(path))
     return wrapped
@@ -126,7 +170,7 @@ def randomize(model, seed: int) -> dict:
     out = {}
     for k, v in tree_flatten(model.parameters()):
         shape = v.shape
-        if "norm" in k and k.endswith("weight"):
+        if ("norm" in k or "ln_q" in k) and k.endswith("weight"):
             a = 1 + 0.1 * rng.standard_normal(shape)
         elif k.endswith("bias") or k == "image_newline":
             a = 0.1 * rng.standard_normal(shape)
@@ -156,6 +200,15 @@ def to_hf_layout(weights: dict) -> dict:
 
 
 def write_checkpoint(path, preset: str = "tiny", seed: int = 1) -> Path:
+    family = PRESETS[preset].get("family", "llava_onevision")
+    if family in ("qwen2_vl", "qwen2_5_vl"):
+        return write_qwen2_vl_checkpoint(path, preset, seed)
+    if family == "points_v15":
+        return write_points_checkpoint(path, preset, seed)
+    return write_llava_onevision_checkpoint(path, preset, seed)
+
+
+def write_llava_onevision_checkpoint(path, preset: str, seed: int) -> Path:
     from .models.llava_onevision import Model, ModelArgs
 
     path = Path(path)
@@ -178,4 +231,165 @@ def write_checkpoint(path, preset: str = "tiny", seed: int = 1) -> Path:
         "do_convert_rgb": True, "do_pad": True,
     }, indent=2))
     (path / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+    return path
+
+
+def qwen2_vl_vision_config(p: dict, text_hidden: int) -> dict:
+    if p["family"] == "qwen2_5_vl":
+        return {"model_type": "qwen2_5_vl_vision", "out_hidden_size": text_hidden, **p["vision"]}
+    return {"model_type": "qwen2_vl_vision", "hidden_size": text_hidden, **p["vision"]}
+
+
+def qwen2_vl_config(preset: str, tok) -> dict:
+    """transformers-5 layout: nested text_config with rope_parameters."""
+    p = PRESETS[preset]
+    ids = tok.convert_tokens_to_ids
+    arch = "Qwen2_5_VLForConditionalGeneration" if p["family"] == "qwen2_5_vl" else "Qwen2VLForConditionalGeneration"
+    return {
+        "architectures": [arch],
+        "model_type": p["family"],
+        "image_token_id": ids("<|image_pad|>"),
+        "video_token_id": ids("<|video_pad|>"),
+        "vision_start_token_id": ids("<|vision_start|>"),
+        "vision_end_token_id": ids("<|vision_end|>"),
+        "tie_word_embeddings": p["tie_word_embeddings"],
+        "bos_token_id": ids("<|endoftext|>"), "eos_token_id": ids("<|im_end|>"),
+        "vision_config": qwen2_vl_vision_config(p, p["text"]["hidden_size"]),
+        "text_config": {
+            "model_type": p["family"] + "_text", "vocab_size": len(tok), "rms_norm_eps": 1e-6,
+            "max_position_embeddings": 32768, "hidden_act": "silu",
+            "tie_word_embeddings": p["tie_word_embeddings"],
+            "bos_token_id": ids("<|endoftext|>"), "eos_token_id": ids("<|im_end|>"),
+            "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0,
+                                "mrope_section": p["mrope_section"]},
+            **p["text"],
+        },
+    }
+
+
+def qwen2_vl_preprocessor_config(min_pixels=TINY_MIN_PIXELS, max_pixels=TINY_MAX_PIXELS) -> dict:
+    return {
+        "image_processor_type": "Qwen2VLImageProcessor",
+        "min_pixels": min_pixels, "max_pixels": max_pixels,
+        "size": {"shortest_edge": min_pixels, "longest_edge": max_pixels},
+        "patch_size": 14, "merge_size": 2, "temporal_patch_size": 2,
+        "image_mean": list(OPENAI_CLIP_MEAN), "image_std": list(OPENAI_CLIP_STD),
+        "rescale_factor": 1 / 255, "resample": 3,
+    }
+
+
+def vision_to_hub_layout(weights: dict, prefix: str) -> dict:
+    """Tower weights under `prefix`, with the patch embedding as the Conv3d it is."""
+    out = {}
+    for k, v in weights.items():
+        if k == "patch_embed.proj.weight":
+            v = v.reshape(v.shape[0], 3, 2, 14, 14)
+        out[prefix + k] = v
+    return out
+
+
+def write_qwen2_vl_checkpoint(path, preset: str, seed: int) -> Path:
+    from .models.qwen2_vl import Model, ModelArgs
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tok = build_tokenizer(path, special_tokens=QWEN2_VL_SPECIAL_TOKENS, chat_template=QWEN2_VL_CHAT_TEMPLATE)
+    config = qwen2_vl_config(preset, tok)
+    weights = randomize(Model(ModelArgs.from_dict(config)), seed)
+    vision = {k[len("visual.") :]: v for k, v in weights.items() if k.startswith("visual.")}
+    hub = vision_to_hub_layout(vision, "visual.")
+    for k, v in weights.items():
+        if k.startswith("language_model.model."):
+            hub["model." + k[len("language_model.model.") :]] = v
+        elif k == "language_model.lm_head.weight":
+            hub["lm_head.weight"] = v
+    mx.save_safetensors(str(path / "model.safetensors"), hub, metadata={"format": "pt"})
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    (path / "preprocessor_config.json").write_text(json.dumps(qwen2_vl_preprocessor_config(), indent=2))
+    (path / "chat_template.jinja").write_text(QWEN2_VL_CHAT_TEMPLATE)
+    return path
+
+
+def points_llm_config(p: dict, vocab_size: int) -> dict:
+    t = p["text"]
+    if p["llm_layout"] == "custom_llama":
+        return {
+            "model_type": "custom_llama", "hidden_size": t["hidden_size"], "num_layers": t["num_hidden_layers"],
+            "num_attention_heads": t["num_attention_heads"], "num_kv_heads": t["num_key_value_heads"],
+            "ffn_hidden_size": t["intermediate_size"], "hidden_act": "swiglu", "norm_type": "rms_norm",
+            "layernorm_epsilon": 1e-5, "rotary_emb_base": 1000000.0, "rotary_pct": 1.0,
+            "qkv_proj_bias": True, "out_proj_bias": False, "mlp_fc1_bias": False, "mlp_fc2_bias": False,
+            "vocab_size": vocab_size, "max_sequence_length": 16384, "tie_word_embeddings": False,
+        }
+    return {"model_type": "qwen2", "vocab_size": vocab_size, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
+            "max_position_embeddings": 16384, "tie_word_embeddings": False, "hidden_act": "silu", **t}
+
+
+def to_custom_llama_layout(weights: dict, num_kv_heads: int) -> dict:
+    """Qwen2-named decoder weights (`llm.model.*`) -> POINTS1.5's CustomLlama names."""
+    out = {}
+    for k, v in weights.items():
+        if k == "llm.model.embed_tokens.weight":
+            out["llm.lm.embed_in.weight"] = v
+        elif k == "llm.model.norm.weight":
+            out["llm.lm.final_layer_norm.weight"] = v
+        elif k == "llm.lm_head.weight":
+            out["llm.embed_out.weight"] = v
+        elif k.startswith("llm.model.layers."):
+            layer, name = k[len("llm.model.layers.") :].split(".", 1)
+            base = f"llm.lm.layers.{layer}."
+            if name.startswith(("self_attn.v_proj.", "mlp.gate_proj.")):
+                continue  # fused below with k_proj / up_proj
+            if name.startswith("self_attn.k_proj."):
+                kind = name.rsplit(".", 1)[1]
+                keys, values = v, weights[k.replace("k_proj", "v_proj")]
+                per_head = keys.reshape(num_kv_heads, -1, *keys.shape[1:])
+                fused = mx.stack([per_head, values.reshape(per_head.shape)], axis=1)
+                out[base + "attention.key_value_dense." + kind] = fused.reshape(-1, *keys.shape[1:])
+            elif name.startswith("mlp.up_proj."):
+                gate = weights[k.replace("up_proj", "gate_proj")]
+                out[base + "mlp.dense_h_to_4h.weight"] = mx.concatenate([v, gate])
+            else:
+                renames = {"self_attn.q_proj.": "attention.query_dense.", "self_attn.o_proj.": "attention.dense.",
+                           "mlp.down_proj.": "mlp.dense_4h_to_h."}
+                for old, new in renames.items():
+                    name = name.replace(old, new)
+                out[base + name] = v
+        else:
+            out[k] = v
+    return out
+
+
+def write_points_checkpoint(path, preset: str, seed: int) -> Path:
+    from .models.points_v15 import Model, ModelArgs
+
+    p = PRESETS[preset]
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    # POINTS formats its prompt itself: the tokenizer keeps the Qwen2-VL template
+    tok = build_tokenizer(path, special_tokens=QWEN2_VL_SPECIAL_TOKENS, chat_template=QWEN2_VL_CHAT_TEMPLATE)
+    config = {
+        "architectures": ["POINTSV15ChatModel"],
+        "model_type": "pointsv1.5_chat",
+        "vision_config": {"model_type": "qwen2_vl", "hidden_size": p["text"]["hidden_size"], **p["vision"]},
+        "llm_config": points_llm_config(p, len(tok)),
+    }
+    model = Model(ModelArgs.from_dict(config))
+    weights = randomize(model, seed)
+    vision = {k[len("vision_encoder.") :]: v for k, v in weights.items() if k.startswith("vision_encoder.")}
+    out = vision_to_hub_layout(vision, "vision_encoder.")
+    # the released checkpoints still carry the tower's own (unused) merger
+    width = p["vision"]["embed_dim"] * 4
+    rng = np.random.default_rng(seed + 1)
+    for name, shape in [("ln_q.weight", (p["vision"]["embed_dim"],)), ("ln_q.bias", (p["vision"]["embed_dim"],)),
+                        ("mlp.0.weight", (width, width)), ("mlp.0.bias", (width,)),
+                        ("mlp.2.weight", (p["text"]["hidden_size"], width)), ("mlp.2.bias", (p["text"]["hidden_size"],))]:
+        out["vision_encoder.merger." + name] = mx.array(rng.standard_normal(shape).astype(np.float32))
+    rest = {k: v for k, v in weights.items() if not k.startswith("vision_encoder.")}
+    if p["llm_layout"] == "custom_llama":
+        rest = to_custom_llama_layout(rest, p["text"]["num_key_value_heads"])
+    out.update(rest)
+    mx.save_safetensors(str(path / "model.safetensors"), out, metadata={"format": "pt"})
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    (path / "preprocessor_config.json").write_text(json.dumps(qwen2_vl_preprocessor_config(), indent=2))
     return path

@@ -12,8 +12,12 @@ from mlx.utils import tree_flatten
 
 from .models.base import check_weights
 
-MODEL_REMAPPING = {"llava-onevision": "llava_onevision"}
-SUPPORTED = ("llava_onevision",)
+MODEL_REMAPPING = {
+    "llava-onevision": "llava_onevision",
+    "qwen2_5_vl": "qwen2_vl",
+    "pointsv1.5_chat": "points_v15",
+}
+SUPPORTED = ("llava_onevision", "qwen2_vl", "points_v15", "eve")
 
 WEIGHT_PATTERNS = ["*.safetensors", "*.safetensors.index.json"]
 SIDE_FILE_PATTERNS = [

@@ -41,6 +41,7 @@ class VisionConfig(BaseModelArgs):
     intermediate_size: Optional[int] = None
     window_size: int = 0
     fullatt_block_indexes: tuple = ()
+    tokens_per_second: Optional[float] = None  # Qwen2.5-VL video time positions
 
     def __post_init__(self):
         if self.out_hidden_size is not None:
@@ -167,11 +168,11 @@ class PatchEmbed(nn.Module):
 
 
 class PatchMerger(nn.Module):
-    def __init__(self, c: VisionConfig):
+    def __init__(self, c: VisionConfig, out_dim: Optional[int] = None):
         super().__init__()
         width = c.embed_dim * c.spatial_merge_size**2
         self.ln_q = make_norm(c, c.embed_dim)
-        self.mlp = [nn.Linear(width, width), nn.GELU(), nn.Linear(width, c.hidden_size)]
+        self.mlp = [nn.Linear(width, width), nn.GELU(), nn.Linear(width, out_dim or c.hidden_size)]
 
     def __call__(self, x):
         x = self.ln_q(x).reshape(-1, self.mlp[0].weight.shape[1])  # 2x2 blocks are consecutive
@@ -181,12 +182,13 @@ class PatchMerger(nn.Module):
 
 
 class VisionModel(nn.Module):
-    def __init__(self, config: VisionConfig):
+    def __init__(self, config: VisionConfig, merger: bool = True):
         super().__init__()
         self.config = config
         self.patch_embed = PatchEmbed(config)
         self.blocks = [Block(config) for _ in range(config.depth)]
-        self.merger = PatchMerger(config)
+        if merger:
+            self.merger = PatchMerger(config)
 
     def __call__(self, pack: Pack, merge: bool = True) -> mx.array:
         """One call for the whole pack: (N, patch dim) -> (N / 4, out) merged tokens."""

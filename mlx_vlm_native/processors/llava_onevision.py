@@ -22,6 +22,7 @@ from .image import (
     resize,
     to_chw,
 )
+from .prompt import expand_placeholders, load_chat_template, user_turn
 
 DEFAULT_PINPOINTS = [[384 * i, 384 * j] for i in range(1, 7) for j in range(1, 7)]
 
@@ -207,13 +208,8 @@ class LlavaOnevisionProcessor:
         """A user turn with the images/videos placed as the chat template puts them."""
         content = [{"type": "image"}] * num_images + [{"type": "video"}] * num_videos
         content = content + [{"type": "text", "text": prompt}]
-        messages = [{"role": "user", "content": content}]
-        template = self.chat_template or getattr(self.tokenizer, "chat_template", None)
-        if template is None:
-            return "<image>\n" * num_images + "<video>\n" * num_videos + prompt
-        return self.tokenizer.apply_chat_template(
-            messages, chat_template=template, tokenize=False, add_generation_prompt=True
-        )
+        fallback = "<image>\n" * num_images + "<video>\n" * num_videos + prompt
+        return user_turn(self.tokenizer, self.chat_template, content, fallback)
 
     def __call__(
         self,
@@ -232,40 +228,10 @@ class LlavaOnevisionProcessor:
 
         ids = self.tokenizer.encode(text, add_special_tokens=False)
         expansions = {
-            self.image_token_id: [self.num_image_tokens(s, multi) for s in sizes],
-            self.video_token_id: [self.num_video_tokens(len(f)) for f in frames],
+            self.image_token_id: ("image", [self.num_image_tokens(s, multi) for s in sizes]),
+            self.video_token_id: ("video", [self.num_video_tokens(len(f)) for f in frames]),
         }
-        found = {t: ids.count(t) for t in expansions}
-        for tok, counts in expansions.items():
-            if found[tok] != len(counts):
-                kind = "image" if tok == self.image_token_id else "video"
-                raise ValueError(
-                    f"the prompt has {found[tok]} {kind} placeholder(s) but "
-                    f"{len(counts)} {kind}(s) were given"
-                )
-        out, next_index = [], {t: 0 for t in expansions}
-        for t in ids:
-            if t in expansions:
-                out.extend([t] * expansions[t][next_index[t]])
-                next_index[t] += 1
-            else:
-                out.append(t)
-        return ProcessedInputs(np.array(out, dtype=np.int32), pixels, sizes, multi, frames)
-
-
-def load_chat_template(path: Path) -> Optional[str]:
-    path = Path(path)
-    if (path / "chat_template.jinja").exists():
-        return (path / "chat_template.jinja").read_text()
-    if (path / "chat_template.json").exists():
-        return json.loads((path / "chat_template.json").read_text())["chat_template"]
-    for name in ("processor_config.json", "tokenizer_config.json"):
-        f = path / name
-        if f.exists():
-            template = json.loads(f.read_text()).get("chat_template")
-            if template:
-                return template
-    return None
+        return ProcessedInputs(expand_placeholders(ids, expansions), pixels, sizes, multi, frames)
 
 
 Processor = LlavaOnevisionProcessor

@@ -1,0 +1,239 @@
+"""Qwen2-VL and Qwen2.5-VL: the packed NaViT tower (`qwen2_vision.py`) feeding
+a Qwen2 decoder (mlx-lm) whose rotary embedding is multimodal (M-RoPE).
+
+M-RoPE splits the rotary frequencies into (temporal, height, width) sections:
+text tokens advance all three positions together, while the merged vision
+tokens of an image share one temporal position and take their row and column
+as the other two. The positions of a prompt are computed once, from its token
+types and grids; generated tokens continue at `offset + rope_delta`.
+"""
+
+from dataclasses import dataclass, field
+from typing import List, Optional, Sequence
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx_lm.models import qwen2
+
+from ..packing import pack_of_packs
+from .base import BaseModelArgs, text_config_for_mlx_lm
+from .llava_onevision import scatter_features
+from .qwen2_vision import VisionConfig, VisionModel
+
+TEXT, IMAGE, VIDEO = 0, 1, 2
+HUB_TEXT_KEYS = (
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "rms_norm_eps", "rope_theta", "rope_scaling", "max_position_embeddings",
+    "hidden_act", "tie_word_embeddings",
+)
+
+
+def mrope_section(text_config: dict) -> List[int]:
+    """The sections live in `rope_parameters` (transformers 5) or `rope_scaling` (hub)."""
+    for key in ("rope_parameters", "rope_scaling"):
+        section = (text_config.get(key) or {}).get("mrope_section")
+        if section is not None:
+            return list(section)
+    raise ValueError("the text config has no mrope_section (rope_parameters or rope_scaling)")
+
+
+@dataclass
+class ModelArgs(BaseModelArgs):
+    vision_config: dict
+    text_config: Optional[dict] = None
+    model_type: str = "qwen2_vl"
+    image_token_id: int = 151655
+    video_token_id: int = 151656
+    vision_start_token_id: int = 151652
+    tie_word_embeddings: Optional[bool] = None
+    mrope_section: List[int] = field(default_factory=list)
+
+    @classmethod
+    def from_dict(cls, params: dict):
+        args = super().from_dict(params)
+        if args.text_config is None:
+            args.text_config = {k: params[k] for k in HUB_TEXT_KEYS if k in params}
+            args.__post_init__()
+        return args
+
+    def __post_init__(self):
+        if self.text_config is None:
+            return  # from_dict fills it in from the top level
+        if isinstance(self.vision_config, dict):
+            self.vision_config = VisionConfig.from_dict(self.vision_config)
+        if isinstance(self.text_config, dict):
+            self.mrope_section = mrope_section(self.text_config)
+            text = dict(self.text_config)
+            for key in ("rope_parameters", "rope_scaling"):  # M-RoPE is applied here, not by mlx-lm
+                rope = text.pop(key, None) or {}
+                if "rope_theta" in rope:
+                    text.setdefault("rope_theta", rope["rope_theta"])
+            tie = text.get("tie_word_embeddings", self.tie_word_embeddings)
+            self.text_config = qwen2.ModelArgs.from_dict(text_config_for_mlx_lm(text, tie))
+        head_dim = self.text_config.hidden_size // self.text_config.num_attention_heads
+        if sum(self.mrope_section) != head_dim // 2:
+            raise ValueError(
+                f"mrope_section {self.mrope_section} must sum to head_dim / 2 = {head_dim // 2}"
+            )
+
+    def video_time_intervals(self, seconds_per_grid: Sequence[float]) -> Optional[List[float]]:
+        """Qwen2.5-VL spaces video frames by real time; Qwen2-VL by one."""
+        tps = self.vision_config.tokens_per_second
+        return None if tps is None else [tps * s for s in seconds_per_grid]
+
+
+def vision_positions(start: int, grid, merge: int, time_interval: float = 1.0) -> np.ndarray:
+    """(3, t*h*w/merge^2) (temporal, row, col) positions of one image or video."""
+    t, h, w = grid[0], grid[1] // merge, grid[2] // merge
+    tt, hh, ww = np.meshgrid((np.arange(t) * time_interval).astype(np.int64), np.arange(h), np.arange(w), indexing="ij")
+    return np.stack([tt.reshape(-1), hh.reshape(-1), ww.reshape(-1)]) + start
+
+
+def rope_index(token_types: np.ndarray, image_grids, video_grids, merge: int,
+               video_time_intervals: Optional[Sequence[float]] = None):
+    """M-RoPE positions (3, L) of one prompt and the delta that continues them.
+
+    Runs of text advance one position per token; each run of vision tokens
+    takes its grid's positions from the current offset, which then advances by
+    the larger merged side (transformers' `get_rope_index`)."""
+    grids = {IMAGE: iter(image_grids), VIDEO: iter(video_grids)}
+    intervals = iter(video_time_intervals or [1.0] * len(video_grids))
+    change = np.flatnonzero(np.diff(token_types)) + 1
+    starts, ends = np.r_[0, change], np.r_[change, len(token_types)]
+    parts, pos = [], 0
+    for a, b in zip(starts, ends):
+        kind = int(token_types[a])
+        if kind == TEXT:
+            parts.append(np.broadcast_to(np.arange(pos, pos + b - a), (3, b - a)))
+            pos += b - a
+            continue
+        grid = next(grids[kind])
+        interval = next(intervals) if kind == VIDEO else 1.0
+        block = vision_positions(pos, grid, merge, interval)
+        if block.shape[1] != b - a:
+            raise ValueError(f"a run of {b - a} vision tokens does not match grid {tuple(grid)}")
+        parts.append(block)
+        pos += max(grid[1], grid[2]) // merge
+    positions = np.concatenate(parts, axis=1) if parts else np.zeros((3, 0), np.int64)
+    delta = int(positions.max()) + 1 - len(token_types) if positions.size else 0
+    return positions.astype(np.int32), delta
+
+
+class MRoPE(nn.Module):
+    """Rotary embedding with per-section positions; one instance is shared by
+    every attention layer, holding the current prompt's positions."""
+
+    def __init__(self, head_dim: int, base: float, sections: Sequence[int]):
+        super().__init__()
+        self.head_dim = head_dim
+        self.base = base
+        inv_freq = 1.0 / base ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim)
+        self._inv_freq = mx.array(inv_freq)
+        self._section = mx.array(np.repeat(np.arange(3), sections))
+        self.set_positions(None, 0)
+
+    def set_positions(self, positions: Optional[np.ndarray], delta: int) -> None:
+        """`positions` (3, L) for the prompt, or None for plain text."""
+        self._positions = None if positions is None else mx.array(positions)
+        self._delta = delta
+
+    def __call__(self, x: mx.array, offset: int = 0) -> mx.array:
+        L = x.shape[-2]
+        prompt_len = 0 if self._positions is None else self._positions.shape[1]
+        if offset >= prompt_len:  # past the prompt all three positions are equal
+            return mx.fast.rope(x, self.head_dim, traditional=False, base=self.base,
+                                scale=1.0, offset=offset + self._delta)
+        pos = self._positions[:, offset : offset + L]
+        if pos.shape[1] < L:
+            tail = mx.arange(prompt_len, offset + L) + self._delta
+            pos = mx.concatenate([pos, mx.broadcast_to(tail, (3, tail.size))], axis=1)
+        # each frequency takes the position of its section (t, h or w)
+        angles = pos[self._section].T.astype(mx.float32) * self._inv_freq  # (L, D/2)
+        angles = mx.concatenate([angles, angles], axis=-1)
+        cos, sin = mx.cos(angles).astype(x.dtype), mx.sin(angles).astype(x.dtype)
+        half = x.shape[-1] // 2
+        rotated = mx.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+        return x * cos + rotated * sin
+
+
+class Model(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.model_type = args.model_type
+        self.visual = VisionModel(args.vision_config)
+        self.language_model = qwen2.Model(args.text_config)
+        t = args.text_config
+        self.rope = MRoPE(t.hidden_size // t.num_attention_heads, t.rope_theta, args.mrope_section)
+        for layer in self.language_model.layers:
+            layer.self_attn.rope = self.rope
+
+    @property
+    def layers(self):
+        return self.language_model.layers
+
+    def encode_vision(self, batch: Sequence) -> List[mx.array]:
+        """Merged vision tokens of every processed prompt in `batch`, from ONE
+        packed tower call; returns one (tokens, D) array per prompt."""
+        packs = [inputs.pack for inputs in batch if inputs.pack is not None]
+        if not packs:
+            return [None] * len(batch)
+        features = self.visual(pack_of_packs(packs))
+        out, start = [], 0
+        for inputs in batch:
+            n = inputs.vision_tokens
+            out.append(features[start : start + n] if n else None)
+            start += n
+        return out
+
+    def get_input_embeddings(self, inputs, vision_features: Optional[mx.array] = None) -> mx.array:
+        """Token embeddings with the vision features in place, (1, L, D); also
+        sets this prompt's M-RoPE positions for the calls that follow."""
+        ids = inputs.input_ids
+        embeds = self.language_model.model.embed_tokens(mx.array(ids))
+        if inputs.pack is not None:
+            if vision_features is None:
+                vision_features = self.encode_vision([inputs])[0]
+            n_image = inputs.image_tokens
+            for kind, features in ((IMAGE, vision_features[:n_image]), (VIDEO, vision_features[n_image:])):
+                mask = inputs.token_types == kind
+                if mask.any() or features.shape[0]:
+                    embeds = scatter_features(embeds, mask, features)
+        positions, delta = rope_index(
+            inputs.token_types, inputs.image_grids, inputs.video_grids,
+            self.args.vision_config.spatial_merge_size,
+            self.args.video_time_intervals(inputs.video_seconds_per_grid),
+        )
+        self.rope.set_positions(positions, delta)
+        return embeds[None]
+
+    def __call__(self, inputs: mx.array, cache=None, input_embeddings=None) -> mx.array:
+        at_start = cache is None or cache[0] is None or cache[0].offset == 0
+        if at_start and input_embeddings is None:
+            self.rope.set_positions(None, 0)  # a text-only prompt: plain positions
+        return self.language_model(inputs, cache=cache, input_embeddings=input_embeddings)
+
+    def sanitize(self, weights: dict) -> dict:
+        """Hub (`model.layers`, `visual.`, `lm_head`) and transformers-5 in-memory
+        (`model.language_model.`, `model.visual.`) layouts."""
+        out, vision = {}, {}
+        for k, v in weights.items():
+            if "rotary_emb.inv_freq" in k:
+                continue
+            if k.startswith("model.visual."):
+                k = k[len("model.") :]
+            if k.startswith("visual."):
+                vision[k] = v
+                continue
+            if k.startswith("model.language_model."):
+                k = "language_model.model." + k[len("model.language_model.") :]
+            elif k.startswith("model."):
+                k = "language_model." + k
+            elif k == "lm_head.weight":
+                k = "language_model.lm_head.weight"
+            out[k] = v
+        if self.args.text_config.tie_word_embeddings:
+            out.pop("language_model.lm_head.weight", None)
+        out.update({"visual." + k: v for k, v in self.visual.sanitize(vision).items()})
+        return out
