@@ -5,8 +5,10 @@ import shutil
 import subprocess
 import sys
 
+import pytest
 
 from conftest import make_image
+from mlx_vlm_native.random_checkpoint import write_checkpoint
 
 EXE = shutil.which("mlx-vlm-native") or os.path.join(os.path.dirname(sys.executable), "mlx-vlm-native")
 
@@ -61,3 +63,31 @@ def test_module_entry_point(tiny_hf_dir):
     r = subprocess.run([sys.executable, "-m", "mlx_vlm_native.generate", "--help"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "--image" in r.stdout
+
+
+@pytest.mark.parametrize("preset", ["qwen2-vl-tiny", "qwen2.5-vl-tiny", "points-tiny"])
+def test_generate_native_resolution_models(preset, tmp_path):
+    """Qwen2-VL-family and POINTS-layout folders, two images of different sizes."""
+    model = write_checkpoint(tmp_path / "model", preset)
+    paths = []
+    for i, (h, w) in enumerate([(200, 320), (90, 60)]):
+        paths.append(str(tmp_path / f"{i}.png"))
+        make_image(h, w, i).save(paths[-1])
+    r = run("generate", "--model", str(model), "--image", *paths, "--prompt", "Compare them.",
+            "--max-tokens", "5")
+    n_prompt = int(r.stdout.split("Prompt: ")[1].split(" tokens")[0])
+    image_tokens = (14 * 22 + 6 * 4) // 4  # grids (1,14,22) and (1,6,4), merged 2x2
+    assert image_tokens < n_prompt < image_tokens + 60
+
+
+def test_qwen2_vl_video_and_quantized_convert(tmp_path):
+    model = write_checkpoint(tmp_path / "model", "qwen2-vl-tiny")
+    gif = tmp_path / "v.gif"
+    frames = [make_image(112, 140, s) for s in range(4)]
+    frames[0].save(gif, save_all=True, append_images=frames[1:], duration=100)
+    out = tmp_path / "q4"
+    run("convert", "--hf-path", str(model), "--mlx-path", str(out), "-q", "--q-group-size", "32")
+    r = run("generate", "--model", str(out), "--video", str(gif), "--video-frames", "4",
+            "--prompt", "What happens?", "--max-tokens", "4")
+    n_prompt = int(r.stdout.split("Prompt: ")[1].split(" tokens")[0])
+    assert 2 * 4 * 5 < n_prompt < 2 * 4 * 5 + 60  # 2 temporal patches of 8x10 patches, merged 2x2

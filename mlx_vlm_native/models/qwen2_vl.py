@@ -64,7 +64,7 @@ class ModelArgs(BaseModelArgs):
             self.vision_config = VisionConfig.from_dict(self.vision_config)
         if isinstance(self.text_config, dict):
             self.mrope_section = mrope_section(self.text_config)
-            text = dict(self.text_config)
+            text = {"model_type": "qwen2", **self.text_config}
             for key in ("rope_parameters", "rope_scaling"):  # M-RoPE is applied here, not by mlx-lm
                 rope = text.pop(key, None) or {}
                 if "rope_theta" in rope:
