@@ -1,8 +1,8 @@
 """Atomic training checkpoints with exact resume.
 
 A checkpoint is a folder `step_XXXXXXXX/` holding the trainable weights, the
-optimizer state, the MLX RNG key and a JSON `state.json` (step, data position,
-anything else the caller passes). It is written to a temporary folder and
+optimizer state and a JSON `state.json` (step, the loop's RNG key, data
+position, anything else the caller passes). It is written to a temporary folder and
 renamed into place, so an interrupted save never leaves a half checkpoint;
 `latest` names the newest complete one.
 """
@@ -36,8 +36,7 @@ def save_checkpoint(root, step: int, model: nn.Module, optimizer, state: dict, k
         mx.save_safetensors(str(tmp / WEIGHTS), dict(tree_flatten(model.trainable_parameters())))
         opt_state = dict(tree_flatten(optimizer.state))
         mx.save_safetensors(str(tmp / OPTIMIZER), opt_state)
-        rng = mx.random.state[0]
-        meta = {"step": step, "rng": [int(v) for v in rng.tolist()], **state}
+        meta = {"step": step, **state}
         (tmp / STATE).write_text(json.dumps(meta, indent=2))
         final = step_dir(root, step)
         if final.exists():
@@ -70,7 +69,7 @@ def latest_checkpoint(root) -> Optional[Path]:
 
 
 def load_checkpoint(path, model: nn.Module, optimizer) -> dict:
-    """Restore weights, optimizer state and RNG key in place; return state.json."""
+    """Restore weights and optimizer state in place; return state.json."""
     path = Path(path)
     if not (path / STATE).exists():
         raise FileNotFoundError(f"{path} is not a training checkpoint (no {STATE})")
@@ -78,6 +77,5 @@ def load_checkpoint(path, model: nn.Module, optimizer) -> dict:
     opt = mx.load(str(path / OPTIMIZER))
     optimizer.state = tree_unflatten(list(opt.items()))
     state = json.loads((path / STATE).read_text())
-    mx.random.state[0] = mx.array(state["rng"], dtype=mx.uint32)
     mx.eval(model.parameters(), optimizer.state)
     return state

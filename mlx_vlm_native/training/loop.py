@@ -1,8 +1,10 @@
 """A small, model-agnostic training loop.
 
-`loss_fn(model, batch) -> (mean loss, weight)`: the weight (e.g. the number of
-target tokens) makes gradient accumulation and data parallelism give exactly
-the weighted mean over the whole global batch. Gradients of micro-batches are
+`loss_fn(model, batch, key) -> (mean loss, weight)`: the weight (e.g. the
+number of target tokens) makes gradient accumulation and data parallelism give
+exactly the weighted mean over the whole global batch. `key` is a PRNG key for
+anything random in the loss (token masking, dropout); the loop splits it from
+its own key, which checkpoints store, so a resumed run draws the same numbers. Gradients of micro-batches are
 summed as `grad * weight`, summed across processes with
 `mx.distributed.all_sum`, then divided by the total weight.
 """
@@ -37,16 +39,30 @@ def cast_floats(tree, dtype):
     return tree_map(lambda p: p.astype(dtype) if mx.issubdtype(p.dtype, mx.floating) else p, tree)
 
 
-def enable_grad_checkpoint(layers: Sequence[nn.Module]) -> None:
-    """Recompute each block's activations in the backward pass (mlx-lm's helper,
-    once per block class)."""
-    from mlx_lm.tuner.trainer import grad_checkpoint
+_CHECKPOINTED = {}
 
-    seen = set()
+
+def checkpointed_class(cls):
+    """A subclass of `cls` whose forward is wrapped in `mx.checkpoint`: its
+    activations are recomputed in the backward pass instead of stored."""
+    if cls not in _CHECKPOINTED:
+        def __call__(self, x, *args, **kwargs):
+            def forward(params, x):
+                self.update(params)
+                return cls.__call__(self, x, *args, **kwargs)
+
+            return mx.checkpoint(forward)(self.trainable_parameters(), x)
+
+        _CHECKPOINTED[cls] = type(f"Checkpointed{cls.__name__}", (cls,), {"__call__": __call__})
+    return _CHECKPOINTED[cls]
+
+
+def enable_grad_checkpoint(layers: Sequence[nn.Module]) -> None:
+    """Gradient checkpointing on these blocks only (the class of each instance
+    is swapped, so other models of the same class are untouched)."""
     for layer in layers:
-        if type(layer) not in seen:
-            grad_checkpoint(layer)
-            seen.add(type(layer))
+        if type(layer) not in _CHECKPOINTED.values():
+            layer.__class__ = checkpointed_class(type(layer))
 
 
 def make_step(model: nn.Module, loss_fn: Callable, optimizer, config: TrainConfig):
@@ -54,18 +70,19 @@ def make_step(model: nn.Module, loss_fn: Callable, optimizer, config: TrainConfi
     dtype = getattr(mx, config.compute_dtype) if config.compute_dtype else None
     group = mx.distributed.init()
 
-    def loss_of(params, batch):
+    def loss_of(params, batch, key):
         model.update(cast_floats(params, dtype) if dtype is not None else params)
-        loss, weight = loss_fn(model, batch)
+        loss, weight = loss_fn(model, batch, key)
         return loss.astype(mx.float32), weight
 
     value_and_grad = mx.value_and_grad(loss_of)
 
-    def step(micro_batches):
+    def step(micro_batches, key):
         params = model.trainable_parameters()
         total_grad, total_loss, total_weight = None, mx.array(0.0), mx.array(0.0)
-        for batch in micro_batches:
-            (loss, weight), grads = value_and_grad(params, batch)
+        keys = mx.random.split(key, len(micro_batches))
+        for batch, k in zip(micro_batches, keys):
+            (loss, weight), grads = value_and_grad(params, batch, k)
             weight = weight.astype(mx.float32)
             grads = tree_map(lambda g: g.astype(mx.float32) * weight, grads)
             total_grad = grads if total_grad is None else tree_map(mx.add, total_grad, grads)
@@ -98,11 +115,14 @@ def train(
     batch_size_of: Callable = len,
     extra_state: Optional[dict] = None,
     on_step: Optional[Callable] = None,
+    seed: int = 0,
+    rng_key: Optional[list] = None,
 ) -> dict:
     """Run steps `start_step+1 .. config.steps`.
 
     `batches` yields (batch, data position); the position after the last batch
-    of each step is stored in checkpoints so a resumed run reads on from there.
+    of each step is stored in checkpoints so a resumed run reads on from there,
+    as is the RNG key (`rng_key`, from a checkpoint's state; else from `seed`).
     Returns {"losses": [...], "step": last step, "position": data position}."""
     if config.grad_checkpoint:
         enable_grad_checkpoint(checkpoint_layers)
@@ -112,6 +132,7 @@ def train(
     is_main = group.rank() == 0
     bar = tqdm(total=config.steps, initial=start_step, disable=not (config.progress and is_main),
                desc="train", unit="step")
+    key = mx.array(rng_key, dtype=mx.uint32) if rng_key is not None else mx.random.key(seed)
     losses, position, step = [], None, start_step
     for step in range(start_step + 1, config.steps + 1):
         tic = time.perf_counter()
@@ -120,7 +141,8 @@ def train(
             batch, position = next(batches)
             micro.append(batch)
             images += batch_size_of(batch)
-        loss = step_fn(micro)
+        key, step_key = mx.random.split(key)
+        loss = step_fn(micro, step_key)
         lr = current_lr(optimizer)
         losses.append(loss)
         seconds = time.perf_counter() - tic
@@ -132,7 +154,7 @@ def train(
         due = config.checkpoint_every and step % config.checkpoint_every == 0
         if config.checkpoint_dir and is_main and (due or last):
             save_checkpoint(config.checkpoint_dir, step, model, optimizer,
-                            {"position": position, **(extra_state or {})},
+                            {"position": position, "rng_key": key.tolist(), **(extra_state or {})},
                             keep=config.keep_checkpoints)
         if on_step is not None:
             on_step(step, loss)

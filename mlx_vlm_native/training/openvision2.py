@@ -87,8 +87,8 @@ def initial_model(recipe: dict, args: ModelArgs):
 
 def rank_batches(it, rank: int, size: int):
     """Each process takes every size-th batch; positions are those after the group."""
-    while True:
-        group = [next(it) for _ in range(size)]
+    for first in it:
+        group = [first] + [next(it) for _ in range(size - 1)]
         yield group[rank][0], group[-1][1]
 
 
@@ -104,16 +104,14 @@ def run(recipe: dict, resume: Optional[str] = None, progress: bool = True, on_st
     out = Path(recipe["output"])
     ckpt_dir = out / "checkpoints"
 
-    start_step, position = 0, None
+    start_step, position, rng_key = 0, None, None
     if resume:
         ckpt = latest_checkpoint(resume if resume != "auto" else ckpt_dir)
         if ckpt is None:
             raise FileNotFoundError(f"no training checkpoint under {resume}")
         state = load_checkpoint(ckpt, model, optimizer)
-        start_step, position = state["step"], state["position"]
+        start_step, position, rng_key = state["step"], state["position"], state["rng_key"]
         print(f"[INFO] resumed from {ckpt} at step {start_step}")
-    else:
-        mx.random.seed(seed)
 
     size, max_len = args.vision_config.image_size, mcfg.get("max_text_len", 128)
     mean, std = recipe.get("image_mean", ovc.IMAGE_MEAN), recipe.get("image_std", ovc.IMAGE_STD)
@@ -127,9 +125,9 @@ def run(recipe: dict, resume: Optional[str] = None, progress: bool = True, on_st
 
     weight = recipe.get("loss_weight", 1.0)
 
-    def loss_fn(model, batch):
+    def loss_fn(model, batch, key):
         pixels, text = batch
-        loss, count = model.loss(pixels, text)
+        loss, count = model.loss(pixels, text, key=key)
         return weight * loss, count
 
     dataset = open_dataset(recipe["data"], seed=seed)
@@ -149,7 +147,7 @@ def run(recipe: dict, resume: Optional[str] = None, progress: bool = True, on_st
     )
     result = train(model, loss_fn, optimizer, stream, config, start_step=start_step,
                    checkpoint_layers=model.layers, batch_size_of=lambda b: b[0].shape[0],
-                   on_step=on_step)
+                   on_step=on_step, seed=seed, rng_key=rng_key)
     if group.rank() == 0:
         final = ovc.save(model, out / "model")
         tokenizer.save_pretrained(str(final))
