@@ -1,0 +1,35 @@
+"""Native GPU kernels: packed varlen attention (forward + backward) and the fused
+2-D rotary embedding, for Metal and CUDA, with pure-MLX references.
+
+`gpu_backend()` says which kernels this machine runs: "metal" when
+`mx.metal.is_available()`, "cuda" when MLX's CUDA backend is present, else None
+(then callers use the references). MLX_VLM_NATIVE_KERNELS=0 forces the references
+for debugging. A kernel that fails on a GPU raises with its name; it never falls
+back silently."""
+
+import os
+from typing import Optional
+
+import mlx.core as mx
+
+BACKENDS = ("metal", "cuda", "reference")
+
+
+def gpu_backend() -> Optional[str]:
+    if os.environ.get("MLX_VLM_NATIVE_KERNELS", "1") == "0":
+        return None
+    if mx.metal.is_available():
+        return "metal"
+    cuda = getattr(mx, "cuda", None)
+    if cuda is not None and cuda.is_available():
+        return "cuda"
+    return None
+
+
+from .attention import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, varlen_attention  # noqa: E402
+from .rope import rope_2d  # noqa: E402
+
+__all__ = [
+    "BACKENDS", "SUPPORTED_DTYPES", "SUPPORTED_HEAD_DIMS", "gpu_backend", "rope_2d",
+    "varlen_attention",
+]
