@@ -1,6 +1,7 @@
-"""Write a random-weight LLaVA-OneVision checkpoint in the Hugging Face layout.
+"""Write a random-weight checkpoint in a released layout (LLaVA-OneVision, Qwen2-VL,
+Qwen2.5-VL, POINTS1.5).
 
-    python convert/random_checkpoint.py OUT [--preset tiny|llava-onevision-0.5b]
+    python convert/random_checkpoint.py OUT [--preset tiny|llava-onevision-0.5b|qwen2-vl-tiny|...]
 
 Offline stand-in for a Hub download: feed it to `mlx-vlm-native convert`,
 load it in transformers, or benchmark at the real 0.5B geometry.
