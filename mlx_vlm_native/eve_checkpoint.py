@@ -17,7 +17,7 @@ import numpy as np
 from .processors.eve import VICUNA_V1_SYSTEM
 from .processors.image import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
-TINY_TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4)
+TINY_TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=8, num_attention_heads=4)
 TINY_VISION = dict(mm_hidden_size=32, image_size=112, image_size_clip=56, patch_stride=14, conv_stride=2)
 TINY_CLIP = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                  image_size=56, patch_size=14)
@@ -53,6 +53,7 @@ def build_tokenizer(path: Path, vocab_size: int = 320) -> int:
         sentence_iterator=iter(TOKENIZER_TEXT * 4), model_writer=model, vocab_size=vocab_size,
         model_type="bpe", byte_fallback=True, normalization_rule_name="identity",
         unk_id=0, bos_id=1, eos_id=2, pad_id=-1, hard_vocab_limit=False,
+        remove_extra_whitespaces=False,
         num_threads=1, minloglevel=2,
     )
     path.mkdir(parents=True, exist_ok=True)

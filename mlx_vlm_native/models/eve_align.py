@@ -25,6 +25,8 @@ from .base import BaseModelArgs, check_weights
 from .eve import Model
 
 IGNORE_INDEX = -100
+# kept out of the folder's top level so that `load()` does not read it as model weights
+ALIGNER_FILE = "aligner/aligner.safetensors"
 
 
 # ---------------------------------------------------------------- teachers
@@ -142,10 +144,9 @@ def load_teacher(path) -> Teacher:
             f"supported: {', '.join(TEACHER_TYPES)}"
         )
     vision = config.get("vision_config", config)
-    weights = {}
-    for k, v in load_weights(path).items():
-        if "vision_model." in k:
-            weights[k.split("vision_model.", 1)[1]] = v
+    weights = load_weights(path)
+    if any("vision_model." in k for k in weights):  # full models and older vision-only saves
+        weights = {k.split("vision_model.", 1)[1]: v for k, v in weights.items() if "vision_model." in k}
     if kind == "clip":
         tower = CLIPVisionModel(CLIPVisionConfig.from_dict(vision))
         mean, std = OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
@@ -453,12 +454,13 @@ def make_train_step(model: EVETrainingModel, optimizer, ratio: int, align_weight
 
 def load_aligner_weights(aligner: PatchAligner, path) -> bool:
     """Load the PAL from a reference checkpoint folder (its
-    `vision_tower_compressor.*` keys) or an `aligner.safetensors` saved by
-    training; False when the folder has neither (the PAL keeps its init)."""
+    `vision_tower_compressor.*` keys) or the file saved by
+    training (`ALIGNER_FILE`); False when the folder has neither (the PAL
+    keeps its init)."""
     from ..utils import load_weights
 
     path = Path(path)
-    saved = path / "aligner.safetensors"
+    saved = path / ALIGNER_FILE
     if saved.exists():
         weights = dict(mx.load(str(saved)))
     else:

@@ -12,7 +12,7 @@ are relative to `--image-root` (default: the data file's folder).
 
 Several processes (`mlx.launch` / `mpirun`) average their gradients through
 `mx.distributed`; each reads every `size`-th batch. The output folder is an
-MLX EVE folder (loadable by `mlx_vlm_native.load`) plus `aligner.safetensors`
+MLX EVE folder (loadable by `mlx_vlm_native.load`) plus `aligner/aligner.safetensors`
 and `train_log.jsonl`.
 """
 
@@ -62,7 +62,8 @@ def make_sample(record: dict, processor, teacher, prompt_format: str, image_root
 def save_checkpoint(model: A.EVETrainingModel, src: Path, out: Path, config: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     save_weights(out, model.eve, progress=False)
-    mx.save_safetensors(str(out / "aligner.safetensors"), dict(tree_flatten(model.aligner.parameters())))
+    (out / A.ALIGNER_FILE).parent.mkdir(exist_ok=True)
+    mx.save_safetensors(str(out / A.ALIGNER_FILE), dict(tree_flatten(model.aligner.parameters())))
     copy_side_files(src, out)
     save_config(config, out)
 
