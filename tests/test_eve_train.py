@@ -19,17 +19,15 @@ from mlx.utils import tree_flatten
 from PIL import Image
 
 from conftest import make_image
-from test_eve import (  # noqa: F401  (session fixtures)
-    eve_loaded,
-    eve_mlx_dir,
-    eve_processor,
-    eve_ref_dir,
-    eve_ref_weights,
-    np_layernorm,
-    np_patch_embedding_layer,
-    np_softmax,
-    teacher_dir,
-)
+import test_eve
+from test_eve import eve_processor, np_layernorm, np_patch_embedding_layer, np_softmax
+
+# the session fixtures of test_eve.py, shared (built once per session)
+eve_loaded = test_eve.eve_loaded
+eve_mlx_dir = test_eve.eve_mlx_dir
+eve_ref_dir = test_eve.eve_ref_dir
+eve_ref_weights = test_eve.eve_ref_weights
+teacher_dir = test_eve.teacher_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 LOSS_TOL = 1e-4  # relative, fp32
