@@ -5,7 +5,8 @@ q, k, v are (T, H, D) with `cu_seqlens` (S+1,) segment boundaries. Paths:
   simple, but its cost and memory follow T^2;
 - "segmented": segments grouped by length, one batched SDPA per distinct length;
   no T x T mask, cost follows the sum of L_i^2;
-- native kernels (Metal/CUDA) join the dispatch in `kernels` when available.
+- "kernel": the native varlen kernels (`mlx_vlm_native.native`, Metal or CUDA),
+  differentiable through their own backward; "auto" picks them on a GPU.
 """
 
 import os
@@ -14,9 +15,10 @@ from typing import Optional
 import mlx.core as mx
 import numpy as np
 
+from . import native
 from .packing import segment_ids
 
-PATHS = ("dense", "segmented")
+PATHS = ("dense", "segmented", "kernel")
 
 
 def _heads_first(x: mx.array) -> mx.array:
@@ -58,8 +60,10 @@ def packed_attention(
 ) -> mx.array:
     """Softmax attention within each segment of a packed (T, H, D) sequence.
 
-    `path` forces "dense" or "segmented"; the environment variable
-    MLX_VLM_NATIVE_ATTENTION does the same for debugging.
+    `path` forces "dense", "segmented" or "kernel"; the environment variable
+    MLX_VLM_NATIVE_ATTENTION does the same for debugging. "auto" uses the GPU
+    kernels when this machine has them (and they support the head dim and dtype),
+    else "segmented".
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     path = path or os.environ.get("MLX_VLM_NATIVE_ATTENTION") or "auto"
@@ -67,7 +71,9 @@ def packed_attention(
     if cu[0] != 0 or cu[-1] != q.shape[0] or np.any(np.diff(cu) <= 0):
         raise ValueError(f"cu_seqlens must rise from 0 to {q.shape[0]} in positive steps, got {cu.tolist()}")
     if path == "auto":
-        path = "segmented"
+        path = "kernel" if native.kernels_apply(q) else "segmented"
+    if path == "kernel":
+        return native.varlen_attention(q, k, v, cu, scale, backend=native.gpu_backend() or "reference")
     if path == "dense":
         return dense_attention(q, k, v, cu, scale)
     if path == "segmented":

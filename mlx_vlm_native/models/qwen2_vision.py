@@ -72,7 +72,12 @@ def rope_2d_angles(positions: np.ndarray, head_dim: int, theta: float) -> mx.arr
 
 
 def apply_rope(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
-    """x (N, H, D) rotated in fp32 by per-token angles (rotate-half convention)."""
+    """x (N, H, D) rotated in fp32 by per-token angles (rotate-half convention);
+    on a GPU through the fused native kernel (`native.rope_2d`)."""
+    from .. import native
+
+    if native.gpu_backend() is not None:
+        return native.rope_2d(x, None, cos, sin)[0]
     dtype = x.dtype
     x = x.astype(mx.float32)
     half = x.shape[-1] // 2

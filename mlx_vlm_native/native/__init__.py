@@ -29,7 +29,12 @@ def gpu_backend() -> Optional[str]:
 from .attention import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, varlen_attention  # noqa: E402
 from .rope import rope_2d  # noqa: E402
 
+
+def kernels_apply(q: mx.array) -> bool:
+    """Whether "auto" dispatch sends this (T, H, D) attention to the GPU kernels."""
+    return gpu_backend() is not None and q.shape[-1] in SUPPORTED_HEAD_DIMS and q.dtype in SUPPORTED_DTYPES
+
 __all__ = [
-    "BACKENDS", "SUPPORTED_DTYPES", "SUPPORTED_HEAD_DIMS", "gpu_backend", "rope_2d",
-    "varlen_attention",
+    "BACKENDS", "SUPPORTED_DTYPES", "SUPPORTED_HEAD_DIMS", "gpu_backend", "kernels_apply",
+    "rope_2d", "varlen_attention",
 ]

@@ -171,6 +171,8 @@ def emulate(launch: Launch, language: str = None, timeout: float = 600) -> list:
         for name, shape, dtype in zip(spec.output_names, launch.output_shapes, launch.output_dtypes):
             Path(data, name + ".bin").write_bytes(_fill(shape, dtype, launch.init_value))
         grid, tg = launch.grid, launch.threadgroup
+        if language == "cuda":  # CUDA launches whole blocks: ceil(grid / block) of them
+            grid = tuple(-(-g // t) * t for g, t in zip(grid, tg))
         argv = [str(exe), data, *map(str, grid), *map(str, tg), *spec.input_names, "--", *spec.output_names]
         result = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
         if result.returncode:
