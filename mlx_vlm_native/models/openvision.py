@@ -221,8 +221,9 @@ class VisionTransformer(nn.Module):
         self.ln_post = nn.LayerNorm(c.width, eps=c.eps)
         self.freeze(keys=["positional_embedding"], recurse=False)
 
-    def __call__(self, pixels: mx.array):
-        """(B, H, W, 3) normalised pixels -> dict(tokens (B, N, W), pooled (B, W))."""
+    def __call__(self, pixels: mx.array, layer: int = -1):
+        """(B, H, W, 3) normalised pixels -> dict(tokens (B, N, W), pooled (B, W)),
+        from the output of block `layer` (default: the last)."""
         x = self.conv1(pixels)
         B, gh, gw, W = x.shape
         x = x.reshape(B, gh * gw, W)
@@ -232,7 +233,7 @@ class VisionTransformer(nn.Module):
         if table.shape[0] != gh * gw + 1:
             table = mx.array(np.concatenate([np.zeros((1, W), np.float32), posemb_sincos_2d(gh, gw, W)]))
         x = x + table.astype(x.dtype)
-        for block in self.blocks:
+        for block in self.blocks[: layer % len(self.blocks) + 1]:
             x = block(x)
         tokens = x[:, 1:]
         return {"tokens": tokens, "pooled": self.ln_post(tokens.mean(axis=1))}

@@ -1,0 +1,192 @@
+"""An OpenVision (2) encoder as the vision tower of a LLaVA-1.5-style VLM:
+ViT patch tokens -> 2-layer GELU projector -> an mlx-lm language model, the
+setting the OpenVision 2 paper evaluates its encoders in.
+
+Each image is one square view (short side resized, centre crop, ImageNet
+mean/std) giving (image_size / patch_size)^2 tokens at the image placeholder.
+"""
+
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from ..processors.image import ImageInput, load_image
+from ..processors.prompt import expand_placeholders, load_chat_template, user_turn
+from .base import BaseModelArgs, text_config_for_mlx_lm
+from .llava_onevision import scatter_features
+from .openvision import IMAGENET_MEAN, IMAGENET_STD, VisionConfig, VisionTransformer
+
+
+@dataclass
+class ModelArgs(BaseModelArgs):
+    vision_config: dict
+    text_config: dict
+    model_type: str = "openvision_llava"
+    image_token_index: int = -200
+    vision_feature_layer: int = -1  # -1: the final block's tokens, as OpenVision exports them
+    projector_hidden_act: str = "gelu"
+    multimodal_projector_bias: bool = True
+    image_mean: Tuple[float, ...] = IMAGENET_MEAN
+    image_std: Tuple[float, ...] = IMAGENET_STD
+    image_token_id: Optional[int] = None
+
+    def __post_init__(self):
+        if isinstance(self.vision_config, dict):
+            self.vision_config = VisionConfig.from_dict(self.vision_config)
+        if isinstance(self.text_config, dict):
+            self.text_model_type = self.text_config.get("model_type", "llama")
+            module = language_module(self.text_model_type)
+            self.text_config = module.ModelArgs.from_dict(text_config_for_mlx_lm(self.text_config))
+        if self.image_token_id is not None:
+            self.image_token_index = self.image_token_id
+        if self.projector_hidden_act != "gelu":
+            raise ValueError(f"unsupported projector_hidden_act {self.projector_hidden_act!r}")
+        layers = self.vision_config.layers
+        if not -layers <= self.vision_feature_layer < layers:
+            raise ValueError(f"vision_feature_layer {self.vision_feature_layer} is outside the {layers} ViT blocks")
+
+
+def language_module(model_type: str):
+    try:
+        return importlib.import_module(f"mlx_lm.models.{model_type}")
+    except ImportError as e:
+        raise ValueError(f"mlx-lm has no language model {model_type!r}") from e
+
+
+class Projector(nn.Module):
+    def __init__(self, vision_width: int, hidden: int, bias: bool):
+        super().__init__()
+        self.linear_1 = nn.Linear(vision_width, hidden, bias=bias)
+        self.linear_2 = nn.Linear(hidden, hidden, bias=bias)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.linear_2(nn.gelu(self.linear_1(x)))
+
+
+class Model(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.model_type = args.model_type
+        self.vision_tower = VisionTransformer(args.vision_config)
+        self.multi_modal_projector = Projector(
+            args.vision_config.width, args.text_config.hidden_size, args.multimodal_projector_bias
+        )
+        self.language_model = language_module(args.text_model_type).Model(args.text_config)
+
+    @property
+    def layers(self):
+        return self.language_model.layers
+
+    def image_features(self, pixels: mx.array) -> mx.array:
+        """(N, 3, S, S) normalised pixels -> (N, tokens, text hidden)."""
+        x = pixels.transpose(0, 2, 3, 1)
+        tokens = self.vision_tower(x, layer=self.args.vision_feature_layer)["tokens"]
+        return self.multi_modal_projector(tokens)
+
+    def get_input_embeddings(self, inputs) -> mx.array:
+        """Token embeddings with image features at the placeholders, (1, L, D)."""
+        ids = inputs.input_ids
+        embeds = self.language_model.model.embed_tokens(mx.array(np.maximum(ids, 0)))
+        if inputs.pixel_values:
+            pixels = mx.array(np.concatenate(inputs.pixel_values)).astype(embeds.dtype)
+            feats = self.image_features(pixels)
+            embeds = scatter_features(embeds, ids == self.args.image_token_index,
+                                      feats.reshape(-1, feats.shape[-1]))
+        return embeds[None]
+
+    def __call__(self, inputs: mx.array, cache=None, input_embeddings=None) -> mx.array:
+        return self.language_model(inputs, cache=cache, input_embeddings=input_embeddings)
+
+    def sanitize(self, weights: dict) -> dict:
+        """transformers' LLaVA layout (`model.vision_tower.`, `model.multi_modal_projector.`,
+        `model.language_model.`, `lm_head.`), LLaVA-1.5's `mm_projector.{0,2}`, and an
+        open_clip-layout vision tower."""
+        vision, rest = {}, {}
+        for k, v in weights.items():
+            if k.startswith("model.") and not k.startswith("model.language_model."):
+                k = k[len("model."):]
+            k = k.replace("mm_projector.0.", "multi_modal_projector.linear_1.")
+            k = k.replace("mm_projector.2.", "multi_modal_projector.linear_2.")
+            if k == "lm_head.weight":
+                k = "language_model.lm_head.weight"
+            if k.startswith("vision_tower."):
+                vision[k[len("vision_tower."):]] = v
+                continue
+            if k.startswith("model.language_model."):
+                k = "language_model.model." + k[len("model.language_model."):]
+            elif k.startswith("language_model.") and not k.startswith(
+                ("language_model.model.", "language_model.lm_head.")
+            ):
+                k = "language_model.model." + k[len("language_model."):]
+            rest[k] = v
+        if getattr(self.args.text_config, "tie_word_embeddings", False):
+            rest.pop("language_model.lm_head.weight", None)
+        rest = {k: v for k, v in rest.items() if "rotary_emb.inv_freq" not in k}
+        rest.update({"vision_tower." + k: v for k, v in VisionTransformer.sanitize(vision).items()})
+        return rest
+
+
+@dataclass
+class ProcessedInputs:
+    input_ids: np.ndarray  # (L,) int32
+    pixel_values: List[np.ndarray]  # per image: (1, 3, S, S)
+    image_sizes: List[Tuple[int, int]]
+    multi_image: bool
+    video_frames: List[np.ndarray]
+
+
+class Processor:
+    """Prompt + images -> token ids (placeholders expanded) and pixels."""
+
+    def __init__(self, tokenizer, config: ModelArgs, chat_template=None):
+        self.tokenizer = tokenizer
+        self.config = config
+        self.chat_template = chat_template
+        vision = config.vision_config
+        self.image_size = vision.image_size
+        self.num_image_tokens = vision.grid * vision.grid
+        self.image_token_id = config.image_token_index
+
+    @classmethod
+    def from_pretrained(cls, path: Path, tokenizer, config) -> "Processor":
+        return cls(tokenizer, config, chat_template=load_chat_template(path))
+
+    def format_prompt(self, prompt: str, num_images: int = 0, num_videos: int = 0) -> str:
+        if num_videos:
+            raise ValueError("this model takes images, not videos")
+        content = [{"type": "image"}] * num_images + [{"type": "text", "text": prompt}]
+        return user_turn(self.tokenizer, self.chat_template, content, "<image>\n" * num_images + prompt)
+
+    def pixels(self, image: ImageInput) -> np.ndarray:
+        from ..training.data import center_crop_pixels
+
+        a = self.config
+        x = center_crop_pixels(load_image(image), self.image_size, a.image_mean, a.image_std)
+        return x.transpose(2, 0, 1)[None]
+
+    def tokenize(self, text: str) -> List[int]:
+        """Token ids with each `<image>` as the image placeholder id (which may be
+        outside the vocabulary, like LLaVA-1.5's -200)."""
+        ids: List[int] = []
+        for i, piece in enumerate(text.split("<image>")):
+            if i:
+                ids.append(self.image_token_id)
+            if piece:
+                ids.extend(self.tokenizer.encode(piece, add_special_tokens=False))
+        return ids
+
+    def __call__(self, text: str, images: Optional[Sequence[ImageInput]] = None, videos=None) -> ProcessedInputs:
+        if videos:
+            raise ValueError("this model takes images, not videos")
+        images = list(images or [])
+        pixels = [self.pixels(i) for i in images]
+        counts = [self.num_image_tokens] * len(images)
+        ids = expand_placeholders(self.tokenize(text), {self.image_token_id: ("image", counts)})
+        sizes = [(self.image_size, self.image_size)] * len(images)
+        return ProcessedInputs(ids, pixels, sizes, len(images) > 1, [])

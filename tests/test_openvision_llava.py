@@ -1,0 +1,77 @@
+"""OpenVision encoder as a LLaVA-style vision tower: projector + mlx-lm LLM."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from mlx_vlm_native import openvision_checkpoint as ovc
+from mlx_vlm_native.models import openvision_llava as ol
+
+TEXT_CONFIG = {"model_type": "qwen2", "hidden_size": 32, "num_hidden_layers": 2, "intermediate_size": 64,
+               "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 37, "rms_norm_eps": 1e-6,
+               "max_position_embeddings": 256, "tie_word_embeddings": False}
+VISION_CONFIG = {"image_size": 28, "patch_size": 7, "width": 32, "layers": 2, "head_width": 8}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from mlx_lm.tokenizer_utils import TokenizerWrapper
+
+    root = tmp_path_factory.mktemp("ov_llava")
+    ovc.write_vocab(root / "vocab.txt")
+    tokenizer = ovc.load_tokenizer(root)
+    tokenizer.eos_token = "[EOS]"
+    args = ol.ModelArgs(vision_config=dict(VISION_CONFIG), text_config=dict(TEXT_CONFIG), vision_feature_layer=-2)
+    mx.random.seed(0)
+    model = ol.Model(args)
+    mx.eval(model.parameters())
+    return model, ol.Processor(TokenizerWrapper(tokenizer), args)
+
+
+def test_image_features_sit_at_the_placeholders(setup):
+    model, processor = setup
+    image = (np.random.default_rng(0).random((40, 30, 3)) * 255).astype(np.uint8)
+    inputs = processor("a <image> photo of the cat", images=[image])
+    ids = inputs.input_ids
+    assert (ids == -200).sum() == 16 and inputs.pixel_values[0].shape == (1, 3, 28, 28)
+    embeds = np.array(model.get_input_embeddings(inputs)[0])
+    x = mx.array(inputs.pixel_values[0]).transpose(0, 2, 3, 1)
+    tokens = model.vision_tower(x, layer=-2)["tokens"]  # the second-to-last block
+    expected = model.multi_modal_projector(tokens)[0]
+    np.testing.assert_allclose(embeds[ids == -200], np.array(expected), atol=1e-6)
+    text = model.language_model.model.embed_tokens(mx.array(ids[ids != -200]))
+    np.testing.assert_allclose(embeds[ids != -200], np.array(text), atol=0)
+    last = model.multi_modal_projector(model.vision_tower(x)["tokens"])[0]
+    assert np.abs(np.array(last) - np.array(expected)).max() > 1e-3  # the layer choice matters
+
+
+def test_generate_end_to_end(setup):
+    from mlx_vlm_native.generate import generate
+
+    model, processor = setup
+    image = np.zeros((28, 28, 3), np.uint8)
+    result = generate(model, processor, "describe", images=[image], max_tokens=3)
+    assert result.prompt_tokens == 16 + 1 and result.generation_tokens >= 1
+
+
+def test_errors_and_sanitize(setup):
+    model, processor = setup
+    with pytest.raises(ValueError, match="2 image placeholder"):
+        processor("<image> and <image>", images=[np.zeros((8, 8, 3), np.uint8)])
+    with pytest.raises(ValueError, match="videos"):
+        processor("x", videos=[[np.zeros((8, 8, 3), np.uint8)]])
+    with pytest.raises(ValueError, match="vision_feature_layer"):
+        ol.ModelArgs(vision_config=dict(VISION_CONFIG), text_config=dict(TEXT_CONFIG), vision_feature_layer=5)
+    with pytest.raises(ValueError, match="no language model"):
+        ol.ModelArgs(vision_config=dict(VISION_CONFIG), text_config={**TEXT_CONFIG, "model_type": "nope"})
+    w = {"model.vision_tower.conv1.weight": mx.zeros((32, 3, 7, 7)),
+         "model.vision_tower.transformer.resblocks.0.attn.in_proj_weight": mx.zeros((96, 32)),
+         "model.mm_projector.0.weight": mx.zeros((32, 32)),
+         "model.language_model.layers.0.self_attn.q_proj.weight": mx.zeros((32, 32)),
+         "lm_head.weight": mx.zeros((37, 32))}
+    out = model.sanitize(w)
+    assert sorted(out) == sorted([
+        "vision_tower.conv1.weight", "vision_tower.blocks.0.attn.in_proj.weight",
+        "multi_modal_projector.linear_1.weight", "language_model.model.layers.0.self_attn.q_proj.weight",
+        "language_model.lm_head.weight"])
+    assert out["vision_tower.conv1.weight"].shape == (32, 7, 7, 3)
