@@ -433,6 +433,19 @@ def make_optimizer(learning_rate: float, total_steps: int, warmup_ratio: float, 
     return optim.AdamW(learning_rate=schedule, weight_decay=weight_decay)
 
 
+def broadcast_parameters(model: nn.Module) -> None:
+    """Give every `mx.distributed` rank rank 0's weights (e.g. a freshly
+    initialised aligner); a no-op on one process."""
+    group = mx.distributed.init()
+    if group.size() == 1:
+        return
+    from mlx.utils import tree_map
+
+    keep = group.rank() == 0
+    model.update(tree_map(lambda v: mx.distributed.all_sum(v if keep else mx.zeros_like(v)), model.parameters()))
+    mx.eval(model.parameters())
+
+
 def make_train_step(model: EVETrainingModel, optimizer, ratio: int, align_weight: float = 1.0):
     """One optimizer step on one batch; gradients are averaged over the
     `mx.distributed` group (a no-op on one process)."""
@@ -446,8 +459,12 @@ def make_train_step(model: EVETrainingModel, optimizer, ratio: int, align_weight
         (loss, (ce, align)), grads = value_and_grad(model, batch, targets)
         grads = nn.average_gradients(grads)
         optimizer.update(model, grads)
-        mx.eval(model.parameters(), optimizer.state, loss, ce, align)
-        return {"loss": loss.item(), "ce": ce.item(), "align": align.item()}
+        stats = mx.stack([loss, ce, align])
+        size = mx.distributed.init().size()
+        if size > 1:
+            stats = mx.distributed.all_sum(stats) / size
+        mx.eval(model.parameters(), optimizer.state, stats)
+        return dict(zip(("loss", "ce", "align"), stats.tolist()))
 
     return step
 

@@ -102,6 +102,7 @@ def main(argv=None):
     teacher = A.load_teacher(args.teacher)
     model = A.EVETrainingModel(eve, A.new_aligner(eve, teacher.tower.config.hidden_size))
     A.load_aligner_weights(model.aligner, src)
+    A.broadcast_parameters(model)
     A.apply_stage(model, recipe["stage"])
     ratio = A.grid_ratio(eve, processor, teacher)
 
