@@ -264,6 +264,22 @@ def init_model(args: ModelArgs, seed: int = 0) -> Model:
     return model
 
 
+def main(argv=None) -> None:
+    """`python -m mlx_vlm_native.openvision_checkpoint --src RELEASED --dst MLX [--dtype]`."""
+    import argparse
+    import sys
+
+    p = argparse.ArgumentParser(description="Convert a released OpenVision (open_clip layout) folder to MLX.")
+    p.add_argument("--src", required=True, help="folder with open_clip_config.json (+ caption decoder)")
+    p.add_argument("--dst", required=True)
+    p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default=None)
+    args = p.parse_args(argv)
+    try:
+        print(f"[INFO] Saved MLX model to {convert(args.src, args.dst, args.dtype)}")
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        sys.exit(f"error: {e}")
+
+
 __all__ = ["convert", "load", "save", "load_tokenizer", "write_tiny_open_clip", "init_model",
            "VisionConfig", "DecoderConfig"]
 
@@ -320,3 +336,7 @@ def _png_bytes(image) -> bytes:
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     return buf.getvalue()
+
+
+if __name__ == "__main__":
+    main()

@@ -253,6 +253,27 @@ def test_bin_checkpoint_and_converter_round_trip(tmp_path, tiny_model):
         ovc.convert(src, dst)
 
 
+def test_full_clip_checkpoint_keeps_only_the_visual_tower(tmp_path, tiny_dir, tiny_model):
+    """OpenVision v1 full-CLIP files prefix the tower with `visual.` and carry a text tower."""
+    from safetensors.numpy import save_file
+
+    src = tmp_path / "v1"
+    src.mkdir()
+    vis = load_file(str(tiny_dir / "open_clip_model.safetensors"))
+    tensors = {"visual." + k: v for k, v in vis.items()}
+    tensors.update({"token_embedding.weight": np.zeros((5, 4), np.float32), "logit_scale": np.ones((), np.float32)})
+    save_file(tensors, str(src / "open_clip_model.safetensors"))
+    (src / "open_clip_config.json").write_text((tiny_dir / "open_clip_config.json").read_text())
+    model = ovc.load(src)
+    assert "decoder" not in model
+    x = to_mlx(pixels(1, 28, seed=9))
+    np.testing.assert_array_equal(np.array(model.vision(x)["tokens"]), np.array(tiny_model.vision(x)["tokens"]))
+    from mlx_vlm_native.openvision_checkpoint import main
+
+    main(["--src", str(src), "--dst", str(tmp_path / "v1_mlx"), "--dtype", "bfloat16"])
+    assert ovc.load(tmp_path / "v1_mlx").vision.conv1.weight.dtype == mx.bfloat16
+
+
 def test_kv_cached_caption_equals_full_recompute(tiny_model, tiny_dir):
     from mlx_vlm_native.caption import caption, generate_captions
 
