@@ -1,0 +1,165 @@
+"""Native-kernel plumbing on the CPU: the custom vjp against autodiff, dispatch
+(auto / forced / environment), errors that name the kernel, the shipped sources,
+and the selftest command. The kernels themselves: test_kernels_metal.py and
+test_kernels_cuda.py."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from kernel_cases import SEGMENT_MIXES, pack
+from mlx_vlm_native import native, packed_attention as pa
+from mlx_vlm_native.models import qwen2_vision
+from mlx_vlm_native.native import attention, kernels_source, rope
+
+
+def dense_lse(q, k, cu, scale):
+    seg = np.repeat(np.arange(len(cu) - 1), np.diff(cu))
+    mask = mx.array(seg[:, None] == seg[None, :])
+    s = (q.transpose(1, 0, 2) @ k.transpose(1, 2, 0)) * scale
+    return mx.logsumexp(mx.where(mask, s, -mx.inf), axis=-1).T
+
+
+@pytest.mark.parametrize("lengths", SEGMENT_MIXES)
+def test_custom_vjp_matches_autodiff_of_dense_reference(lengths):
+    cu, (q, k, v, w) = pack(lengths, 2, 64)
+    w_lse = mx.random.normal(q.shape[:2])
+
+    def ours(q, k, v):
+        out, lse = native.varlen_attention(q, k, v, cu, backend="reference", return_lse=True)
+        return (out * w).sum() + (lse * w_lse).sum()
+
+    def dense(q, k, v):
+        out = pa.dense_attention(q, k, v, cu, 64**-0.5)
+        return (out * w).sum() + (dense_lse(q, k, cu, 64**-0.5) * w_lse).sum()
+
+    for a, b in zip(mx.grad(ours, (0, 1, 2))(q, k, v), mx.grad(dense, (0, 1, 2))(q, k, v)):
+        assert mx.abs(a - b).max().item() <= 1e-5
+
+
+def test_kernel_path_forward_matches_dense():
+    cu, (q, k, v) = pack([1, 5, 17, 33], 2, 80, n=3)
+    out = pa.packed_attention(q, k, v, cu, path="kernel")
+    assert mx.abs(out - pa.packed_attention(q, k, v, cu, path="dense")).max().item() <= 1e-5
+
+
+def test_rope_vjp_matches_autodiff():
+    mx.random.seed(3)
+    q, k = mx.random.normal((6, 2, 16)), mx.random.normal((6, 3, 16))
+    cos, sin = mx.random.normal((6, 16)), mx.random.normal((6, 16))
+    wq, wk = mx.random.normal(q.shape), mx.random.normal(k.shape)
+
+    def ours(q, k, cos, sin):
+        qr, kr = native.rope_2d(q, k, cos, sin, backend="reference")
+        return (qr * wq).sum() + (kr * wk).sum()
+
+    def plain(q, k, cos, sin):
+        ref = qwen2_vision.apply_rope
+        return (ref(q, cos, sin) * wq).sum() + (ref(k, cos, sin) * wk).sum()
+
+    for a, b in zip(mx.grad(ours, (0, 1, 2, 3))(q, k, cos, sin), mx.grad(plain, (0, 1, 2, 3))(q, k, cos, sin)):
+        assert mx.abs(a - b).max().item() <= 1e-5
+    single, none = native.rope_2d(q, None, cos, sin, backend="reference")
+    assert none is None and mx.abs(single - qwen2_vision.apply_rope(q, cos, sin)).max().item() <= 1e-6
+
+
+def test_auto_dispatch(monkeypatch):
+    cu, (q, k, v) = pack([3, 4], 1, 64, n=3)
+    calls = []
+    monkeypatch.setattr(native, "varlen_attention", lambda *a, **kw: calls.append(kw["backend"]) or a[0])
+    pa.packed_attention(q, k, v, cu)
+    assert calls == []  # no GPU here: the segmented reference
+    monkeypatch.setattr(native, "gpu_backend", lambda: "metal")
+    pa.packed_attention(q, k, v, cu)
+    assert calls == ["metal"]
+    cu5, (q5, k5, v5) = pack([3, 4], 1, 60, n=3)  # head dim the kernels lack: reference
+    pa.packed_attention(q5, k5, v5, cu5)
+    monkeypatch.setenv("MLX_VLM_NATIVE_ATTENTION", "segmented")  # forced reference for debugging
+    pa.packed_attention(q, k, v, cu)
+    assert calls == ["metal"]
+
+
+def test_environment_disables_kernels(monkeypatch):
+    monkeypatch.setattr(mx.metal, "is_available", lambda: True)
+    assert native.gpu_backend() == "metal"
+    monkeypatch.setenv("MLX_VLM_NATIVE_KERNELS", "0")
+    assert native.gpu_backend() is None
+
+
+def test_apply_rope_uses_the_kernel_on_a_gpu(monkeypatch):
+    x, cos, sin = mx.ones((2, 1, 8)), mx.ones((2, 8)), mx.zeros((2, 8))
+    monkeypatch.setattr(native, "gpu_backend", lambda: "metal")
+    monkeypatch.setattr(native, "rope_2d", lambda q, k, c, s: ("kernel", None))
+    assert qwen2_vision.apply_rope(x, cos, sin) == "kernel"
+
+
+def test_kernel_failure_names_the_kernel():
+    cu, (q, k, v) = pack([3, 4], 1, 64, n=3)
+    with pytest.raises(RuntimeError, match="varlen_attention_fwd"):
+        mx.eval(native.varlen_attention(q, k, v, cu, backend="metal"))
+    with pytest.raises(RuntimeError, match="rope_2d"):
+        mx.eval(native.rope_2d(q, k, mx.ones((7, 64)), mx.ones((7, 64)), backend="metal"))
+
+
+def test_bad_inputs_are_named():
+    cu, (q, k, v) = pack([3, 4], 1, 64, n=3)
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        native.varlen_attention(q, k, v, [0, 3, 6])
+    with pytest.raises(ValueError, match="shape"):
+        native.varlen_attention(q, k[:5], v, cu)
+    with pytest.raises(ValueError, match="head dims"):
+        native.varlen_attention(q[..., :60], k[..., :60], v[..., :60], cu, backend="metal")
+    with pytest.raises(ValueError, match="backend"):
+        native.varlen_attention(q, k, v, cu, backend="vulkan")
+    with pytest.raises(ValueError, match="cos/sin"):
+        native.rope_2d(q, None, mx.ones((7, 32)), mx.ones((7, 32)))
+
+
+def test_work_items_cover_each_segment_once():
+    cu = np.array([0, 1, 40, 104])
+    items = np.array(attention.work_items(cu, 32)).reshape(-1, 2)
+    assert items.tolist() == [[0, 0], [1, 1], [1, 33], [2, 40], [2, 72]]
+
+
+def test_kernel_sources_ship_with_the_package():
+    names = {"attention_common", "varlen_attention_fwd", "varlen_attention_bwd_dkdv", "varlen_attention_bwd_dq", "rope_2d"}
+    for ext in (".metal", ".cu"):
+        for name in names:
+            assert kernels_source.read_source(name + ext).strip()
+    with pytest.raises(FileNotFoundError, match="missing.metal"):
+        kernels_source.read_source("missing.metal")
+    assert kernels_source.KERNEL_DIR.parent.name == "native"
+
+
+def test_rope_launch_shapes():
+    q, k = mx.zeros((5, 3, 80), mx.float16), mx.zeros((5, 2, 80), mx.float16)
+    launch = rope.rope_launch("metal", q, k, mx.zeros((5, 80)), mx.zeros((5, 80)), False)
+    assert launch.grid == (40, 5, 5) and launch.output_shapes == [q.shape, k.shape]
+    assert ("BACKWARD", False) in launch.template
+
+
+def test_selftest_runs_without_a_gpu(capsys):
+    from mlx_vlm_native import selftest
+
+    assert selftest.main(["--quick", "--no-timing"]) == 0
+    out = capsys.readouterr().out
+    assert "No GPU kernel was run" in out and "MISMATCH" not in out
+
+
+def test_selftest_fails_on_a_mismatch(monkeypatch, capsys):
+    from mlx_vlm_native import selftest
+
+    real = native.varlen_attention
+    monkeypatch.setattr(native, "varlen_attention", lambda q, k, v, cu, *a, **kw: real(q, k, v, cu, 0.9, **kw))
+    assert selftest.main(["--quick", "--no-timing"]) == 1
+    assert "MISMATCH" in capsys.readouterr().out
+
+
+def test_selftest_timing_table(capsys):
+    from mlx_vlm_native import selftest
+
+    rows = selftest.timing_rows("reference", [1, 8], heads=1, head_dim=64, dtype=mx.float32, runs=1, dense_limit=2048)
+    selftest.print_timings(rows, "kernel path")
+    out = capsys.readouterr().out
+    assert "| 1 | 1024 |" in out and out.count("\n|") == 4
+    assert rows[1]["dense-mask SDPA"] == (None, None)  # 8 images exceed the dense limit here
