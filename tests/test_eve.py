@@ -161,6 +161,20 @@ def test_converter_drops_teacher_aligner_and_inv_freq(eve_ref_weights, eve_mlx_d
     assert (eve_mlx_dir / "preprocessor_config.json").exists()
 
 
+def test_quantized_convert_keeps_the_vision_side_in_float(eve_ref_dir, tmp_path):
+    import mlx.nn as nn
+
+    from mlx_vlm_native import generate, load
+    from mlx_vlm_native.convert import convert
+
+    out = convert(str(eve_ref_dir), str(tmp_path / "q"), quantize=True)
+    model, processor = load(str(out))
+    assert isinstance(model.language_model.model.layers[0].self_attn.q_proj, nn.QuantizedLinear)
+    assert type(model.multi_modal_projector.linear_1) is nn.Linear
+    assert type(model.vision_tower.local_attention.kv_proj) is nn.Linear
+    assert generate(model, processor, "Hi", images=[make_image(60, 100)], max_tokens=3).prompt_tokens > 16
+
+
 def _rewrite(src, dst, edit):
     from safetensors.numpy import load_file, save_file
 
@@ -206,7 +220,7 @@ def test_missing_and_misshaped_keys_are_named(eve_safetensors_dir, tmp_path):
     def reshape(w):
         w["model.mm_projector.2.bias"] = w["model.mm_projector.2.bias"][:-1].copy()
 
-    with pytest.raises(ValueError, match=r"mm_projector.linear_2.bias' has shape \(63,\)"):
+    with pytest.raises(ValueError, match=r"multi_modal_projector.linear_2.bias' has shape \(63,\)"):
         load(str(_rewrite(eve_safetensors_dir, tmp_path / "b", reshape)))
 
 

@@ -243,14 +243,14 @@ def test_stage_definitions_and_recipes(training_model):
     all_names = {k for k, _ in tree_flatten(train_model.parameters())}
     A.apply_stage(train_model, 1)
     stage1 = names()
-    assert stage1 and all(k.startswith(("eve.vision_tower.", "eve.mm_projector.", "aligner.")) for k in stage1)
+    assert stage1 and all(k.startswith(("eve.vision_tower.", "eve.multi_modal_projector.", "aligner.")) for k in stage1)
     assert {k for k in all_names if not k.startswith("eve.language_model.")} == stage1
     for stage in (2, 3):
         A.apply_stage(train_model, stage)
         assert names() == all_names
     with pytest.raises(ValueError, match="stages 1, 2 and 3"):
         A.apply_stage(train_model, 4)
-    recipe_names = {"vision_tower": "eve.vision_tower", "mm_projector": "eve.mm_projector",
+    recipe_names = {"vision_tower": "eve.vision_tower", "mm_projector": "eve.multi_modal_projector",
                     "language_model": "eve.language_model", "aligner": "aligner"}
     expected_lr = {1: 4e-4, 2: 4e-5, 3: 2e-5}
     for stage in (1, 2, 3):

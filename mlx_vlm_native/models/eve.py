@@ -171,7 +171,8 @@ class Model(nn.Module):
         self.args = args
         self.model_type = args.model_type
         self.vision_tower = VisionTokenizer(args)
-        self.mm_projector = Projector(args)
+        # named as in the other families so that `convert -q` leaves it unquantized
+        self.multi_modal_projector = Projector(args)
         self.language_model = llama.Model(args.text_config)
 
     @property
@@ -180,7 +181,7 @@ class Model(nn.Module):
 
     def image_tokens(self, pixels: np.ndarray) -> mx.array:
         """(4, S, S) -> (1 + h*(w+1), text hidden) embeddings of one image."""
-        return self.mm_projector(self.vision_tower(pixels))
+        return self.multi_modal_projector(self.vision_tower(pixels))
 
     def embed(self, input_ids: np.ndarray, pixel_values: List[np.ndarray]) -> mx.array:
         """(L,) ids with each image expanded to its placeholders -> (L, D)."""
@@ -236,8 +237,8 @@ class Model(nn.Module):
             if k.startswith("vision_tower."):
                 k, v = sanitize_vision_key(k, v)
             elif k.startswith("mm_projector."):
-                k = k.replace("mm_projector.0.", "mm_projector.linear_1.")
-                k = k.replace("mm_projector.2.", "mm_projector.linear_2.")
+                k = k.replace("mm_projector.0.", "multi_modal_projector.linear_1.")
+                k = k.replace("mm_projector.2.", "multi_modal_projector.linear_2.")
             out[k] = v
         if self.args.text_config.tie_word_embeddings:
             out.pop("language_model.lm_head.weight", None)

@@ -275,7 +275,7 @@ def trainable_modules(stage: int) -> Tuple[str, ...]:
     """Stage 1 trains the patch embedding, projector and aligner (LLM frozen);
     stages 2 and 3 train everything. The teacher never trains."""
     if stage == 1:
-        return ("eve.vision_tower", "eve.mm_projector", "aligner")
+        return ("eve.vision_tower", "eve.multi_modal_projector", "aligner")
     if stage in (2, 3):
         return ("eve", "aligner")
     raise ValueError(f"EVE has stages 1, 2 and 3, not {stage!r}")
