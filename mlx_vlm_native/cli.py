@@ -5,7 +5,7 @@ import os
 import sys
 from pathlib import Path
 
-COMMANDS = {"generate": "generate", "convert": "convert", "train": "train", "caption": "caption", "selftest": "selftest"}
+COMMANDS = {"generate": "generate", "convert": "convert", "train": "train", "caption": "caption", "selftest": "selftest", "fuse": "fuse"}
 OPENBLAS_CANDIDATES = (
     "/usr/lib/x86_64-linux-gnu/libopenblas.so.0",
     "/usr/lib/aarch64-linux-gnu/libopenblas.so.0",

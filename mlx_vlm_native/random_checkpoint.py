@@ -66,6 +66,15 @@ PRESETS = {
         # untied: with tied embeddings a random model just repeats its last token
         tie_word_embeddings=False,
     ),
+    # 56-px crops (4x4 tokens per tile): short sequences for training tests
+    "tiny-56": dict(
+        vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                    num_attention_heads=4, image_size=56, patch_size=14),
+        text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2),
+        vocab_size=None,
+        tie_word_embeddings=False,
+    ),
     # llava-hf/llava-onevision-qwen2-0.5b-ov-hf sizes
     "llava-onevision-0.5b": dict(
         vision=dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=26,

@@ -28,6 +28,7 @@ def load_recipe(path) -> dict:
 def configure_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Train or pretrain a model from a recipe.")
     p.add_argument("--recipe", required=True, help="JSON recipe, e.g. train/openvision2/stage1.json")
+    p.add_argument("--model", default=None, help="model folder or Hub id to finetune")
     p.add_argument("--data", default=None,
                    help="a captions .jsonl (images relative to it) or a tar shard glob")
     p.add_argument("--tokenizer", default=None, help="vocab/tokenizer folder or Hub id")
@@ -46,7 +47,7 @@ def apply_overrides(recipe: dict, args) -> dict:
     if args.data:
         kind = "jsonl" if args.data.endswith(".jsonl") else "shards"
         recipe["data"] = {kind: args.data}
-    for key, value in (("tokenizer", args.tokenizer), ("init", args.init), ("output", args.output),
+    for key, value in (("model", args.model), ("tokenizer", args.tokenizer), ("init", args.init), ("output", args.output),
                        ("steps", args.steps), ("batch_size", args.batch_size)):
         if value is not None:
             recipe[key] = value

@@ -131,7 +131,10 @@ def load(
     path = get_model_path(path_or_repo, revision)
     model, _ = load_model(path, lazy=lazy)
     if adapter_path is not None:
-        raise NotImplementedError("adapters arrive with the finetuning support")
+        from .training.finetune import load_adapters
+
+        load_adapters(model, adapter_path)
+        model.eval()
     return model, load_processor(path, model)
 
 

@@ -134,23 +134,26 @@ class MRoPE(nn.Module):
         self.set_positions(None, 0)
 
     def set_positions(self, positions: Optional[np.ndarray], delta: int) -> None:
-        """`positions` (3, L) for the prompt, or None for plain text."""
+        """`positions` (3, L) for one prompt or (B, 3, L) for a training batch;
+        None for plain text."""
         self._positions = None if positions is None else mx.array(positions)
         self._delta = delta
 
     def __call__(self, x: mx.array, offset: int = 0) -> mx.array:
         L = x.shape[-2]
-        prompt_len = 0 if self._positions is None else self._positions.shape[1]
+        prompt_len = 0 if self._positions is None else self._positions.shape[-1]
         if offset >= prompt_len:  # past the prompt all three positions are equal
             return mx.fast.rope(x, self.head_dim, traditional=False, base=self.base,
                                 scale=1.0, offset=offset + self._delta)
-        pos = self._positions[:, offset : offset + L]
-        if pos.shape[1] < L:
+        pos = self._positions[..., offset : offset + L]
+        if pos.shape[-1] < L:
             tail = mx.arange(prompt_len, offset + L) + self._delta
-            pos = mx.concatenate([pos, mx.broadcast_to(tail, (3, tail.size))], axis=1)
+            pos = mx.concatenate([pos, mx.broadcast_to(tail, (*pos.shape[:-1], tail.size))], axis=-1)
         # each frequency takes the position of its section (t, h or w)
-        angles = pos[self._section].T.astype(mx.float32) * self._inv_freq  # (L, D/2)
+        angles = mx.take(pos, self._section, axis=-2).swapaxes(-1, -2).astype(mx.float32) * self._inv_freq
         angles = mx.concatenate([angles, angles], axis=-1)
+        if angles.ndim == 3:  # (B, L, D) -> (B, 1, L, D) over the heads
+            angles = angles[:, None]
         cos, sin = mx.cos(angles).astype(x.dtype), mx.sin(angles).astype(x.dtype)
         half = x.shape[-1] // 2
         rotated = mx.concatenate([-x[..., half:], x[..., :half]], axis=-1)
@@ -200,13 +203,23 @@ class Model(nn.Module):
                 mask = inputs.token_types == kind
                 if mask.any() or features.shape[0]:
                     embeds = scatter_features(embeds, mask, features)
-        positions, delta = rope_index(
+        self.rope.set_positions(*self.prompt_positions(inputs))
+        return embeds[None]
+
+    def prompt_positions(self, inputs):
+        return rope_index(
             inputs.token_types, inputs.image_grids, inputs.video_grids,
             self.args.vision_config.spatial_merge_size,
             self.args.video_time_intervals(inputs.video_seconds_per_grid),
         )
-        self.rope.set_positions(positions, delta)
-        return embeds[None]
+
+    def set_batch_positions(self, batch: Sequence, length: int) -> None:
+        """M-RoPE positions of a right-padded training batch, (B, 3, length)."""
+        out = np.zeros((len(batch), 3, length), np.int32)
+        for i, inputs in enumerate(batch):
+            positions, _ = self.prompt_positions(inputs)
+            out[i, :, : positions.shape[1]] = positions
+        self.rope.set_positions(out, 0)
 
     def __call__(self, inputs: mx.array, cache=None, input_embeddings=None) -> mx.array:
         at_start = cache is None or cache[0] is None or cache[0].offset == 0

@@ -22,7 +22,7 @@ from .image import (
     resize,
     to_chw,
 )
-from .prompt import expand_placeholders, load_chat_template, user_turn
+from .prompt import ChatTemplateMessages, expand_placeholders, load_chat_template, user_turn
 
 DEFAULT_PINPOINTS = [[384 * i, 384 * j] for i in range(1, 7) for j in range(1, 7)]
 
@@ -162,7 +162,7 @@ class ProcessedInputs:
     video_frames: List[np.ndarray]  # per video: (frames, 3, S, S)
 
 
-class LlavaOnevisionProcessor:
+class LlavaOnevisionProcessor(ChatTemplateMessages):
     """Images/video + text -> token ids with placeholders expanded, and pixels."""
 
     def __init__(self, image_processor, tokenizer, config, chat_template=None):

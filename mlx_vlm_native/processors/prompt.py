@@ -44,12 +44,27 @@ def load_chat_template(path: Path) -> Optional[str]:
     return None
 
 
-def user_turn(tokenizer, template: Optional[str], content: list, fallback: str) -> str:
-    """One user message through the chat template, ready for the answer."""
+def render_messages(tokenizer, template: Optional[str], messages: list, add_generation_prompt: bool = True):
+    """Messages through the chat template (None when the model has none)."""
     template = template or getattr(tokenizer, "chat_template", None)
     if template is None:
-        return fallback
-    messages = [{"role": "user", "content": content}]
+        return None
     return tokenizer.apply_chat_template(
-        messages, chat_template=template, tokenize=False, add_generation_prompt=True
+        messages, chat_template=template, tokenize=False, add_generation_prompt=add_generation_prompt
     )
+
+
+def user_turn(tokenizer, template: Optional[str], content: list, fallback: str) -> str:
+    """One user message through the chat template, ready for the answer."""
+    text = render_messages(tokenizer, template, [{"role": "user", "content": content}])
+    return fallback if text is None else text
+
+
+class ChatTemplateMessages:
+    """`format_messages` for processors whose chat template places the media."""
+
+    def format_messages(self, messages: list, add_generation_prompt: bool = True) -> str:
+        text = render_messages(self.tokenizer, self.chat_template, messages, add_generation_prompt)
+        if text is None:
+            raise ValueError("this model folder has no chat template; multi-turn data needs one")
+        return text

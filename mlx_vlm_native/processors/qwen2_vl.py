@@ -13,7 +13,7 @@ from ..packing import Pack, pack, patchify, smart_resize
 from .image import (
     OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageInput, load_image, rescale_and_normalize, resize, to_chw,
 )
-from .prompt import expand_placeholders, load_chat_template, user_turn
+from .prompt import ChatTemplateMessages, expand_placeholders, load_chat_template, user_turn
 
 TEXT, IMAGE, VIDEO = 0, 1, 2
 
@@ -89,7 +89,7 @@ class Qwen2VLInputs:
         return self._tokens(self.image_grids + self.video_grids)
 
 
-class Qwen2VLProcessor:
+class Qwen2VLProcessor(ChatTemplateMessages):
     image_pad = "<|image_pad|>"
     video_pad = "<|video_pad|>"
     vision_start, vision_end = "<|vision_start|>", "<|vision_end|>"

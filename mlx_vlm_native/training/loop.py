@@ -33,6 +33,7 @@ class TrainConfig:
     keep_checkpoints: int = 0
     log_every: int = 1
     progress: bool = True
+    rate_unit: str = "img"  # what batch_size_of counts, for the progress bar's rate
 
 
 def cast_floats(tree, dtype):
@@ -117,12 +118,15 @@ def train(
     on_step: Optional[Callable] = None,
     seed: int = 0,
     rng_key: Optional[list] = None,
+    should_stop: Optional[Callable[[], bool]] = None,
 ) -> dict:
     """Run steps `start_step+1 .. config.steps`.
 
     `batches` yields (batch, data position); the position after the last batch
     of each step is stored in checkpoints so a resumed run reads on from there,
     as is the RNG key (`rng_key`, from a checkpoint's state; else from `seed`).
+    When `should_stop()` turns true (e.g. on SIGINT/SIGTERM) the loop writes a
+    checkpoint after the current step and returns with "stopped": True.
     Returns {"losses": [...], "step": last step, "position": data position}."""
     if config.grad_checkpoint:
         enable_grad_checkpoint(checkpoint_layers)
@@ -148,15 +152,19 @@ def train(
         seconds = time.perf_counter() - tic
         if step % max(config.log_every, 1) == 0:
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}",
-                            img_s=f"{images * group.size() / seconds:.1f}")
+                            **{f"{config.rate_unit}_s": f"{images * group.size() / seconds:.1f}"},
+                            mem=f"{mx.get_peak_memory() / 1e9:.2f}GB")
         bar.update(1)
         last = step == config.steps
         due = config.checkpoint_every and step % config.checkpoint_every == 0
-        if config.checkpoint_dir and is_main and (due or last):
+        stop = should_stop is not None and should_stop()
+        if config.checkpoint_dir and is_main and (due or last or stop):
             save_checkpoint(config.checkpoint_dir, step, model, optimizer,
                             {"position": position, "rng_key": key.tolist(), **(extra_state or {})},
                             keep=config.keep_checkpoints)
         if on_step is not None:
             on_step(step, loss)
+        if stop:
+            break
     bar.close()
-    return {"losses": losses, "step": step, "position": position}
+    return {"losses": losses, "step": step, "position": position, "stopped": bool(should_stop and should_stop())}

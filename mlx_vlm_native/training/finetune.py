@@ -1,0 +1,481 @@
+"""Finetuning any supported VLM on conversations: LoRA, DoRA, QLoRA (LoRA on a
+quantized base) or full, with the loss on assistant tokens only.
+
+Data is a JSONL file, one conversation per line, in the LLaVA form
+`{"images": [...], "conversations": [{"from": "human", "value": "<image>\\n..."},
+{"from": "gpt", "value": "..."}]}` or the OpenAI form `{"messages": [{"role":
+"user", "content": [{"type": "image_url", "image_url": {"url": "a.png"}},
+{"type": "text", "text": "..."}]}, {"role": "assistant", "content": "..."}]}`.
+Images are resolved relative to the file. Lines are read on demand through a
+byte-offset index, so the file need not fit in memory.
+"""
+
+import contextlib
+import json
+import re
+import signal
+import threading
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, List, Optional, Sequence, Tuple
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_flatten, tree_unflatten
+
+from .optim import warmup_cosine
+
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapters.safetensors"
+
+
+@dataclass
+class Conversation:
+    messages: list  # [{"role", "content": str or [parts]}], media parts as {"type": "image"/"video"}
+    images: List[str]
+    videos: List[List[str]]
+
+
+def llava_content(value: str) -> list:
+    """'<image>\\nWhat is it?' -> [{"type": "image"}, {"type": "text", ...}]."""
+    parts = []
+    for piece in re.split(r"(<image>|<video>)", value):
+        if piece in ("<image>", "<video>"):
+            parts.append({"type": piece[1:-1]})
+        elif piece.strip():
+            parts.append({"type": "text", "text": piece.strip("\n")})
+    return parts
+
+
+def openai_content(content, root: Path, images: list, videos: list):
+    if isinstance(content, str):
+        return content
+    parts = []
+    for part in content:
+        kind = part.get("type")
+        if kind in ("image_url", "image"):
+            ref = part.get("image_url", part.get("image"))
+            images.append(ref["url"] if isinstance(ref, dict) else ref)
+            parts.append({"type": "image"})
+        elif kind == "video":
+            videos.append(part["video"])
+            parts.append({"type": "video"})
+        elif kind == "text":
+            parts.append({"type": "text", "text": part["text"]})
+        else:
+            raise ValueError(f"unknown content part type {kind!r}")
+    return parts
+
+
+def resolve(path: str, root: Path) -> str:
+    if re.match(r"^(https?:|data:)", path) or Path(path).is_absolute():
+        return path
+    return str(root / path)
+
+
+def parse_record(record: dict, root: Path) -> Conversation:
+    images, videos = [], []
+    if "conversations" in record:
+        messages = []
+        for turn in record["conversations"]:
+            role = ROLES.get(turn.get("from"))
+            if role is None:
+                raise ValueError(f"unknown speaker {turn.get('from')!r}")
+            content = llava_content(turn["value"]) if role == "user" else turn["value"]
+            messages.append({"role": role, "content": content})
+        images = list(record.get("images", [record["image"]] if "image" in record else []))
+        videos = [record["video"]] if isinstance(record.get("video"), list) else []
+    elif "messages" in record:
+        messages = [
+            {"role": ROLES.get(m["role"], m["role"]), "content": openai_content(m["content"], root, images, videos)}
+            for m in record["messages"]
+        ]
+    else:
+        raise ValueError("a record needs 'conversations' (LLaVA form) or 'messages' (OpenAI form)")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise ValueError("a conversation needs at least one assistant turn to learn from")
+    n_image_parts = sum(
+        1 for m in messages if not isinstance(m["content"], str) for p in m["content"] if p["type"] == "image"
+    )
+    if n_image_parts != len(images):
+        raise ValueError(f"{n_image_parts} image placeholder(s) but {len(images)} image(s)")
+    images = [resolve(i, root) for i in images]
+    videos = [[resolve(f, root) for f in v] for v in videos]
+    for path in images + [f for v in videos for f in v]:
+        if not re.match(r"^(https?:|data:)", path) and not Path(path).exists():
+            raise FileNotFoundError(f"image not found: {path}")
+    return Conversation(messages, images, videos)
+
+
+class ConversationFile:
+    """A JSONL of conversations, read line by line through byte offsets, shuffled
+    per epoch from `seed`; `iterate(position)` resumes exactly."""
+
+    def __init__(self, path, seed: int = 0, shuffle: bool = True):
+        self.path = Path(path)
+        if not self.path.exists():
+            raise FileNotFoundError(f"data file not found: {self.path}")
+        offsets, offset = [], 0
+        with open(self.path, "rb") as f:
+            for line in f:
+                if line.strip():
+                    offsets.append(offset)
+                offset += len(line)
+        self.offsets = np.array(offsets, dtype=np.int64)
+        if not len(self.offsets):
+            raise ValueError(f"{self.path} has no records")
+        self.seed, self.shuffle = seed, shuffle
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def read(self, index: int) -> Conversation:
+        with open(self.path, "rb") as f:
+            f.seek(int(self.offsets[index]))
+            line = f.readline()
+        try:
+            return parse_record(json.loads(line), self.path.parent)
+        except (ValueError, KeyError, FileNotFoundError) as e:
+            raise type(e)(f"{self.path} record {index + 1}: {e}") from None
+
+    def order(self, epoch: int) -> np.ndarray:
+        n = len(self)
+        return np.random.default_rng((self.seed, epoch)).permutation(n) if self.shuffle else np.arange(n)
+
+    def iterate(self, position: Optional[dict] = None) -> Iterator[Tuple[Conversation, dict]]:
+        pos = dict(position or {"epoch": 0, "index": 0})
+        while True:
+            order = self.order(pos["epoch"])
+            while pos["index"] < len(order):
+                item = self.read(int(order[pos["index"]]))
+                pos["index"] += 1
+                yield item, dict(pos)
+            pos = {"epoch": pos["epoch"] + 1, "index": 0}
+
+
+def split_file(path, valid_fraction: float, seed: int):
+    """Train and held-out views of one file: every record lands in exactly one."""
+    if valid_fraction <= 0:
+        return ConversationFile(path, seed), None
+    train, valid = ConversationFile(path, seed), ConversationFile(path, seed, shuffle=False)
+    n = len(train)
+    keep = np.ones(n, bool)
+    keep[np.random.default_rng(seed).permutation(n)[: max(1, int(n * valid_fraction))]] = False
+    train.offsets, valid.offsets = train.offsets[keep], valid.offsets[~keep]
+    return train, valid
+
+
+# ---------------------------------------------------------------- tokenization
+
+
+def tokenize(processor, conversation: Conversation):
+    """Processed inputs and a mask of the assistant tokens (answer + end token).
+
+    The conversation is rendered once; each assistant turn's span is where the
+    rendering of the turns before it (with the generation prompt) ends and the
+    rendering up to and including it ends."""
+    messages = conversation.messages
+    full = processor.format_messages(messages, add_generation_prompt=False)
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = processor.format_messages(messages[:i], add_generation_prompt=True)
+        upto = processor.format_messages(messages[: i + 1], add_generation_prompt=False)
+        if not (full.startswith(before) and full.startswith(upto)):
+            raise ValueError("the chat template does not render conversations prefix by prefix")
+        end = len(upto.rstrip())  # the template's newline after the end token is not the answer
+        spans.append((len(before), end))
+    encode = lambda text: processor.tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
+    ids, mask, start = [], [], 0
+    for a, b in spans:
+        for text, train in ((full[start:a], False), (full[a:b], True)):
+            piece = encode(text) if text else []
+            ids += piece
+            mask += [train] * len(piece)
+        start = b
+    if start < len(full):
+        piece = encode(full[start:])
+        ids += piece
+        mask += [False] * len(piece)
+    inputs = processor(full, images=conversation.images, videos=conversation.videos)
+    return inputs, expand_mask(inputs.input_ids, ids, mask, placeholder_ids(processor))
+
+
+def placeholder_ids(processor) -> set:
+    return {t for t in (getattr(processor, "image_token_id", None), getattr(processor, "video_token_id", None))
+            if t is not None}
+
+
+def expand_mask(expanded: np.ndarray, ids: list, mask: list, placeholders: set) -> np.ndarray:
+    """The mask of `ids` carried over to the processor's expanded ids: only the
+    (never trained) placeholders repeat, so other tokens keep their order."""
+    kept = [(t, m) for t, m in zip(ids, mask) if t not in placeholders]
+    others = [t for t in expanded.tolist() if t not in placeholders]
+    if [t for t, _ in kept] != others:
+        raise ValueError("segment-wise tokenization differs from the processor's; cannot mask the answers")
+    values = iter(m for _, m in kept)
+    return np.array([False if t in placeholders else next(values) for t in expanded.tolist()])
+
+
+# ---------------------------------------------------------------- adapters
+
+
+def adapt_linears(model: nn.Module, targets: Sequence[str], rank: int, scale: float,
+                  dropout: float = 0.0, dora: bool = False) -> int:
+    """Wrap every Linear (or QuantizedLinear) whose path matches one of the
+    `targets` regexes in a LoRA (or DoRA) layer from mlx-lm; returns how many."""
+    from mlx_lm.tuner.dora import DoRALinear
+    from mlx_lm.tuner.lora import LoRALinear
+
+    cls = DoRALinear if dora else LoRALinear
+    patterns = [re.compile(t) for t in targets]
+    swaps = [
+        (path, cls.from_base(module, r=rank, dropout=dropout, scale=scale))
+        for path, module in model.named_modules()
+        if isinstance(module, (nn.Linear, nn.QuantizedLinear)) and any(p.search(path) for p in patterns)
+    ]
+    if not swaps:
+        raise ValueError(f"no Linear layer matches the targets {list(targets)}")
+    model.update_modules(tree_unflatten(swaps))
+    return len(swaps)
+
+
+def set_trainable(model: nn.Module, method: str, freeze: Sequence[str] = ()) -> None:
+    """LoRA/DoRA: only adapter weights train; full: everything except paths
+    matching a `freeze` regex."""
+    if method == "full":
+        model.unfreeze()
+    else:
+        model.freeze()
+        for _, module in model.named_modules():
+            if type(module).__name__ in ("LoRALinear", "DoRALinear"):
+                module.unfreeze(recurse=False)
+                module.linear.freeze()
+    patterns = [re.compile(f) for f in freeze]
+    for path, module in model.named_modules():
+        if path and any(p.search(path) for p in patterns):
+            module.freeze()
+
+
+def save_adapters(path, model: nn.Module, config: dict) -> None:
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    weights = dict(tree_flatten(model.trainable_parameters()))
+    tmp = path / (ADAPTER_WEIGHTS + ".partial.safetensors")
+    mx.save_safetensors(str(tmp), weights)
+    tmp.replace(path / ADAPTER_WEIGHTS)
+    (path / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2))
+
+
+def load_adapters(model: nn.Module, path) -> nn.Module:
+    path = Path(path)
+    if not (path / ADAPTER_CONFIG).exists():
+        raise FileNotFoundError(f"{path} has no {ADAPTER_CONFIG}: not an adapter folder")
+    config = json.loads((path / ADAPTER_CONFIG).read_text())
+    if config["method"] in ("lora", "dora"):
+        adapt_linears(model, config["targets"], config["rank"], config["scale"], 0.0, config["method"] == "dora")
+    weights = mx.load(str(path / ADAPTER_WEIGHTS))
+    expected = dict(tree_flatten(model.parameters()))
+    unknown = sorted(set(weights) - set(expected))
+    if unknown:
+        raise ValueError(f"adapter weight '{unknown[0]}' does not exist in this model")
+    model.load_weights(list(weights.items()), strict=False)
+    mx.eval(model.parameters())
+    return model
+
+
+# ---------------------------------------------------------------- loss
+
+
+def forward_batch(model, batch: Sequence) -> Tuple[mx.array, mx.array, mx.array]:
+    """Right-padded (logits, targets, target mask) of a list of (inputs, mask);
+    packed-encoder models encode every image of the batch in one call."""
+    samples = [inputs for inputs, _ in batch]
+    encode = getattr(model, "encode_vision", None)
+    features = encode(samples) if encode else [None] * len(samples)
+    length = max(len(s.input_ids) for s in samples)
+    embeds, ids, masks = [], np.zeros((len(batch), length), np.int32), np.zeros((len(batch), length), bool)
+    for i, ((inputs, mask), feats) in enumerate(zip(batch, features)):
+        e = model.get_input_embeddings(inputs, vision_features=feats) if encode else model.get_input_embeddings(inputs)
+        n = len(inputs.input_ids)
+        embeds.append(mx.pad(e[0], [(0, length - n), (0, 0)]))
+        ids[i, :n], masks[i, :n] = inputs.input_ids, mask
+    if hasattr(model, "set_batch_positions"):
+        model.set_batch_positions(samples, length)
+    logits = model(mx.array(ids), input_embeddings=mx.stack(embeds))
+    return logits[:, :-1], mx.array(ids[:, 1:]), mx.array(masks[:, 1:])
+
+
+def answer_loss(model, batch, key=None):
+    """Mean cross-entropy over assistant tokens, and their count."""
+    logits, targets, mask = forward_batch(model, batch)
+    ce = nn.losses.cross_entropy(logits.astype(mx.float32), targets) * mask
+    count = mask.sum()
+    return ce.sum() / mx.maximum(count, 1), count
+
+
+def build_optimizer(model: nn.Module, cfg: dict, total_steps: int) -> optim.Optimizer:
+    """Adam(W) with warmup + cosine; `lr_multipliers` {path regex: factor} give
+    modules their own rates (LLaVA-OneVision trains its tower at 1/5)."""
+    schedule = warmup_cosine(cfg["lr"], total_steps, cfg.get("warmup_steps", 0), cfg.get("end_lr", 0.0))
+    wd = cfg.get("weight_decay", 0.0)
+
+    def make(factor):
+        lr = (lambda step: factor * schedule(step)) if factor != 1 else schedule
+        return optim.AdamW(lr, weight_decay=wd) if wd else optim.Adam(lr)
+
+    multipliers = cfg.get("lr_multipliers") or {}
+    if not multipliers:
+        return make(1.0)
+    patterns = list(multipliers.items())
+    filters = [lambda path, _, p=re.compile(k): bool(p.search(path)) for k, _ in patterns]
+    return optim.MultiOptimizer([make(f) for _, f in patterns] + [make(1.0)], filters)
+
+
+# ---------------------------------------------------------------- the run
+
+
+def sample_batches(data: ConversationFile, processor, micro_batch: int, max_tokens: int,
+                   on_too_long: str = "skip", position: Optional[dict] = None, stats: Optional[dict] = None):
+    """Yield (micro-batch of (inputs, mask), data position after it), this
+    process's share under `mx.distributed`: of each group of `size`
+    micro-batches, rank r takes the r-th; the position is after the group."""
+    group = mx.distributed.init()
+    stats = stats if stats is not None else {}
+    stats.setdefault("skipped", 0)
+    samples = data.iterate(position)
+
+    def next_batch():
+        batch = []
+        while len(batch) < micro_batch:
+            conversation, pos = next(samples)
+            inputs, mask = tokenize(processor, conversation)
+            if len(inputs.input_ids) > max_tokens:
+                message = f"a sample of {len(inputs.input_ids)} tokens exceeds the {max_tokens}-token limit"
+                if on_too_long == "error":
+                    raise ValueError(message)
+                stats["skipped"] += 1
+                warnings.warn(f"{message}: skipped ({stats['skipped']} so far)")
+                continue
+            if not mask.any():
+                stats["skipped"] += 1
+                continue
+            batch.append((inputs, mask))
+        return batch, pos
+
+    while True:
+        group_batches = [next_batch() for _ in range(group.size())]
+        yield group_batches[group.rank()][0], group_batches[-1][1]
+
+
+def evaluate(model, batches: Sequence) -> float:
+    total, count = 0.0, 0
+    for batch in batches:
+        loss, n = answer_loss(model, batch)
+        total += loss.item() * n.item()
+        count += n.item()
+    return total / max(count, 1)
+
+
+def adapter_config(recipe: dict) -> dict:
+    lora = recipe.get("lora", {})
+    return {"method": recipe.get("method", "lora"), "targets": lora.get("targets", [r"language_model\..*(q|v)_proj"]),
+            "rank": lora.get("rank", 8), "scale": lora.get("scale", 20.0), "dropout": lora.get("dropout", 0.0)}
+
+
+@contextlib.contextmanager
+def stop_on_signals():
+    """SIGINT/SIGTERM ask the loop to checkpoint and stop after the current step."""
+    requested = []
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+    previous = {sig: signal.signal(sig, lambda *_: requested.append(True)) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield lambda: bool(requested)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def run(recipe: dict, resume: Optional[str] = None, progress: bool = True, on_step=None) -> dict:
+    from ..utils import copy_side_files, get_model_path, load, save_config, save_weights
+    from .checkpoint import latest_checkpoint, load_checkpoint
+    from .loop import TrainConfig, train
+
+    seed = recipe.get("seed", 0)
+    mx.random.seed(seed)
+    model_path = get_model_path(recipe["model"])
+    model, processor = load(str(model_path))
+    method = recipe.get("method", "lora")
+    adapters = adapter_config(recipe)
+    if method in ("lora", "dora"):
+        adapt_linears(model, adapters["targets"], adapters["rank"], adapters["scale"], adapters["dropout"],
+                      method == "dora")
+    elif method != "full":
+        raise ValueError(f"unknown method {method!r}: use lora, dora or full (QLoRA = lora on a quantized model)")
+    set_trainable(model, method, recipe.get("freeze", []))
+
+    data = recipe["data"]
+    if not (data.get("train") or data.get("jsonl")):
+        raise ValueError("the recipe needs data.train (a conversations .jsonl), or pass --data")
+    train_data, valid_data = split_file(data.get("train") or data["jsonl"], data.get("valid_fraction", 0.0), seed)
+    if data.get("valid"):
+        valid_data = ConversationFile(data["valid"], seed, shuffle=False)
+    steps = recipe["steps"]
+    optimizer = build_optimizer(model, recipe["optim"], steps)
+    out = Path(recipe["output"])
+    ckpt_dir = out / "checkpoints"
+    start, position, rng_key = 0, None, None
+    if resume:
+        ckpt = latest_checkpoint(ckpt_dir if resume == "auto" else resume)
+        if ckpt is None:
+            raise FileNotFoundError(f"no checkpoint to resume from in {ckpt_dir if resume == 'auto' else resume}")
+        state = load_checkpoint(ckpt, model, optimizer)
+        start, position, rng_key = state["step"], state["position"], state["rng_key"]
+
+    context = model.args.text_config.max_position_embeddings
+    stats = {}
+    batches = sample_batches(train_data, processor, recipe.get("micro_batch_size", 1),
+                             recipe.get("max_tokens", context), recipe.get("on_too_long", "skip"), position, stats)
+    config = TrainConfig(
+        steps=steps, grad_accumulation=recipe.get("grad_accumulation", 1),
+        compute_dtype=recipe.get("compute_dtype"), grad_checkpoint=recipe.get("grad_checkpoint", False),
+        checkpoint_dir=str(ckpt_dir), checkpoint_every=recipe.get("checkpoint_every", 0),
+        keep_checkpoints=recipe.get("keep_checkpoints", 2), progress=progress, rate_unit="tok",
+    )
+    eval_every, evals = recipe.get("eval_every", 0), []
+    held_out = []
+    if valid_data is not None and eval_every:
+        it = valid_data.iterate()
+        held_out = [[tokenize(processor, next(it)[0])] for _ in range(min(len(valid_data), recipe.get("eval_samples", 16)))]
+
+    def after_step(step, loss):
+        if held_out and (step % eval_every == 0 or step == steps):
+            model.eval()
+            evals.append((step, evaluate(model, held_out)))
+            model.train()
+        if on_step is not None:
+            on_step(step, loss)
+
+    with stop_on_signals() as stop_requested:
+        result = train(model, answer_loss, optimizer, batches, config, start_step=start,
+                       checkpoint_layers=model.layers, batch_size_of=lambda b: sum(int(m.sum()) for _, m in b),
+                       rng_key=rng_key, seed=seed, on_step=after_step, should_stop=stop_requested)
+    model.eval()
+    if result["stopped"]:
+        print(f"[INFO] interrupted: checkpoint at step {result['step']} in {ckpt_dir}; continue with --resume")
+        return {**result, "evals": evals, "skipped": stats.get("skipped", 0)}
+    if mx.distributed.init().rank() == 0:
+        if method == "full":
+            save_weights(out / "model", model)
+            copy_side_files(model_path, out / "model")
+            save_config(json.loads((model_path / "config.json").read_text()), out / "model")
+        else:
+            save_adapters(out / "adapters", model, adapters)
+    return {**result, "evals": evals, "skipped": stats.get("skipped", 0)}
