@@ -197,3 +197,17 @@ def test_two_process_ring_equals_one_process(colour_data, tmp_path):
     b = mx.load(str(tmp_path / "two/adapters/adapters.safetensors"))
     assert a.keys() == b.keys()
     assert max(np.abs(np.array(a[k]) - np.array(b[k])).max() for k in a) <= 1e-5
+
+
+def test_qlora_on_a_quantized_base_and_fuse_keeps_it_quantized(colour_data, tmp_path):
+    from mlx_vlm_native.convert import convert
+
+    q4 = convert(str(colour_data / "model"), str(tmp_path / "q4"), quantize=True, q_group_size=32)
+    result = run(recipe(colour_data, tmp_path / "run", model=str(q4), steps=3,
+                        lora={"targets": [r"language_model\..*(q|v)_proj"], "rank": 4, "scale": 10.0}),
+                 progress=False)
+    assert len(result["losses"]) == 3
+    fused = fuse(str(q4), str(tmp_path / "run/adapters"), str(tmp_path / "fused"))
+    assert "quantization" in json.loads((fused / "config.json").read_text())
+    model, processor = load(str(fused))
+    assert generate(model, processor, "Colour?", images=[colour_image("red", 1)], max_tokens=3).generation_tokens >= 1
