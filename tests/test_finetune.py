@@ -211,3 +211,40 @@ def test_qlora_on_a_quantized_base_and_fuse_keeps_it_quantized(colour_data, tmp_
     assert "quantization" in json.loads((fused / "config.json").read_text())
     model, processor = load(str(fused))
     assert generate(model, processor, "Colour?", images=[colour_image("red", 1)], max_tokens=3).generation_tokens >= 1
+
+
+def test_eval_loss_on_held_out_split(colour_data, tmp_path):
+    result = run(recipe(colour_data, tmp_path / "run", steps=4, eval_every=2, eval_samples=4,
+                        data={"train": str(colour_data / "train.jsonl"), "valid_fraction": 0.25}), progress=False)
+    assert [step for step, _ in result["evals"]] == [2, 4]
+    assert all(np.isfinite(loss) and loss > 0 for _, loss in result["evals"])
+
+
+def test_sigint_writes_a_checkpoint_and_resume_continues(colour_data, tmp_path):
+    import signal
+    import threading
+    import time
+
+    r = {"family": "finetune", **recipe(colour_data, tmp_path / "run", steps=100000, grad_accumulation=1)}
+    (tmp_path / "r.json").write_text(json.dumps(r))
+    proc = subprocess.Popen([sys.executable, "-m", "mlx_vlm_native.train", "--recipe", str(tmp_path / "r.json")],
+                            stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    seen = []  # tqdm redraws with "\r", so read chunks rather than lines
+    reader = threading.Thread(target=lambda: seen.extend(iter(lambda: proc.stderr.read(32), "")), daemon=True)
+    reader.start()
+    deadline = time.time() + 120
+    while time.time() < deadline and "loss=" not in "".join(seen):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, "".join(seen)[-2000:]
+    assert "interrupted" in out
+    latest = (tmp_path / "run/checkpoints/latest").read_text().strip()
+    state = json.loads((tmp_path / "run/checkpoints" / latest / "state.json").read_text())
+    assert state["step"] >= 1
+    r["steps"] = state["step"] + 1
+    (tmp_path / "r.json").write_text(json.dumps(r))
+    done = subprocess.run([sys.executable, "-m", "mlx_vlm_native.train", "--recipe", str(tmp_path / "r.json"),
+                           "--resume", "--no-progress"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"step {state['step'] + 1}" in done.stdout
