@@ -209,3 +209,68 @@ def write_checkpoint(
            "do_normalize": True, "rescale_factor": 1 / 255}
     (path / "preprocessor_config.json").write_text(json.dumps(pre, indent=2))
     return path
+
+
+# ------------------------------------------------------------------- EVEv2
+
+TINY_V2_TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2)
+
+
+def eve_v2_weights(init: _Init, text: dict, vocab: int, C: int, old_names: bool) -> Dict[str, np.ndarray]:
+    """`EVEQwen2ForCausalLM.state_dict()` with `add_moe=True`: every decoder
+    layer has text weights and `moe_*` vision twins."""
+    D, I = text["hidden_size"], text["intermediate_size"]
+    H, KV = text["num_attention_heads"], text["num_key_value_heads"]
+    hd = D // H
+    w = {"model.embed_tokens.weight": init.normal(vocab, D, std=0.5),
+         "model.norm.weight": init.norm(D), "lm_head.weight": init.normal(vocab, D)}
+    for i in range(text["num_hidden_layers"]):
+        pre = f"model.layers.{i}."
+        for m in ("", "moe_"):
+            for name, out in (("q_proj", H * hd), ("k_proj", KV * hd), ("v_proj", KV * hd)):
+                w[pre + f"self_attn.{m}{name}.weight"] = init.normal(out, D)
+                w[pre + f"self_attn.{m}{name}.bias"] = init.normal(out)
+            w[pre + f"self_attn.{m}o_proj.weight"] = init.normal(D, H * hd)
+            mlp = pre + ("moe_mlp." if m else "mlp.")
+            w[mlp + "gate_proj.weight"] = init.normal(I, D)
+            w[mlp + "up_proj.weight"] = init.normal(I, D)
+            w[mlp + "down_proj.weight"] = init.normal(D, I)
+            w[pre + f"{m}input_layernorm.weight"] = init.norm(D)
+            w[pre + f"{m}post_attention_layernorm.weight"] = init.norm(D)
+        w[pre + "self_attn.rotary_emb.inv_freq"] = (
+            1.0 / 1e6 ** (np.arange(0, hd, 2, dtype=np.float32) / hd))
+    vt = "model.vision_tower."
+    w[vt + "patch_embedding.0.weight"] = init.normal(C, 3, 16, 16, std=0.05)
+    w[vt + "patch_embedding.0.bias"] = init.normal(C)
+    w[vt + "patch_embedding.2.weight"] = init.normal(D, C, 2, 2)
+    w[vt + "patch_embedding.2.bias"] = init.normal(D)
+    cls_name, split_name = ("start_embedding", "end_embedding") if old_names else ("class_embedding", "split_embedding")
+    w[vt + cls_name] = init.normal(D, std=0.5)
+    w[vt + split_name] = init.normal(D, std=0.5)
+    return w
+
+
+def write_checkpoint_v2(path, seed: int = 0, old_names: bool = False, max_size: int = 64) -> Path:
+    """A tiny EVE-7B-HD-v2.0-shaped folder (`model_type` "eve-qwen2", Qwen2
+    byte-level tokenizer). `old_names` writes the CLS/split embeddings with the
+    pre-March-2025 names `start_embedding`/`end_embedding`."""
+    from .random_checkpoint import build_tokenizer as build_qwen2_tokenizer
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    vocab = len(build_qwen2_tokenizer(path, chat_template=VICUNA_V1_TEMPLATE.replace("</s>", "<|im_end|>")))
+    C = 32
+    save_tensors(eve_v2_weights(_Init(seed), TINY_V2_TEXT, vocab, C, old_names), path, "safetensors")
+    config = {
+        "architectures": ["EVEQwen2ForCausalLM"], "model_type": "eve-qwen2", **TINY_V2_TEXT,
+        "vocab_size": vocab, "max_position_embeddings": 512, "rms_norm_eps": 1e-6,
+        "rope_theta": 1000000.0, "tie_word_embeddings": False, "hidden_act": "silu",
+        "torch_dtype": "float32", "add_moe": True, "moe_part": "layernorm-self_attn-mlp",
+        "vision_tower_hidden_size": C, "mm_vision_tower": f"openai/eve-anyratio-res{max_size}-patch16",
+    }
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    pre = {"max_size": max_size, "patch_stride": 16, "dense_stride": 2, "image_mean": list(OPENAI_CLIP_MEAN),
+           "image_std": list(OPENAI_CLIP_STD), "do_resize": False, "do_center_crop": False}
+    (path / "preprocessor_config.json").write_text(json.dumps(pre, indent=2))
+    return path

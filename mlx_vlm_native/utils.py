@@ -16,6 +16,7 @@ MODEL_REMAPPING = {
     "llava-onevision": "llava_onevision",
     "qwen2_5_vl": "qwen2_vl",
     "pointsv1.5_chat": "points_v15",
+    "eve-qwen2": "eve",
 }
 SUPPORTED = ("llava_onevision", "qwen2_vl", "points_v15", "eve")
 

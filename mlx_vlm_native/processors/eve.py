@@ -1,14 +1,18 @@
-"""EVE (v1) preprocessing and prompts.
+"""EVE preprocessing and prompts.
 
-Any aspect ratio: the long side is scaled to exactly `image_size` (672, or
+EVE v1, any aspect ratio: the long side is scaled to exactly `image_size` (672, or
 1344 for the HD model), the short side to a multiple of
 `patch_stride * image_size // image_size_clip` pixels, and the image is centred
 on a square canvas of the mean colour. A fourth channel marks the valid pixels.
 The sizes are computed at the teacher's (CLIP) resolution first, then scaled,
 as the reference does, so the patch grid lines up with the teacher's.
+
+EVEv2: no canvas and no mask; the image is scaled to about `max_size`² pixels
+with both sides rounded up to multiples of 32 (`patch_stride * dense_stride`).
 """
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
@@ -141,15 +145,53 @@ class EVEImageProcessor:
 
 
 @dataclass
+class EVEv2ImageProcessor:
+    max_size: int = 800
+    patch_stride: int = 16
+    dense_stride: int = 2
+    image_mean: Tuple[float, ...] = OPENAI_CLIP_MEAN
+    image_std: Tuple[float, ...] = OPENAI_CLIP_STD
+
+    @classmethod
+    def from_dict(cls, cfg: dict) -> "EVEv2ImageProcessor":
+        fields = {k: cfg[k] for k in cls.__dataclass_fields__ if k in cfg}
+        for k in ("image_mean", "image_std"):
+            if k in fields:
+                fields[k] = tuple(fields[k])
+        return cls(**fields)
+
+    def size(self, image_size: Tuple[int, int]) -> Tuple[int, int]:
+        """(width, height) -> resized (width, height): area about max_size²."""
+        w, h = image_size
+        cell = self.patch_stride * self.dense_stride
+        scale = math.sqrt(w * h) / self.max_size
+        return tuple(max(math.ceil(side / scale / cell) * cell, cell) for side in (w, h))
+
+    def grid(self, image_size: Tuple[int, int]) -> Tuple[int, int]:
+        w, h = self.size(image_size)
+        cell = self.patch_stride * self.dense_stride
+        return h // cell, w // cell
+
+    def num_tokens(self, image_size: Tuple[int, int]) -> int:
+        h, w = self.grid(image_size)
+        return 1 + h * (w + 1)
+
+    def __call__(self, image: Image.Image) -> np.ndarray:
+        """-> (3, H, W) float32, normalised."""
+        resized = image.resize(self.size(image.size))  # PIL's default filter, as the reference
+        return rescale_and_normalize(np.asarray(resized).transpose(2, 0, 1), 1 / 255, self.image_mean, self.image_std)
+
+
+@dataclass
 class ProcessedInputs:
     input_ids: np.ndarray  # (L,) int32, -200 at the image positions
-    pixel_values: List[np.ndarray]  # per image: (4, S, S)
+    pixel_values: List[np.ndarray]  # per image: (4, S, S) RGB + mask (v1), (3, H, W) (v2)
     image_grids: List[Tuple[int, int]]
     video_frames: list = field(default_factory=list)
 
 
 class EVEProcessor:
-    def __init__(self, image_processor: EVEImageProcessor, tokenizer, config=None):
+    def __init__(self, image_processor, tokenizer, config=None):
         self.image_processor = image_processor
         self.tokenizer = tokenizer
         self.image_token_index = getattr(config, "image_token_index", IMAGE_TOKEN_INDEX)
@@ -158,15 +200,22 @@ class EVEProcessor:
     def from_pretrained(cls, path: Path, tokenizer, config) -> "EVEProcessor":
         f = Path(path) / "preprocessor_config.json"
         cfg = json.loads(f.read_text()) if f.exists() else {}
-        image_processor = EVEImageProcessor.from_dict(cfg, getattr(config, "mm_vision_tower", ""))
-        if image_processor.patch_stride != config.patch_stride or image_processor.conv_stride != config.conv_stride:
+        if config.is_v2:
+            image_processor = EVEv2ImageProcessor.from_dict(cfg)
+            strides = (image_processor.patch_stride, image_processor.dense_stride)
+        else:
+            image_processor = EVEImageProcessor.from_dict(cfg, getattr(config, "mm_vision_tower", ""))
+            strides = (image_processor.patch_stride, image_processor.conv_stride)
+        if strides != (config.patch_stride, config.conv_stride):
             raise ValueError(
-                f"preprocessor strides ({image_processor.patch_stride}, {image_processor.conv_stride}) "
-                f"differ from the model's ({config.patch_stride}, {config.conv_stride})"
+                f"preprocessor strides {strides} differ from the model's "
+                f"({config.patch_stride}, {config.conv_stride})"
             )
         return cls(image_processor, tokenizer, config)
 
     def format_prompt(self, prompt: str, num_images: int = 0, num_videos: int = 0) -> str:
+        """`vicuna_v1` (v1). EVEv2's `qwen_v2` is taken to render one user turn the
+        same way (its separator after answers, <|im_end|>, does not show here)."""
         if num_videos:
             raise ValueError("EVE does not take videos")
         if num_images > 1:
