@@ -169,6 +169,155 @@ class VisionTokenizer(nn.Module):
         return mx.concatenate([cls, rows])
 
 
+class Projector(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        D = args.text_config.hidden_size
+        self.linear_1 = nn.Linear(args.mm_hidden_size, D)
+        self.linear_2 = nn.Linear(D, D)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.linear_2(nn.gelu(self.linear_1(x)))
+
+
+def scatter_features(embeds: mx.array, mask: np.ndarray, features: mx.array) -> mx.array:
+    """Put `features` rows, in order, at the True positions of `mask` (L,)."""
+    if int(mask.sum()) != features.shape[0]:
+        raise ValueError(
+            f"{int(mask.sum())} image placeholder tokens but {features.shape[0]} image tokens"
+        )
+    index = np.maximum(np.cumsum(mask) - 1, 0)
+    gathered = features[mx.array(index)]
+    return mx.where(mx.array(mask)[:, None], gathered.astype(embeds.dtype), embeds)
+
+
+class Model(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.model_type = args.model_type
+        if args.is_v2:
+            self.vision_tower = VisionTokenizerV2(args)
+            self.language_model = DecoupledLanguageModel(args.text_config)
+        else:
+            self.vision_tower = VisionTokenizer(args)
+            # named as in the other families so that `convert -q` leaves it unquantized
+            self.multi_modal_projector = Projector(args)
+            self.language_model = llama.Model(args.text_config)
+
+    @property
+    def layers(self):
+        return self.language_model.layers
+
+    def image_tokens(self, pixels: np.ndarray) -> mx.array:
+        """(4, S, S) (v1) or (3, H, W) (v2) -> (1 + h*(w+1), text hidden)
+        embeddings of one image."""
+        if self.args.is_v2:
+            return self.vision_tower(pixels)
+        return self.multi_modal_projector(self.vision_tower(pixels))
+
+    def embed(self, input_ids: np.ndarray, pixel_values: List[np.ndarray]) -> mx.array:
+        """(L,) ids with each image expanded to its placeholders -> (L, D)."""
+        ids = np.asarray(input_ids)
+        is_image = ids == self.args.image_token_index
+        embed_tokens = self.language_model.model.embed_tokens
+        embeds = embed_tokens(mx.array(np.where(is_image, 0, ids)))
+        if pixel_values:
+            feats = mx.concatenate([self.image_tokens(p) for p in pixel_values])
+            embeds = scatter_features(embeds, is_image, feats)
+        elif is_image.any():
+            raise ValueError("the prompt has image placeholders but no image was given")
+        return embeds
+
+    def get_input_embeddings(self, inputs) -> mx.array:
+        if inputs.video_frames:
+            raise ValueError("EVE does not take videos")
+        return self.embed(inputs.input_ids, inputs.pixel_values)[None]
+
+    def __call__(self, inputs: mx.array, cache=None, input_embeddings=None) -> mx.array:
+        if self.args.is_v2:
+            # the image placeholders in `inputs` tell which positions use the vision weights
+            vision = None
+            if input_embeddings is not None and inputs.shape[-1] == input_embeddings.shape[1]:
+                is_image = inputs == self.args.image_token_index
+                vision = is_image[..., None] if is_image.any().item() else None
+            return self.language_model(inputs, cache, input_embeddings, vision)
+        return self.language_model(inputs, cache=cache, input_embeddings=input_embeddings)
+
+    def logits_and_hidden_states(self, embeddings: mx.array):
+        """Causal forward of (B, T, D) embeddings -> logits and the num_layers + 1
+        hidden states as transformers lists them (embeddings, the input of each
+        later layer, then the final *normed* output). EVE v1 only (training)."""
+        if self.args.is_v2:
+            raise NotImplementedError("EVEv2 training (no aligning layer) is not implemented")
+        lm = self.language_model
+        h, states = embeddings, [embeddings]
+        mask = create_attention_mask(h, None)
+        for layer in lm.model.layers:
+            h = layer(h, mask)
+            states.append(h)
+        h = lm.model.norm(h)
+        states[-1] = h
+        if lm.args.tie_word_embeddings:
+            return lm.model.embed_tokens.as_linear(h), states
+        return lm.lm_head(h), states
+
+    def sanitize(self, weights: dict) -> dict:
+        """Reference (`EVELlamaForCausalLM`, `EVEQwen2ForCausalLM`) keys -> this
+        module's; MLX keys pass unchanged."""
+        out = {}
+        for k, v in weights.items():
+            if "rotary_emb.inv_freq" in k:
+                continue
+            if k.startswith("model."):
+                k = k[len("model.") :]
+                if k.startswith(TRAINING_ONLY_PREFIXES):
+                    continue
+                if not k.startswith(("vision_tower.", "mm_projector.")):  # the decoder
+                    k = "language_model.model." + k
+            elif k == "lm_head.weight":
+                k = "language_model.lm_head.weight"
+            if k.startswith("vision_tower.") and self.args.is_v2:
+                k = OLD_EMBEDDING_NAMES.get(k, k)
+                for old, new in V2_STEM_NAMES.items():
+                    k = k.replace(old, new)
+                if k.endswith("_conv.weight"):
+                    v = to_channels_last(v, getattr(self.vision_tower, k.split(".")[1]).weight.shape)
+            elif k.startswith("vision_tower."):
+                k, v = sanitize_vision_key(k, v)
+            elif k.startswith("mm_projector."):
+                k = k.replace("mm_projector.0.", "multi_modal_projector.linear_1.")
+                k = k.replace("mm_projector.2.", "multi_modal_projector.linear_2.")
+            out[k] = v
+        if self.args.text_config.tie_word_embeddings:
+            out.pop("language_model.lm_head.weight", None)
+        return out
+
+
+# The reference's nn.Sequential indices inside LocalAttention/GlobalAttention
+ATTENTION_KEY_NAMES = {".q.0.": ".q_norm.", ".q.1.": ".q_proj.", ".kv.0.": ".kv_norm.", ".kv.1.": ".kv_proj."}
+# Older EVE dumps (EVEv2 before 2025-03) name the CLS/split embeddings this way
+OLD_EMBEDDING_NAMES = {"vision_tower.start_embedding": "vision_tower.class_embedding",
+                       "vision_tower.end_embedding": "vision_tower.split_embedding"}
+
+
+def to_channels_last(v: mx.array, expected: tuple) -> mx.array:
+    """A torch (O, I, kh, kw) conv weight -> MLX's (O, kh, kw, I); MLX ones pass."""
+    O, kh, kw, I = expected
+    if tuple(v.shape) == (O, I, kh, kw) and tuple(v.shape) != tuple(expected):
+        return v.transpose(0, 2, 3, 1)
+    return v
+
+
+def sanitize_vision_key(k: str, v: mx.array):
+    k = OLD_EMBEDDING_NAMES.get(k, k)
+    for old, new in ATTENTION_KEY_NAMES.items():
+        k = k.replace(old, new)
+    if k == "vision_tower.patch_embedding.weight" and v.ndim == 4 and v.shape[1] == 3:
+        v = v.transpose(0, 2, 3, 1)  # (O, C, kh, kw) -> (O, kh, kw, C)
+    return k, v
+
+
 # ------------------------------------------------------------------- EVEv2
 
 
@@ -304,148 +453,3 @@ class DecoupledLanguageModel(nn.Module):
 V2_STEM_NAMES = {"vision_tower.patch_embedding.0.": "vision_tower.patch_conv.",
                  "vision_tower.patch_embedding.2.": "vision_tower.merge_conv."}
 
-
-class Projector(nn.Module):
-    def __init__(self, args: ModelArgs):
-        super().__init__()
-        D = args.text_config.hidden_size
-        self.linear_1 = nn.Linear(args.mm_hidden_size, D)
-        self.linear_2 = nn.Linear(D, D)
-
-    def __call__(self, x: mx.array) -> mx.array:
-        return self.linear_2(nn.gelu(self.linear_1(x)))
-
-
-def scatter_features(embeds: mx.array, mask: np.ndarray, features: mx.array) -> mx.array:
-    """Put `features` rows, in order, at the True positions of `mask` (L,)."""
-    if int(mask.sum()) != features.shape[0]:
-        raise ValueError(
-            f"{int(mask.sum())} image placeholder tokens but {features.shape[0]} image tokens"
-        )
-    index = np.maximum(np.cumsum(mask) - 1, 0)
-    gathered = features[mx.array(index)]
-    return mx.where(mx.array(mask)[:, None], gathered.astype(embeds.dtype), embeds)
-
-
-class Model(nn.Module):
-    def __init__(self, args: ModelArgs):
-        super().__init__()
-        self.args = args
-        self.model_type = args.model_type
-        if args.is_v2:
-            self.vision_tower = VisionTokenizerV2(args)
-            self.language_model = DecoupledLanguageModel(args.text_config)
-        else:
-            self.vision_tower = VisionTokenizer(args)
-            # named as in the other families so that `convert -q` leaves it unquantized
-            self.multi_modal_projector = Projector(args)
-            self.language_model = llama.Model(args.text_config)
-
-    @property
-    def layers(self):
-        return self.language_model.layers
-
-    def image_tokens(self, pixels: np.ndarray) -> mx.array:
-        """(4, S, S) (v1) or (3, H, W) (v2) -> (1 + h*(w+1), text hidden)
-        embeddings of one image."""
-        if self.args.is_v2:
-            return self.vision_tower(pixels)
-        return self.multi_modal_projector(self.vision_tower(pixels))
-
-    def embed(self, input_ids: np.ndarray, pixel_values: List[np.ndarray]) -> mx.array:
-        """(L,) ids with each image expanded to its placeholders -> (L, D)."""
-        ids = np.asarray(input_ids)
-        is_image = ids == self.args.image_token_index
-        embed_tokens = self.language_model.model.embed_tokens
-        embeds = embed_tokens(mx.array(np.where(is_image, 0, ids)))
-        if pixel_values:
-            feats = mx.concatenate([self.image_tokens(p) for p in pixel_values])
-            embeds = scatter_features(embeds, is_image, feats)
-        elif is_image.any():
-            raise ValueError("the prompt has image placeholders but no image was given")
-        return embeds
-
-    def get_input_embeddings(self, inputs) -> mx.array:
-        if inputs.video_frames:
-            raise ValueError("EVE does not take videos")
-        return self.embed(inputs.input_ids, inputs.pixel_values)[None]
-
-    def __call__(self, inputs: mx.array, cache=None, input_embeddings=None) -> mx.array:
-        if self.args.is_v2:
-            # the image placeholders in `inputs` tell which positions use the vision weights
-            vision = None
-            if input_embeddings is not None and inputs.shape[-1] == input_embeddings.shape[1]:
-                is_image = inputs == self.args.image_token_index
-                vision = is_image[..., None] if is_image.any().item() else None
-            return self.language_model(inputs, cache, input_embeddings, vision)
-        return self.language_model(inputs, cache=cache, input_embeddings=input_embeddings)
-
-    def logits_and_hidden_states(self, embeddings: mx.array):
-        """Causal forward of (B, T, D) embeddings -> logits and the num_layers + 1
-        hidden states as transformers lists them (embeddings, the input of each
-        later layer, then the final *normed* output)."""
-        lm = self.language_model
-        h, states = embeddings, [embeddings]
-        mask = create_attention_mask(h, None)
-        for layer in lm.model.layers:
-            h = layer(h, mask)
-            states.append(h)
-        h = lm.model.norm(h)
-        states[-1] = h
-        if lm.args.tie_word_embeddings:
-            return lm.model.embed_tokens.as_linear(h), states
-        return lm.lm_head(h), states
-
-    def sanitize(self, weights: dict) -> dict:
-        """Reference (`EVELlamaForCausalLM`) keys -> this module's; MLX keys pass."""
-        out = {}
-        for k, v in weights.items():
-            if "rotary_emb.inv_freq" in k:
-                continue
-            if k.startswith("model."):
-                k = k[len("model.") :]
-                if k.startswith(TRAINING_ONLY_PREFIXES):
-                    continue
-                if not k.startswith(("vision_tower.", "mm_projector.")):  # the decoder
-                    k = "language_model.model." + k
-            elif k == "lm_head.weight":
-                k = "language_model.lm_head.weight"
-            if k.startswith("vision_tower.") and self.args.is_v2:
-                k = OLD_EMBEDDING_NAMES.get(k, k)
-                for old, new in V2_STEM_NAMES.items():
-                    k = k.replace(old, new)
-                if k.endswith("_conv.weight"):
-                    v = to_channels_last(v, getattr(self.vision_tower, k.split(".")[1]).weight.shape)
-            elif k.startswith("vision_tower."):
-                k, v = sanitize_vision_key(k, v)
-            elif k.startswith("mm_projector."):
-                k = k.replace("mm_projector.0.", "multi_modal_projector.linear_1.")
-                k = k.replace("mm_projector.2.", "multi_modal_projector.linear_2.")
-            out[k] = v
-        if self.args.text_config.tie_word_embeddings:
-            out.pop("language_model.lm_head.weight", None)
-        return out
-
-
-# The reference's nn.Sequential indices inside LocalAttention/GlobalAttention
-ATTENTION_KEY_NAMES = {".q.0.": ".q_norm.", ".q.1.": ".q_proj.", ".kv.0.": ".kv_norm.", ".kv.1.": ".kv_proj."}
-# Older EVE dumps (EVEv2 before 2025-03) name the CLS/split embeddings this way
-OLD_EMBEDDING_NAMES = {"vision_tower.start_embedding": "vision_tower.class_embedding",
-                       "vision_tower.end_embedding": "vision_tower.split_embedding"}
-
-
-def to_channels_last(v: mx.array, expected: tuple) -> mx.array:
-    """A torch (O, I, kh, kw) conv weight -> MLX's (O, kh, kw, I); MLX ones pass."""
-    O, kh, kw, I = expected
-    if tuple(v.shape) == (O, I, kh, kw) and tuple(v.shape) != tuple(expected):
-        return v.transpose(0, 2, 3, 1)
-    return v
-
-
-def sanitize_vision_key(k: str, v: mx.array):
-    k = OLD_EMBEDDING_NAMES.get(k, k)
-    for old, new in ATTENTION_KEY_NAMES.items():
-        k = k.replace(old, new)
-    if k == "vision_tower.patch_embedding.weight" and v.ndim == 4 and v.shape[1] == 3:
-        v = v.transpose(0, 2, 3, 1)  # (O, C, kh, kw) -> (O, kh, kw, C)
-    return k, v
