@@ -387,3 +387,20 @@ def test_two_process_training_keeps_replicas_in_sync(eve_mlx_dir, teacher_dir, t
     lines = [x for x in r.stdout.splitlines() if x.startswith("RANKS")]
     assert len(lines) == 2 and all("RANKS 2 SYNCED True" in x for x in lines), r.stdout
     assert lines[0].split("LOSS")[1] == lines[1].split("LOSS")[1]  # the logged loss is the group mean
+
+
+@pytest.mark.parametrize("tower, ratio, max_tokens", [
+    ("openai/eve-patch14-anypixel-672", 1, 1 + 24 * 25),
+    ("openai/eve-patch14-anypixel-1344", 2, 1 + 48 * 49),
+])
+def test_released_geometries(tower, ratio, max_tokens, eve_loaded):
+    """Without a preprocessor json the canvas comes from the tower name; the
+    HD model's 48x48 grid pools 2x2 onto the 24x24 CLIP-L/336 grid."""
+    from mlx_vlm_native.models import eve_align as A
+    from mlx_vlm_native.processors.eve import EVEImageProcessor, EVEProcessor
+
+    model, processor = eve_loaded
+    ip = EVEImageProcessor.from_dict({}, tower)
+    clip_l = A.Teacher(None, 336, 14, (0.5,) * 3, (0.5,) * 3, True)
+    assert A.grid_ratio(model, EVEProcessor(ip, processor.tokenizer), clip_l) == ratio
+    assert ip.num_tokens((1000, 1000)) == max_tokens
