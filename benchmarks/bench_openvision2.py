@@ -37,6 +37,27 @@ def loss_fn(model, batch, key):
     return model.loss(*batch, key=key)
 
 
+def step_flops(a, size: int, keep: float) -> float:
+    """Matmul FLOPs of one training step (forward + backward = 3x forward):
+    the ViT on all N+1 tokens, the decoder on kept + text tokens, the head on text."""
+    v = VisionConfig.from_variant(a.vision, size, a.patch)
+    d = DecoderConfig.from_variant(a.decoder, v.width, a.vocab)
+    n = (size // a.patch) ** 2
+    kept, T = min(int(n * keep), n), a.text_len
+
+    def blocks(tokens, layers, width, mlp):
+        return layers * (tokens * (8 * width * width + 4 * width * mlp) + 4 * tokens * tokens * width)
+
+    forward = (
+        n * 2 * 3 * a.patch * a.patch * v.width
+        + blocks(n + 1, v.layers, v.width, v.mlp_dim)
+        + kept * 2 * v.width * d.width
+        + blocks(kept + T, d.depth, d.width, d.mlp_dim)
+        + T * 2 * d.width * a.vocab
+    )
+    return 3 * a.batch * forward
+
+
 def prepare(a, size: int, keep: float):
     """A ready-to-run training step (model, AdamW, one fixed batch), warmed up."""
     model = build(a.vision, a.decoder, a.patch, size, a.vocab, keep)
@@ -118,19 +139,25 @@ def main():
     print("| res | keep | image tokens -> decoder | step (ms) | images/s (wall) | images/s (CPU time) "
           "| peak MB | speed-up (wall) | speed-up (CPU) | memory |")
     print("|---|---|---|---|---|---|---|---|---|---|")
-    results = {}
+    results, flops = {}, {}
     for size in (a.low_res, a.high_res):
         full, masked = measure_pair(a, [(size, 1.0), (size, 0.35)])
         results[size] = masked
         print(row(full))
         print(row(masked, full))
+        flops[size] = (step_flops(a, size, 1.0), step_flops(a, size, 0.35))
+    print()
+    for size, (f_full, f_masked) in flops.items():
+        print(f"{size}px: {f_full / 1e9:.0f} -> {f_masked / 1e9:.0f} GFLOP per step, "
+              f"speed-up expected from FLOPs alone {f_full / f_masked:.2f}x")
 
     print("\n### stage 1 (low res) vs high res all along, keep 0.35\n")
     low, high = results[a.low_res], results[a.high_res]
     print(f"time per sample: {a.low_res}px {low['step_s'] / a.batch * 1000:.1f} ms "
           f"(CPU {low['cpu_s'] / a.batch * 1000:.1f}), {a.high_res}px {high['step_s'] / a.batch * 1000:.1f} ms "
           f"(CPU {high['cpu_s'] / a.batch * 1000:.1f}) -> high/low = {high['step_s'] / low['step_s']:.2f}x wall, "
-          f"{high['cpu_s'] / low['cpu_s']:.2f}x CPU")
+          f"{high['cpu_s'] / low['cpu_s']:.2f}x CPU; FLOPs "
+          f"{step_flops(a, a.high_res, 0.35) / step_flops(a, a.low_res, 0.35):.2f}x")
 
 
 if __name__ == "__main__":

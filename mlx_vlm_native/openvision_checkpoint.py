@@ -16,7 +16,9 @@ import mlx.core as mx
 import numpy as np
 
 from .models.base import check_weights
-from .models.openvision import DecoderConfig, Model, ModelArgs, VisionConfig, fused_qkv_key
+from .models.openvision import IMAGENET_MEAN as IMAGE_MEAN
+from .models.openvision import IMAGENET_STD as IMAGE_STD
+from .models.openvision import DecoderConfig, Model, ModelArgs, fused_qkv_key
 
 OPEN_CLIP_CONFIG = "open_clip_config.json"
 DECODER_CONFIG = "text_decoder_config.json"
@@ -82,9 +84,6 @@ def config_dict(args: ModelArgs) -> dict:
         cfg["decoder_config"] = asdict(args.decoder_config)
     return cfg
 
-
-IMAGE_MEAN = (0.485, 0.456, 0.406)
-IMAGE_STD = (0.229, 0.224, 0.225)
 
 
 def build(args: ModelArgs, weights: dict) -> Model:
@@ -278,10 +277,6 @@ def main(argv=None) -> None:
         print(f"[INFO] Saved MLX model to {convert(args.src, args.dst, args.dtype)}")
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         sys.exit(f"error: {e}")
-
-
-__all__ = ["convert", "load", "save", "load_tokenizer", "write_tiny_open_clip", "init_model",
-           "VisionConfig", "DecoderConfig"]
 
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 40), "blue": (30, 60, 220),
