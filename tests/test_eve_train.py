@@ -151,6 +151,17 @@ def test_clip_teacher_matches_transformers(teacher, torch_clip, eve_loaded):
     assert teacher.valid_patches(px)[0].tolist() == [True] * 12 + [False] * 4
 
 
+def test_teacher_inside_a_reference_checkpoint(teacher, eve_ref_dir, eve_mlx_dir, eve_loaded):
+    from mlx_vlm_native.eve_checkpoint import TINY_CLIP
+    from mlx_vlm_native.models.eve_align import load_teacher
+
+    inside = load_teacher(eve_ref_dir, TINY_CLIP)  # model.vision_clip.backbone.vision_model.*
+    px = eve_loaded[1].image_processor.teacher_pixels(make_image(60, 100))[None]
+    np.testing.assert_array_equal(np.array(inside.features(px)), np.array(teacher.features(px)))
+    with pytest.raises(ValueError, match="no 'vision_clip.backbone.vision_model"):
+        load_teacher(eve_mlx_dir)
+
+
 def test_siglip_teacher_matches_transformers(tmp_path):
     import torch
     from transformers import SiglipVisionConfig, SiglipVisionModel
@@ -316,7 +327,11 @@ def test_mismatched_teacher_grid_is_refused(training_model, teacher):
         A.grid_ratio(train_model.eve, wrong, teacher)
 
 
-def test_training_script_stage3_writes_a_loadable_folder(eve_ref_dir, teacher_dir, tmp_path):
+def test_training_script_stage3_writes_a_loadable_folder(eve_ref_dir, tmp_path):
+    """Stage 3 through the script, with the teacher read from the reference checkpoint."""
+    from mlx_vlm_native.eve_checkpoint import TINY_CLIP
+
+    (tmp_path / "clip.json").write_text(json.dumps(TINY_CLIP))
     records = []
     for i, (img, cap) in enumerate(colour_captions(4)):
         img.save(tmp_path / f"{i}.png")
@@ -328,7 +343,8 @@ def test_training_script_stage3_writes_a_loadable_folder(eve_ref_dir, teacher_di
     out = tmp_path / "run"
     r = subprocess.run(
         [sys.executable, str(ROOT / "train/eve/train.py"), "--recipe", str(ROOT / "train/eve/stage3.json"),
-         "--model", str(eve_ref_dir), "--teacher", str(teacher_dir), "--data", str(tmp_path / "sft.jsonl"),
+         "--model", str(eve_ref_dir), "--teacher-config", str(tmp_path / "clip.json"),
+         "--data", str(tmp_path / "sft.jsonl"),
          "--out", str(out), "--steps", "3", "--batch-size", "2"],
         capture_output=True, text=True, timeout=300,
     )

@@ -131,12 +131,29 @@ TEACHER_TYPES = {"clip_vision_model": "clip", "clip": "clip",
                  "siglip_vision_model": "siglip", "siglip": "siglip"}
 
 
-def load_teacher(path) -> Teacher:
-    """A CLIP or SigLIP vision tower (full model or vision-only, HF layout)."""
+# where released EVE v1 checkpoints keep their CLIP teacher (it is stored twice)
+EVE_TEACHER_PREFIX = "vision_clip.backbone.vision_model."
+
+
+def load_teacher(path, vision_config: Optional[dict] = None) -> Teacher:
+    """A CLIP or SigLIP vision tower (full model or vision-only, HF layout), or
+    the CLIP teacher stored inside a reference EVE v1 checkpoint; the latter's
+    geometry is not in its config: `vision_config`, CLIP-L/14-336 by default."""
     from ..utils import load_weights
 
     path = Path(path)
     config = json.loads((path / "config.json").read_text())
+    if config.get("model_type") == "eve":
+        weights = {k.split(EVE_TEACHER_PREFIX, 1)[1]: v for k, v in load_weights(path).items()
+                   if EVE_TEACHER_PREFIX in k and "clip_layer." not in k}
+        if not weights:
+            raise ValueError(f"{path} holds no '{EVE_TEACHER_PREFIX}*' teacher weights (a converted folder?)")
+        config = {"model_type": "clip_vision_model", **(vision_config or {})}
+        return _build_teacher(path, config, weights)
+    return _build_teacher(path, config, load_weights(path))
+
+
+def _build_teacher(path: Path, config: dict, weights: dict) -> Teacher:
     kind = TEACHER_TYPES.get(config.get("model_type"))
     if kind is None:
         raise ValueError(
@@ -144,7 +161,6 @@ def load_teacher(path) -> Teacher:
             f"supported: {', '.join(TEACHER_TYPES)}"
         )
     vision = config.get("vision_config", config)
-    weights = load_weights(path)
     if any("vision_model." in k for k in weights):  # full models and older vision-only saves
         weights = {k.split("vision_model.", 1)[1]: v for k, v in weights.items() if "vision_model." in k}
     if kind == "clip":

@@ -72,7 +72,12 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--recipe", required=True)
     p.add_argument("--model", required=True, help="EVE folder (reference or MLX layout)")
-    p.add_argument("--teacher", required=True, help="CLIP or SigLIP vision folder (HF layout)")
+    p.add_argument("--teacher", default=None,
+                   help="CLIP or SigLIP vision folder (HF layout); default: the CLIP teacher inside "
+                        "--model (a reference EVE v1 checkpoint)")
+    p.add_argument("--teacher-config", default=None,
+                   help="JSON file with the CLIP vision config of a teacher read from --model "
+                        "(default: CLIP-L/14-336)")
     p.add_argument("--data", required=True)
     p.add_argument("--image-root", default=None)
     p.add_argument("--out", required=True)
@@ -99,7 +104,8 @@ def main(argv=None):
 
     src = Path(args.model)
     eve, processor = load(str(src))
-    teacher = A.load_teacher(args.teacher)
+    teacher_config = json.loads(Path(args.teacher_config).read_text()) if args.teacher_config else None
+    teacher = A.load_teacher(args.teacher or src, teacher_config)
     model = A.EVETrainingModel(eve, A.new_aligner(eve, teacher.tower.config.hidden_size))
     A.load_aligner_weights(model.aligner, src)
     A.broadcast_parameters(model)
