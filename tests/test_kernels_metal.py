@@ -9,7 +9,7 @@ import pytest
 
 from kernel_cases import ATOL, SEGMENT_MIXES, attention_case, launches, max_diff, pack, with_bug
 from mlx_vlm_native.native import SUPPORTED_HEAD_DIMS, rope
-from msl.check import check, find_clang
+from msl.check import METAL_THREADGROUP_LIMIT, check, find_clang, threadgroup_bytes
 
 pytestmark = pytest.mark.skipif(find_clang() is None, reason="clang++ not installed (apt-get install clang-19)")
 
@@ -35,6 +35,20 @@ def test_generated_sources_pass_clang(head_dim, dtype):
 
 
 @pytest.mark.parametrize("head_dim", SUPPORTED_HEAD_DIMS)
+def test_threadgroup_memory_fits_apple_gpus(head_dim):
+    case = attention_case([1, 5], 2, head_dim)
+    for name, (launch, _) in launches("metal", case).items():
+        used = threadgroup_bytes(launch.spec.source, launch.template)
+        assert 0 < used <= METAL_THREADGROUP_LIMIT, f"{name}: {used} bytes"
+
+
+def test_threadgroup_memory_check_can_fail():
+    source = "threadgroup float k_tile[BK * D];\nthreadgroup float v_tile[BK * D];"
+    assert threadgroup_bytes(source, [("BK", 32), ("D", 128)]) == 32768
+    assert threadgroup_bytes(source, [("BK", 64), ("D", 128)]) > METAL_THREADGROUP_LIMIT
+
+
+@pytest.mark.parametrize("head_dim", SUPPORTED_HEAD_DIMS)
 def test_forward_matches_reference_fp32(head_dim):
     for i, lengths in enumerate(SEGMENT_MIXES[:2]):
         case = attention_case(lengths, 2, head_dim, seed=i)
@@ -42,8 +56,8 @@ def test_forward_matches_reference_fp32(head_dim):
         run_and_compare(launch, case, names, ATOL[mx.float32])
 
 
-@pytest.mark.parametrize("head_dim,dtype", [(64, mx.float16), (80, mx.float16), (128, mx.float16),
-                                            (72, mx.bfloat16), (96, mx.bfloat16)])
+@pytest.mark.parametrize("head_dim,dtype", [(d, mx.float16) for d in SUPPORTED_HEAD_DIMS]
+                         + [(72, mx.bfloat16), (128, mx.bfloat16)])
 def test_forward_matches_reference_half(head_dim, dtype):
     case = attention_case(SEGMENT_MIXES[0], 1, head_dim, dtype)
     launch, names = launches("metal", case)["fwd"]

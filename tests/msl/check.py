@@ -5,6 +5,8 @@ const inputs, template errors at instantiation. What it cannot: MSL-only rules
 (the 32 KB threadgroup limit, attribute validity, MSL version features), which
 only Apple's compiler knows; the selftest on a Mac remains the final check."""
 
+import ast
+import operator
 import os
 import re
 import shutil
@@ -42,3 +44,31 @@ def check(source: str, clang: str = None):
         result = subprocess.run(cmd, capture_output=True, text=True)
     errors = [line for line in result.stderr.splitlines() if "error:" in line]
     return result.returncode == 0, errors
+
+
+METAL_THREADGROUP_LIMIT = 32 * 1024
+_SIZES = {"float": 4, "half": 2, "float16_t": 2, "bfloat16_t": 2, "int": 4, "uint": 4, "short": 2}
+_OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.FloorDiv: operator.floordiv}
+
+
+def _evaluate(expr: str, names: dict) -> int:
+    def walk(node):
+        if isinstance(node, ast.Constant):
+            return node.value
+        if isinstance(node, ast.Name):
+            return names[node.id]
+        if isinstance(node, ast.BinOp):
+            return _OPS[type(node.op)](walk(node.left), walk(node.right))
+        raise ValueError(f"cannot size threadgroup array [{expr}]")
+
+    return walk(ast.parse(expr.replace("/", "//"), mode="eval").body)
+
+
+def threadgroup_bytes(source: str, template: list) -> int:
+    """Bytes of threadgroup memory the kernel body declares, with the template's
+    integer values substituted (Apple GPUs allow 32 KB; clang cannot know)."""
+    names = {name: value for name, value in template if isinstance(value, int)}
+    total = 0
+    for ctype, size in re.findall(r"threadgroup\s+(\w+)\s+\w+\s*\[([^\]]+)\]\s*;", source):
+        total += _SIZES[ctype] * _evaluate(size, names)
+    return total
