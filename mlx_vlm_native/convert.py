@@ -24,6 +24,17 @@ def cast(model: nn.Module, dtype) -> None:
     model.update(tree_map_with_path(f, model.parameters()))
 
 
+def quantize_language_model(model: nn.Module, config: dict, bits: int = 4, group_size: int = 64, quantize_vision: bool = False):
+    """mlx-lm quantization of the language model; the vision tower and projector
+    stay in float unless `quantize_vision`."""
+    from mlx_lm.utils import quantize_model
+
+    def predicate(path, module):
+        return quantize_vision or not path.startswith(MULTIMODAL_PREFIXES)
+
+    return quantize_model(model, config, group_size, bits, quant_predicate=predicate)
+
+
 def convert(
     hf_path: str,
     mlx_path: str = "mlx_model",
@@ -34,8 +45,6 @@ def convert(
     quantize_vision: bool = False,
     revision: Optional[str] = None,
 ) -> Path:
-    from mlx_lm.utils import quantize_model
-
     src = get_model_path(hf_path, revision)
     dst = Path(mlx_path)
     if dst.exists() and any(dst.iterdir()):
@@ -50,11 +59,8 @@ def convert(
         cast(model, DTYPES[dtype])
         config["torch_dtype"] = dtype
     if quantize:
-        def predicate(path, module):
-            return quantize_vision or not path.startswith(MULTIMODAL_PREFIXES)
-
         print(f"[INFO] Quantizing to {q_bits} bits, group size {q_group_size}")
-        model, config = quantize_model(model, config, q_group_size, q_bits, quant_predicate=predicate)
+        model, config = quantize_language_model(model, config, q_bits, q_group_size, quantize_vision)
     save_weights(dst, model)
     copy_side_files(src, dst)
     save_config(config, dst)

@@ -16,9 +16,9 @@ from mlx.utils import tree_unflatten
 
 def fuse(model: str, adapter_path: str, save_path: str, dequantize: bool = False,
          quantize: bool = False, q_bits: int = 4, q_group_size: int = 64) -> Path:
-    from mlx_lm.utils import dequantize_model, quantize_model
+    from mlx_lm.utils import dequantize_model
 
-    from .convert import MULTIMODAL_PREFIXES
+    from .convert import quantize_language_model
     from .utils import copy_side_files, get_model_path, load, load_config, save_config, save_weights
 
     src, dst = get_model_path(model), Path(save_path)
@@ -35,8 +35,7 @@ def fuse(model: str, adapter_path: str, save_path: str, dequantize: bool = False
     if quantize:
         if "quantization" in config:
             raise ValueError("the base is already quantized: fuse without -q (or with --dequantize)")
-        base, config = quantize_model(base, config, q_group_size, q_bits,
-                                      quant_predicate=lambda p, m: not p.startswith(MULTIMODAL_PREFIXES))
+        base, config = quantize_language_model(base, config, q_bits, q_group_size)
     save_weights(dst, base)
     copy_side_files(src, dst)
     save_config(config, dst)

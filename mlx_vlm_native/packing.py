@@ -104,6 +104,17 @@ def pack_of_packs(packs: Sequence[Pack]) -> Pack:
     )
 
 
+def split_by_prompt(features, batch: Sequence) -> list:
+    """Rows of a batch's packed vision features, one slice per prompt
+    (`inputs.vision_tokens` each; None for a prompt without images)."""
+    out, start = [], 0
+    for inputs in batch:
+        n = inputs.vision_tokens
+        out.append(features[start : start + n] if n else None)
+        start += n
+    return out
+
+
 def unpack(x, lengths: Sequence[int]) -> list:
     """Split a packed (N, ...) array back into per-image arrays."""
     bounds = np.cumsum(lengths)[:-1].tolist()

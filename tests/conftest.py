@@ -18,6 +18,22 @@ def make_image(h: int, w: int, seed: int = 0) -> Image.Image:
     return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8))
 
 
+@pytest.fixture
+def vision_calls(monkeypatch):
+    """The number of packed images in each call of the NaViT tower, as a list."""
+    from mlx_vlm_native.models.qwen2_vision import VisionModel
+
+    calls = []
+    original = VisionModel.__call__
+
+    def counting(self, pack, *args, **kwargs):
+        calls.append(len(pack.grids))
+        return original(self, pack, *args, **kwargs)
+
+    monkeypatch.setattr(VisionModel, "__call__", counting)
+    return calls
+
+
 @pytest.fixture(scope="session")
 def tiny_hf_dir(tmp_path_factory):
     """A tiny random LLaVA-OneVision checkpoint as transformers itself writes it."""

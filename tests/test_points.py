@@ -17,7 +17,6 @@ from conftest import make_image
 from mlx_vlm_native import batch_generate, generate, load
 from mlx_vlm_native.convert import convert
 from mlx_vlm_native.models.points_v15 import Model
-from mlx_vlm_native.models.qwen2_vision import VisionModel
 from mlx_vlm_native.random_checkpoint import write_checkpoint
 from mlx_vlm_native.utils import load_weights
 
@@ -131,21 +130,14 @@ def test_custom_llama_split_follows_the_reference_formulas(custom_llama_layout):
     assert np.abs(np.array(mlp(xm)) - ours).max() <= 1e-5
 
 
-def test_batch_runs_one_encoder_call(qwen2_layout, monkeypatch):
+def test_batch_runs_one_encoder_call(qwen2_layout, vision_calls):
     _, model, processor = qwen2_layout
     prompts = ["A.", "B.", "C."]
     images = [[make_image(90, 130, 1)], [make_image(200, 60, 2), make_image(56, 56, 3)], [make_image(150, 150, 4)]]
     singles = [generate(model, processor, p, images=i, max_tokens=5) for p, i in zip(prompts, images)]
-    calls = []
-    original = VisionModel.__call__
-
-    def counting(self, pack, *args, **kwargs):
-        calls.append(len(pack.grids))
-        return original(self, pack, *args, **kwargs)
-
-    monkeypatch.setattr(VisionModel, "__call__", counting)
+    vision_calls.clear()  # the single-prompt runs above
     batched = batch_generate(model, processor, prompts, images=images, max_tokens=5)
-    assert calls == [4]
+    assert vision_calls == [4]
     assert [r.text for r in batched] == [r.text for r in singles]
 
 

@@ -13,7 +13,6 @@ import torch
 from conftest import make_image
 from mlx_vlm_native import batch_generate, generate, load, stream_generate
 from mlx_vlm_native.models import qwen2_vl
-from mlx_vlm_native.models.qwen2_vision import VisionModel
 from mlx_vlm_native.random_checkpoint import TINY_MAX_PIXELS, TINY_MIN_PIXELS, write_checkpoint
 
 TOL = 1e-4
@@ -160,21 +159,14 @@ def test_rope_index_matches_transformers(family):
     assert delta == int(ref_delta[0, 0])
 
 
-def test_batch_of_prompts_runs_one_encoder_call(family, monkeypatch):
+def test_batch_of_prompts_runs_one_encoder_call(family, vision_calls):
     _, _, model, processor = family
     prompts = ["One image.", "Two images.", "No image.", "A tall image."]
     images = [[make_image(120, 200, 1)], [make_image(60, 60, 2), make_image(300, 90, 3)], [], [make_image(400, 50, 4)]]
     singles = [generate(model, processor, p, images=i, max_tokens=6) for p, i in zip(prompts, images)]
-    calls = []
-    original = VisionModel.__call__
-
-    def counting(self, pack, *args, **kwargs):
-        calls.append(len(pack.grids))
-        return original(self, pack, *args, **kwargs)
-
-    monkeypatch.setattr(VisionModel, "__call__", counting)
+    vision_calls.clear()  # the single-prompt runs above
     batched = batch_generate(model, processor, prompts, images=images, max_tokens=6)
-    assert calls == [4]  # one packed call holding all four images
+    assert vision_calls == [4]  # one packed call holding all four images
     assert [r.text for r in batched] == [r.text for r in singles]
     assert [r.prompt_tokens for r in batched] == [r.prompt_tokens for r in singles]
 

@@ -1,6 +1,9 @@
 import inspect
 from dataclasses import dataclass
 
+import mlx.core as mx
+import numpy as np
+
 
 @dataclass
 class BaseModelArgs:
@@ -56,9 +59,6 @@ def text_config_for_mlx_lm(cfg: dict, tie_word_embeddings=None) -> dict:
 def resize_bilinear(x, rows: int, cols: int):
     """(H, W, D) -> (rows, cols, D) bilinear, matching torch's
     `interpolate(mode="bilinear", align_corners=False)` without antialiasing."""
-    import mlx.core as mx
-    import numpy as np
-
     def weights(n_in: int, n_out: int) -> np.ndarray:
         src = (np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5
         src = np.maximum(src, 0.0)
@@ -76,3 +76,14 @@ def resize_bilinear(x, rows: int, cols: int):
     wc = mx.array(weights(W, cols)).astype(x.dtype)
     x = (wr @ x.reshape(H, W * D)).reshape(rows, W, D)
     return mx.einsum("cw,rwd->rcd", wc, x)
+
+
+def scatter_features(embeds: mx.array, mask: np.ndarray, features: mx.array) -> mx.array:
+    """Put `features` rows, in order, at the True positions of `mask` (L,)."""
+    if int(mask.sum()) != features.shape[0]:
+        raise ValueError(
+            f"{int(mask.sum())} placeholder tokens but {features.shape[0]} feature vectors"
+        )
+    index = np.maximum(np.cumsum(mask) - 1, 0)
+    gathered = features[mx.array(index)]
+    return mx.where(mx.array(mask)[:, None], gathered.astype(embeds.dtype), embeds)

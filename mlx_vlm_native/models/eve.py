@@ -23,7 +23,7 @@ from mlx_lm.models.activations import swiglu
 from mlx_lm.models.base import scaled_dot_product_attention
 from mlx_lm.models.base import create_attention_mask
 
-from .base import BaseModelArgs, text_config_for_mlx_lm
+from .base import BaseModelArgs, scatter_features, text_config_for_mlx_lm
 
 IMAGE_TOKEN_INDEX = -200  # what the reference's `tokenizer_image_token` puts for <image>
 
@@ -178,17 +178,6 @@ class Projector(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         return self.linear_2(nn.gelu(self.linear_1(x)))
-
-
-def scatter_features(embeds: mx.array, mask: np.ndarray, features: mx.array) -> mx.array:
-    """Put `features` rows, in order, at the True positions of `mask` (L,)."""
-    if int(mask.sum()) != features.shape[0]:
-        raise ValueError(
-            f"{int(mask.sum())} image placeholder tokens but {features.shape[0]} image tokens"
-        )
-    index = np.maximum(np.cumsum(mask) - 1, 0)
-    gathered = features[mx.array(index)]
-    return mx.where(mx.array(mask)[:, None], gathered.astype(embeds.dtype), embeds)
 
 
 class Model(nn.Module):

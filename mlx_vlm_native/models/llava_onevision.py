@@ -15,7 +15,7 @@ import numpy as np
 from mlx_lm.models import qwen2
 
 from ..processors.llava_onevision import AnyResLayout, anyres_layout, parse_max_tiles
-from .base import BaseModelArgs, resize_bilinear, text_config_for_mlx_lm
+from .base import BaseModelArgs, resize_bilinear, scatter_features, text_config_for_mlx_lm
 from .siglip import VisionConfig, VisionModel
 
 
@@ -75,17 +75,6 @@ class Projector(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         return self.linear_2(nn.gelu(self.linear_1(x)))
-
-
-def scatter_features(embeds: mx.array, mask: np.ndarray, features: mx.array) -> mx.array:
-    """Put `features` rows, in order, at the True positions of `mask` (L,)."""
-    if int(mask.sum()) != features.shape[0]:
-        raise ValueError(
-            f"{int(mask.sum())} placeholder tokens but {features.shape[0]} feature vectors"
-        )
-    index = np.maximum(np.cumsum(mask) - 1, 0)
-    gathered = features[mx.array(index)]
-    return mx.where(mx.array(mask)[:, None], gathered.astype(embeds.dtype), embeds)
 
 
 class Model(nn.Module):

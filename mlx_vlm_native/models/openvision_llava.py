@@ -17,8 +17,7 @@ import numpy as np
 
 from ..processors.image import ImageInput, load_image
 from ..processors.prompt import expand_placeholders, load_chat_template, user_turn
-from .base import BaseModelArgs, text_config_for_mlx_lm
-from .llava_onevision import scatter_features
+from .base import BaseModelArgs, scatter_features, text_config_for_mlx_lm
 from .openvision import IMAGENET_MEAN, IMAGENET_STD, VisionConfig, VisionTransformer
 
 
@@ -160,8 +159,7 @@ class Processor:
     def format_prompt(self, prompt: str, num_images: int = 0, num_videos: int = 0) -> str:
         if num_videos:
             raise ValueError("this model takes images, not videos")
-        content = [{"type": "image"}] * num_images + [{"type": "text", "text": prompt}]
-        return user_turn(self.tokenizer, self.chat_template, content, "<image>\n" * num_images + prompt)
+        return user_turn(self.tokenizer, self.chat_template, prompt, num_images, 0, "<image>\n" * num_images + prompt)
 
     def pixels(self, image: ImageInput) -> np.ndarray:
         from ..training.data import center_crop_pixels

@@ -14,9 +14,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models import qwen2
 
-from ..packing import pack_of_packs
-from .base import BaseModelArgs, text_config_for_mlx_lm
-from .llava_onevision import scatter_features
+from ..packing import pack_of_packs, split_by_prompt
+from .base import BaseModelArgs, scatter_features, text_config_for_mlx_lm
 from .qwen2_vision import PatchMerger, VisionConfig, VisionModel
 
 # CustomLlama config names -> Qwen2 names
@@ -110,12 +109,7 @@ class Model(nn.Module):
         if not packs:
             return [None] * len(batch)
         features = self.vision_projector(self.vision_encoder(pack_of_packs(packs), merge=False))
-        out, start = [], 0
-        for inputs in batch:
-            n = inputs.vision_tokens
-            out.append(features[start : start + n] if n else None)
-            start += n
-        return out
+        return split_by_prompt(features, batch)
 
     def get_input_embeddings(self, inputs, vision_features: Optional[mx.array] = None) -> mx.array:
         embeds = self.llm.model.embed_tokens(mx.array(inputs.input_ids))

@@ -16,9 +16,8 @@ import mlx.nn as nn
 import numpy as np
 from mlx_lm.models import qwen2
 
-from ..packing import pack_of_packs
-from .base import BaseModelArgs, text_config_for_mlx_lm
-from .llava_onevision import scatter_features
+from ..packing import pack_of_packs, split_by_prompt
+from .base import BaseModelArgs, scatter_features, text_config_for_mlx_lm
 from .qwen2_vision import VisionConfig, VisionModel
 
 TEXT, IMAGE, VIDEO = 0, 1, 2
@@ -182,13 +181,7 @@ class Model(nn.Module):
         packs = [inputs.pack for inputs in batch if inputs.pack is not None]
         if not packs:
             return [None] * len(batch)
-        features = self.visual(pack_of_packs(packs))
-        out, start = [], 0
-        for inputs in batch:
-            n = inputs.vision_tokens
-            out.append(features[start : start + n] if n else None)
-            start += n
-        return out
+        return split_by_prompt(self.visual(pack_of_packs(packs)), batch)
 
     def get_input_embeddings(self, inputs, vision_features: Optional[mx.array] = None) -> mx.array:
         """Token embeddings with the vision features in place, (1, L, D); also

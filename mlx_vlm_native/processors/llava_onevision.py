@@ -206,10 +206,8 @@ class LlavaOnevisionProcessor(ChatTemplateMessages):
 
     def format_prompt(self, prompt: str, num_images: int = 0, num_videos: int = 0) -> str:
         """A user turn with the images/videos placed as the chat template puts them."""
-        content = [{"type": "image"}] * num_images + [{"type": "video"}] * num_videos
-        content = content + [{"type": "text", "text": prompt}]
         fallback = "<image>\n" * num_images + "<video>\n" * num_videos + prompt
-        return user_turn(self.tokenizer, self.chat_template, content, fallback)
+        return user_turn(self.tokenizer, self.chat_template, prompt, num_images, num_videos, fallback)
 
     def __call__(
         self,

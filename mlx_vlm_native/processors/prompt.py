@@ -54,8 +54,12 @@ def render_messages(tokenizer, template: Optional[str], messages: list, add_gene
     )
 
 
-def user_turn(tokenizer, template: Optional[str], content: list, fallback: str) -> str:
-    """One user message through the chat template, ready for the answer."""
+def user_turn(tokenizer, template: Optional[str], prompt: str, num_images: int, num_videos: int,
+              fallback: str) -> str:
+    """One user message (media first, then the text) through the chat template,
+    ready for the answer; `fallback` when the model has no template."""
+    content = [{"type": "image"}] * num_images + [{"type": "video"}] * num_videos
+    content = content + [{"type": "text", "text": prompt}]
     text = render_messages(tokenizer, template, [{"role": "user", "content": content}])
     return fallback if text is None else text
 

@@ -118,13 +118,11 @@ class Qwen2VLProcessor(ChatTemplateMessages):
         return self.vision_start + self.image_pad + self.vision_end
 
     def format_prompt(self, prompt: str, num_images: int = 0, num_videos: int = 0) -> str:
-        content = [{"type": "image"}] * num_images + [{"type": "video"}] * num_videos
-        content = content + [{"type": "text", "text": prompt}]
         fallback = (
             self.image_placeholder() * num_images
             + (self.vision_start + self.video_pad + self.vision_end) * num_videos + prompt
         )
-        return user_turn(self.tokenizer, self.chat_template, content, fallback)
+        return user_turn(self.tokenizer, self.chat_template, prompt, num_images, num_videos, fallback)
 
     def __call__(
         self,
