@@ -42,7 +42,8 @@ def test_source_assembly_follows_mlx():
     launch, _ = launches("cuda", case)["fwd"]
     source = cuda_source(launch)
     name = cuda_kernel_name(launch)
-    assert name == "custom_kernel_varlen_attention_fwd_float16_2_80_32"
+    assert name == f"custom_kernel_{launch.spec.kernel_name}_float16_2_80_32"
+    assert launch.spec.kernel_name.startswith("varlen_attention_fwd_")
     assert f"__global__ void {name}(\n    const __half* q,\n" in source
     assert "    const int32_t* items,\n    const float* scale,\n    __half* out,\n    float* lse) {" in source
     assert "  using T = __half;\n  constexpr int H = 2;\n  constexpr int D = 80;\n  constexpr int BK = 32;" in source

@@ -5,6 +5,7 @@ A `Launch` holds everything `mx.fast.metal_kernel` / `mx.fast.cuda_kernel` and
 their call need, so the same object runs on a GPU and, in the tests, through the
 CPU emulator."""
 
+import hashlib
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -39,6 +40,14 @@ class KernelSpec:
     @property
     def header(self) -> str:
         return read_source(self.header_file) if self.header_file else ""
+
+    @property
+    def kernel_name(self) -> str:
+        """The name MLX compiles and caches the kernel under. MLX's CUDA backend
+        caches PTX on disk by name (/tmp/mlx/<version>/ptx), so the name carries a
+        hash of the source: an edited kernel never runs stale code."""
+        digest = hashlib.sha256((self.header + self.source).encode()).hexdigest()[:10]
+        return f"{self.name}_{digest}"
 
     @property
     def language(self) -> str:
@@ -76,7 +85,7 @@ def build_kernel(spec: KernelSpec):
     if spec not in _kernels:
         make = mx.fast.metal_kernel if spec.language == "metal" else mx.fast.cuda_kernel
         _kernels[spec] = make(
-            name=spec.name, input_names=list(spec.input_names),
+            name=spec.kernel_name, input_names=list(spec.input_names),
             output_names=list(spec.output_names), source=spec.source, header=spec.header,
         )
     return _kernels[spec]

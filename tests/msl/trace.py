@@ -94,4 +94,4 @@ def cuda_kernel_name(launch: Launch) -> str:
             suffix += f"_{value}"
         else:
             suffix += "_" + MLX_TYPE_NAMES[value]
-    return f"custom_kernel_{launch.spec.name}{suffix}"
+    return f"custom_kernel_{launch.spec.kernel_name}{suffix}"
