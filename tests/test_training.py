@@ -167,6 +167,24 @@ def test_tar_shards_stream_and_resume(dataset_dir):
         tdata.CaptionShards([dataset_dir / "missing.tar"])
 
 
+def test_augmentation_is_seeded_by_sample_position(dataset_dir):
+    ds = tdata.CaptionFolder(dataset_dir / "folder" / "captions.jsonl", seed=0)
+    sample = next(ds.iterate())[0]
+    assert sample.key == (0, 0)
+    args = (24, ovc.IMAGE_MEAN, ovc.IMAGE_STD)
+    a = tdata.augmented_pixels(sample, *args, seed=0, area_min=0.4, jitter=0.4)
+    b = tdata.augmented_pixels(sample, *args, seed=0, area_min=0.4, jitter=0.4)
+    assert a.shape == (24, 24, 3) and np.array_equal(a, b)
+    moved = tdata.Sample(sample.image, sample.caption, (1, 0))
+    assert not np.array_equal(a, tdata.augmented_pixels(moved, *args, seed=0, area_min=0.4, jitter=0.4))
+    assert not np.array_equal(a, tdata.augmented_pixels(sample, *args, seed=1, area_min=0.4, jitter=0.4))
+    # a full-area crop of a square image is the plain centre crop
+    full = tdata.augmented_pixels(sample, 32, ovc.IMAGE_MEAN, ovc.IMAGE_STD, seed=0, area_min=1.0, jitter=0.0)
+    np.testing.assert_array_equal(full, tdata.center_crop_pixels(sample.image, 32, ovc.IMAGE_MEAN, ovc.IMAGE_STD))
+    shard_sample = next(tdata.CaptionShards(sorted((dataset_dir / "shards").glob("*.tar"))).iterate())[0]
+    assert shard_sample.key == (0, 0, 0)
+
+
 def test_tokenize_captions(dataset_dir):
     tok = ovc.load_tokenizer(dataset_dir)
     out = tdata.tokenize_captions(tok, ["a red square", "a photo of the cat on the large table sky"], 8, 1, 2, 0)
@@ -285,9 +303,10 @@ def test_stage2_from_stage1_regenerates_the_table(dataset_dir, tmp_path):
 
 def test_resume_is_bit_identical(dataset_dir, tmp_path):
     steps = 8
-    full = openvision2.run(tiny_recipe(dataset_dir, tmp_path / "full", steps), progress=False)
+    augment = {"inception_crop": 0.4, "colour_jitter": 0.4}
+    full = openvision2.run(tiny_recipe(dataset_dir, tmp_path / "full", steps, augment=augment), progress=False)
 
-    recipe = tiny_recipe(dataset_dir, tmp_path / "cut", steps, checkpoint_every=4)
+    recipe = tiny_recipe(dataset_dir, tmp_path / "cut", steps, checkpoint_every=4, augment=augment)
     (tmp_path / "recipe.json").write_text(json.dumps(recipe))
 
     class Interrupted(Exception):
@@ -316,7 +335,8 @@ def test_resume_is_bit_identical(dataset_dir, tmp_path):
     for k in expected:
         assert np.array_equal(expected[k], got[k]), k
     # a wrong resume (no RNG/data restore) must not pass the same check
-    rerun = openvision2.run(tiny_recipe(dataset_dir, tmp_path / "other", steps, seed=1), progress=False)
+    rerun = openvision2.run(tiny_recipe(dataset_dir, tmp_path / "other", steps, seed=1, augment=augment),
+                            progress=False)
     assert not all(np.array_equal(expected[k], v) for k, v in flat(rerun["model"]).items())
 
 

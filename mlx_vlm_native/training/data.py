@@ -28,6 +28,7 @@ IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp")
 class Sample:
     image: Image.Image
     caption: str
+    key: tuple = ()  # where it was read (epoch, ...): seeds its augmentation
 
 
 class CaptionFolder:
@@ -64,7 +65,7 @@ class CaptionFolder:
             for i in range(index, len(order)):
                 path, caption = self.records[order[i]]
                 image = Image.open(self.root / path).convert("RGB")
-                yield Sample(image, caption), {"epoch": epoch, "index": i + 1}
+                yield Sample(image, caption, (epoch, i)), {"epoch": epoch, "index": i + 1}
             epoch, index = epoch + 1, 0
 
 
@@ -144,6 +145,7 @@ class CaptionShards:
                 for k, sample in enumerate(stream):
                     if k < offset:  # resuming: replay the deterministic stream
                         continue
+                    sample.key = (epoch, s, k)
                     yield sample, {"epoch": epoch, "shard": s, "offset": k + 1}
                 offset = 0
             epoch, shard = epoch + 1, 0
@@ -182,6 +184,52 @@ def center_crop_pixels(image: Image.Image, size: int, mean, std) -> np.ndarray:
     left, top = (w - size) // 2, (h - size) // 2
     image = image.crop((left, top, left + size, top + size))
     x = np.asarray(image, dtype=np.float32) / 255.0
+    return (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+
+
+def inception_crop(image: Image.Image, size: int, area_min: float, rng) -> Image.Image:
+    """A random crop of `area_min`..100% of the area, aspect ratio 3/4..4/3
+    (log-uniform), resized to size x size (bilinear); centre crop if 10 tries fail."""
+    w, h = image.size
+    for _ in range(10):
+        area = w * h * rng.uniform(area_min, 1.0)
+        ratio = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3)))
+        cw, ch = int(round(np.sqrt(area * ratio))), int(round(np.sqrt(area / ratio)))
+        if 0 < cw <= w and 0 < ch <= h:
+            left, top = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+            return image.resize((size, size), Image.BILINEAR, box=(left, top, left + cw, top + ch))
+    side = min(w, h)
+    left, top = (w - side) // 2, (h - side) // 2
+    return image.resize((size, size), Image.BILINEAR, box=(left, top, left + side, top + side))
+
+
+def colour_jitter(x: np.ndarray, strength: float, rng, p_jitter: float = 0.8, p_gray: float = 0.2) -> np.ndarray:
+    """SimCLR-style jitter on (H, W, 3) floats in [0, 1]: brightness, contrast and
+    saturation by factors in [1 - s, 1 + s] (random order, prob. p_jitter), then
+    grayscale with prob. p_gray. (The reference also jitters hue by 0.1 s; not done here.)"""
+    gray = lambda a: (a @ np.array([0.299, 0.587, 0.114], np.float32))[..., None]  # noqa: E731
+    if rng.random() < p_jitter:
+        for op in rng.permutation(3):
+            f = np.float32(rng.uniform(1 - strength, 1 + strength))
+            if op == 0:
+                x = x * f
+            elif op == 1:
+                x = (x - gray(x).mean()) * f + gray(x).mean()
+            else:
+                x = (x - gray(x)) * f + gray(x)
+            x = np.clip(x, 0.0, 1.0)
+    if rng.random() < p_gray:
+        x = np.repeat(gray(x), 3, axis=-1)
+    return x
+
+
+def augmented_pixels(sample: Sample, size: int, mean, std, seed: int, area_min: float, jitter: float) -> np.ndarray:
+    """Training pixels (size, size, 3): inception crop + colour jitter, drawn from
+    an RNG seeded by (seed, where the sample was read), so resumed runs repeat them."""
+    rng = np.random.default_rng((seed, *sample.key))
+    x = np.asarray(inception_crop(sample.image, size, area_min, rng), dtype=np.float32) / 255.0
+    if jitter > 0:
+        x = colour_jitter(x, jitter, rng)
     return (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
 
 

@@ -12,7 +12,7 @@ from mlx.utils import tree_flatten
 from .. import openvision_checkpoint as ovc
 from ..models.openvision import DecoderConfig, ModelArgs, VisionConfig
 from .checkpoint import latest_checkpoint, load_checkpoint
-from .data import batches, center_crop_pixels, open_dataset, tokenize_captions
+from .data import augmented_pixels, batches, center_crop_pixels, open_dataset, tokenize_captions
 from .loop import TrainConfig, train
 from .optim import build_optimizer
 
@@ -117,8 +117,16 @@ def run(recipe: dict, resume: Optional[str] = None, progress: bool = True, on_st
     mean, std = recipe.get("image_mean", ovc.IMAGE_MEAN), recipe.get("image_std", ovc.IMAGE_STD)
     dtype = getattr(mx, recipe["compute_dtype"]) if recipe.get("compute_dtype") else mx.float32
 
+    augment = recipe.get("augment") or {}
+    area_min, jitter = augment.get("inception_crop"), augment.get("colour_jitter", 0.0)
+
+    def to_pixels(sample):
+        if area_min is None:
+            return center_crop_pixels(sample.image, size, mean, std)
+        return augmented_pixels(sample, size, mean, std, seed, area_min, jitter)
+
     def collate(samples):
-        pixels = np.stack([center_crop_pixels(s.image, size, mean, std) for s in samples])
+        pixels = np.stack([to_pixels(s) for s in samples])
         text = tokenize_captions(tokenizer, [s.caption for s in samples], max_len,
                                  ids["bos"], ids["eos"], ids["pad"])
         return mx.array(pixels, dtype=dtype), mx.array(text)
