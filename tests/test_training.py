@@ -354,6 +354,21 @@ def test_train_cli_errors(tmp_path, dataset_dir):
         main(["--recipe", str(tmp_path / "r2.json"), "--resume", str(tmp_path / "empty"), "--no-progress"])
 
 
+def test_shipped_recipes_are_consistent():
+    from mlx_vlm_native.train import load_recipe
+
+    s1 = load_recipe(REPO / "train/openvision2/stage1.json")
+    s2 = load_recipe(REPO / "train/openvision2/stage2.json")
+    ids = {"pad": 0, "bos": 101, "eos": 102}
+    a1, a2 = openvision2.model_args(s1["model"], 30522, ids), openvision2.model_args(s2["model"], 30522, ids)
+    assert (a1.vision_config.image_size, a2.vision_config.image_size) == (84, 224)
+    assert a1.vision_config.width == a2.vision_config.width and a1.keep_ratio == a2.keep_ratio == 0.35
+    assert s2["init"] == s1["output"] + "/checkpoints"
+    assert s1["optim"]["betas"] == [0.9, 0.95] and s1["loss_weight"] == 2.0
+    ref = s1["reference"]
+    assert ref["optim"]["lr"] == pytest.approx(8e-6 * 64 * 2) and s2["reference"]["optim"]["lr"] == pytest.approx(4e-7 * 64)
+
+
 def test_rank_batches_split_the_stream():
     stream = iter([(i, {"n": i + 1}) for i in range(8)])
     assert [b for b, _ in openvision2.rank_batches(iter(list(stream)), 1, 2)] == [1, 3, 5, 7]
