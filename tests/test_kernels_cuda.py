@@ -28,7 +28,8 @@ MLX_PREAMBLE = """#include <cuda_fp16.h>
 
 def all_launches():
     out = []
-    for dtype, head_dim in ((mx.float32, 64), (mx.float16, 80), (mx.bfloat16, 128)):
+    # fp16/bf16 with head dims divisible by 16 take the tensor-core (WMMA) forward
+    for dtype, head_dim in ((mx.float32, 64), (mx.float16, 80), (mx.bfloat16, 128), (mx.float16, 72)):
         case = attention_case([1, 5], 2, head_dim, dtype)
         out += [launch for launch, _ in launches("cuda", case).values()]
         q = case["q"]
@@ -67,7 +68,19 @@ def test_sources_compile_with_nvcc(tmp_path):
 
 
 @needs_clang
-@pytest.mark.parametrize("head_dim,dtype", [(64, mx.float32), (80, mx.float16), (128, mx.bfloat16)])
+def test_tensor_core_forward_is_chosen_for_half_types():
+    from mlx_vlm_native.native.attention import forward_launch
+
+    def kernel(head_dim, dtype):
+        case = attention_case([3], 1, head_dim, dtype)
+        return forward_launch("cuda", case["q"], case["k"], case["v"], case["cu"], 1.0).spec.source_file
+
+    assert kernel(80, mx.float16) == kernel(128, mx.bfloat16) == "varlen_attention_fwd_wmma.cu"
+    assert kernel(72, mx.float16) == kernel(80, mx.float32) == "varlen_attention_fwd.cu"
+
+
+@pytest.mark.parametrize("head_dim,dtype", [(64, mx.float32), (80, mx.float16), (128, mx.bfloat16),
+                                            (72, mx.float16), (96, mx.float16)])
 def test_attention_kernels_match_reference(head_dim, dtype):
     from msl.emulator import emulate
 
@@ -102,3 +115,30 @@ def test_emulator_catches_missing_syncthreads():
     launch = with_bug(launch, "  }\n  __syncthreads();\n\n  float s[BK];", "  }\n\n  float s[BK];")
     out, _ = emulate(launch)
     assert not max_diff(out, case["out"]) <= 1e-3
+
+
+@needs_clang
+@pytest.mark.parametrize("old,new", [
+    # K^T read as K: the WMMA operand layout matters
+    ("wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> b;", "wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> b;"),
+    # the rescale reads scratch before the other lanes wrote their scores' O rows
+    ("    __syncwarp();\n    for (int e = lane; e < 256; e += 32) {\n      scratch[e] *=", "    for (int e = lane; e < 256; e += 32) {\n      scratch[e] *="),
+])
+def test_emulator_catches_tensor_core_bugs(old, new):
+    from msl.emulator import emulate
+
+    case = attention_case([1, 17, 70, 100], 1, 64, mx.float16)  # several K/V tiles per segment
+    launch, _ = launches("cuda", case)["fwd"]
+    out, _ = emulate(with_bug(launch, old, new))
+    assert not max_diff(out, case["out"]) <= 1e-2
+
+
+@needs_clang
+def test_emulator_enforces_wmma_alignment():
+    from msl.emulator import EmulatorError, emulate
+
+    case = attention_case([5], 1, 64, mx.float16)
+    launch, _ = launches("cuda", case)["fwd"]
+    launch = with_bug(launch, "wmma::load_matrix_sync(pa, p_tile + kk * 16, BK);", "wmma::load_matrix_sync(pa, p_tile + kk * 16 + 8, BK);")
+    with pytest.raises(EmulatorError, match="aligned"):
+        emulate(launch)

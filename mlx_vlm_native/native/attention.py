@@ -26,6 +26,7 @@ THREADS = {"metal": 128, "cuda": 64}
 def spec(backend: str, kernel: str) -> KernelSpec:
     inputs, outputs = {
         "fwd": (FORWARD_INPUTS, ("out", "lse")),
+        "fwd_wmma": (FORWARD_INPUTS, ("out", "lse")),
         "bwd_dkdv": (BACKWARD_INPUTS, ("dk", "dv")),
         "bwd_dq": (BACKWARD_INPUTS, ("dq",)),
     }[kernel]
@@ -67,14 +68,22 @@ def tile_rows(backend: str, head_dim: int) -> int:
     return 32
 
 
+def uses_tensor_cores(backend: str, q) -> bool:
+    """CUDA fp16/bf16 forward with a head dim WMMA tiles (16) divide: tensor cores."""
+    return backend == "cuda" and q.dtype in (mx.float16, mx.bfloat16) and q.shape[-1] % 16 == 0
+
+
 def forward_launch(backend: str, q, k, v, cu: np.ndarray, scale: float) -> Launch:
     T, H, D = q.shape
     items = work_items(cu, ROWS_PER_GROUP[backend])
     n_items = items.size // 2
+    wmma = uses_tensor_cores(backend, q)
+    threads = 128 if wmma else THREADS[backend]  # WMMA: 4 warps x 16 rows
     return Launch(
-        spec=spec(backend, "fwd"), inputs=[q, k, v, mx.array(cu, mx.int32), items, float(scale)],
+        spec=spec(backend, "fwd_wmma" if wmma else "fwd"),
+        inputs=[q, k, v, mx.array(cu, mx.int32), items, float(scale)],
         template=[("T", q.dtype), ("H", H), ("D", D), ("BK", tile_rows(backend, D))],
-        grid=(THREADS[backend], n_items, H), threadgroup=(THREADS[backend], 1, 1),
+        grid=(threads, n_items, H), threadgroup=(threads, 1, 1),
         output_shapes=[(T, H, D), (T, H)], output_dtypes=[q.dtype, mx.float32],
     )
 

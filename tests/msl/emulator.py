@@ -99,6 +99,7 @@ def _cuda_program(launch: Launch) -> str:
     source = cuda_source(launch)
     names = list(launch.spec.input_names) + list(launch.spec.output_names)
     args = [f"(decltype(arg_type_{i}))buffer(\"{n}\")" for i, n in enumerate(names)]
+    source = re.sub(r"^#include <mma.h>\s*$", "", source, flags=re.M)  # WMMA: cuda_exec.h
     source = re.sub(r"__global__ void (\w+)\(", r"void \1(", source)
     source = source.replace("__shared__", "static")
     # parameter types, for the casts in the call

@@ -23,6 +23,7 @@
 #include <functional>
 #include <limits>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 typedef unsigned int uint;
