@@ -196,3 +196,13 @@ def test_grad_of_a_packing_encoder_goes_through_the_kernel_backward(monkeypatch)
     assert abs(loss_k.item() - loss_d.item()) <= 1e-4
     worst = max(mx.abs(g_k[n] - g_d[n]).max().item() for n in g_d)
     assert worst <= 1e-5, worst  # measured 2.4e-6
+
+
+def test_selftest_is_a_cli_command():
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "mlx_vlm_native", "selftest", "--quick", "--no-timing"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "checks passed" in r.stdout
