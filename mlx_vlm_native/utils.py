@@ -18,7 +18,7 @@ MODEL_REMAPPING = {
     "pointsv1.5_chat": "points_v15",
     "eve-qwen2": "eve",
 }
-SUPPORTED = ("llava_onevision", "qwen2_vl", "points_v15", "eve")
+SUPPORTED = ("llava_onevision", "qwen2_vl", "points_v15", "eve", "openvision_llava")
 
 WEIGHT_PATTERNS = ["*.safetensors", "*.safetensors.index.json"]
 SIDE_FILE_PATTERNS = [

@@ -75,3 +75,25 @@ def test_errors_and_sanitize(setup):
         "multi_modal_projector.linear_1.weight", "language_model.model.layers.0.self_attn.q_proj.weight",
         "language_model.lm_head.weight"])
     assert out["vision_tower.conv1.weight"].shape == (32, 7, 7, 3)
+
+
+def test_folder_loads_through_load(setup, tmp_path):
+    """Registered model_type: a saved folder comes back through `load()`."""
+    import json
+
+    from mlx_vlm_native import load
+    from mlx_vlm_native.utils import save_weights
+
+    model, processor = setup
+    save_weights(tmp_path, model, progress=False)
+    config = {"model_type": "openvision_llava", "vision_config": VISION_CONFIG, "text_config": TEXT_CONFIG,
+              "vision_feature_layer": -2}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    processor.tokenizer._tokenizer.save_pretrained(str(tmp_path))
+    loaded, loaded_processor = load(str(tmp_path))
+    image = (np.random.default_rng(1).random((30, 40, 3)) * 255).astype(np.uint8)
+    inputs = loaded_processor("a <image> photo", images=[image])
+    ids = mx.array(np.where(inputs.input_ids < 0, 0, inputs.input_ids))[None]
+    a = model(ids, input_embeddings=model.get_input_embeddings(inputs))
+    b = loaded(ids, input_embeddings=loaded.get_input_embeddings(inputs))
+    assert np.array_equal(np.array(a), np.array(b))

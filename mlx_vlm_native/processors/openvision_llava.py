@@ -1,0 +1,3 @@
+"""OpenVision-tower LLaVA processing lives beside its model."""
+
+from ..models.openvision_llava import Processor  # noqa: F401
