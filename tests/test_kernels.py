@@ -3,6 +3,8 @@
 and the selftest command. The kernels themselves: test_kernels_metal.py and
 test_kernels_cuda.py."""
 
+import itertools
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -206,3 +208,28 @@ def test_selftest_is_a_cli_command():
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "checks passed" in r.stdout
+
+
+needs_gpu = pytest.mark.skipif(native.gpu_backend() is None, reason="no Metal or CUDA backend: the kernels run in "
+                               "test_kernels_metal.py / test_kernels_cuda.py on the CPU emulator instead")
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", [mx.float32, mx.float16, mx.bfloat16])
+def test_gpu_kernels_match_reference(dtype):
+    backend = native.gpu_backend()
+    tol = {mx.float32: 1e-4, mx.float16: 1e-2, mx.bfloat16: 5e-2}[dtype]
+    for head_dim, lengths in itertools.product(native.SUPPORTED_HEAD_DIMS, SEGMENT_MIXES):
+        cu, (q, k, v, w) = pack(lengths, 2, head_dim, dtype)
+        out = native.varlen_attention(q, k, v, cu, backend=backend)
+        ref = native.varlen_attention(q, k, v, cu, backend="reference")
+        assert mx.abs(out.astype(mx.float32) - ref.astype(mx.float32)).max().item() <= tol
+        if dtype == mx.float32:
+            def loss(b):
+                return lambda q, k, v: (native.varlen_attention(q, k, v, cu, backend=b) * w).sum()
+
+            for a, b in zip(mx.grad(loss(backend), (0, 1, 2))(q, k, v), mx.grad(loss("reference"), (0, 1, 2))(q, k, v)):
+                assert mx.abs(a - b).max().item() <= tol
+        cos, sin = mx.cos(q[:, 0].astype(mx.float32)), mx.sin(q[:, 0].astype(mx.float32))
+        for got, want in zip(native.rope_2d(q, k, cos, sin, backend=backend), native.rope_2d(q, k, cos, sin, backend="reference")):
+            assert mx.abs(got.astype(mx.float32) - want.astype(mx.float32)).max().item() <= tol

@@ -3,6 +3,8 @@
 and executed by the tests/msl emulator, then compared with the pure-MLX
 references. Seeded bugs show the checker and the emulator can fail."""
 
+import sys
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -11,7 +13,11 @@ from kernel_cases import ATOL, SEGMENT_MIXES, attention_case, launches, max_diff
 from mlx_vlm_native.native import SUPPORTED_HEAD_DIMS, rope
 from msl.check import METAL_THREADGROUP_LIMIT, check, find_clang, threadgroup_bytes
 
-pytestmark = pytest.mark.skipif(find_clang() is None, reason="clang++ not installed (apt-get install clang-19)")
+pytestmark = [
+    pytest.mark.skipif(find_clang() is None, reason="clang++ not installed (apt-get install clang-19)"),
+    pytest.mark.skipif(not sys.platform.startswith("linux"),
+                       reason="the CPU emulator targets Linux; on a Mac, test_kernels.py runs the kernels on the GPU"),
+]
 
 from msl.emulator import EmulatorError, emulate  # noqa: E402
 from msl.trace import metal_source  # noqa: E402
