@@ -10,7 +10,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_map_with_path
 
-from .utils import copy_side_files, get_model_path, load_model, save_config, save_weights
+from .utils import OPEN_CLIP_CONFIG, copy_side_files, get_model_path, load_model, save_config, save_weights
 
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
 MULTIMODAL_PREFIXES = ("vision_tower", "multi_modal_projector", "visual", "vision_encoder", "vision_projector")
@@ -47,6 +47,12 @@ def convert(
 ) -> Path:
     src = get_model_path(hf_path, revision)
     dst = Path(mlx_path)
+    if (src / OPEN_CLIP_CONFIG).exists():  # an OpenVision encoder (+ caption decoder)
+        if quantize:
+            raise ValueError("OpenVision encoder/decoder folders convert without quantization")
+        from . import openvision_checkpoint
+
+        return openvision_checkpoint.convert(src, dst, dtype)
     if dst.exists() and any(dst.iterdir()):
         raise FileExistsError(f"{dst} exists and is not empty; choose another --mlx-path")
     print(f"[INFO] Loading {src}")

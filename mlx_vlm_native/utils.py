@@ -20,7 +20,8 @@ MODEL_REMAPPING = {
 }
 SUPPORTED = ("llava_onevision", "qwen2_vl", "points_v15", "eve", "openvision_llava")
 
-WEIGHT_PATTERNS = ["*.safetensors", "*.safetensors.index.json"]
+OPEN_CLIP_CONFIG = "open_clip_config.json"  # released OpenVision folders
+WEIGHT_PATTERNS = ["*.safetensors", "*.safetensors.index.json", "open_clip_pytorch_model.bin"]
 SIDE_FILE_PATTERNS = [
     "*.json",
     "*.jinja",
@@ -35,7 +36,7 @@ def get_model_path(path_or_repo: str, revision: Optional[str] = None) -> Path:
     """A local folder as is; otherwise download the Hub repo (weights + side files)."""
     path = Path(path_or_repo)
     if path.exists():
-        if not (path / "config.json").exists():
+        if not any((path / f).exists() for f in ("config.json", OPEN_CLIP_CONFIG)):
             raise FileNotFoundError(f"{path} has no config.json: not a model folder")
         return path
     from huggingface_hub import snapshot_download

@@ -251,6 +251,11 @@ def test_bin_checkpoint_and_converter_round_trip(tmp_path, tiny_model):
                                   np.array(tiny_model(x, text, keep_ratio=1.0)))
     with pytest.raises(FileExistsError):
         ovc.convert(src, dst)
+    from mlx_vlm_native.convert import convert  # the `convert` command routes open_clip folders here
+
+    via_command = ovc.load(convert(str(src), str(tmp_path / "via_command")))
+    np.testing.assert_array_equal(np.array(via_command(x, text, keep_ratio=1.0)),
+                                  np.array(tiny_model(x, text, keep_ratio=1.0)))
 
 
 def test_full_clip_checkpoint_keeps_only_the_visual_tower(tmp_path, tiny_dir, tiny_model):
