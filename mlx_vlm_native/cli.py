@@ -1,11 +1,14 @@
-"""`mlx-vlm-native <command>`: generate, convert."""
+"""`mlx-vlm-native <command>`: generate, convert, train, fuse, caption, selftest."""
 
 import importlib
 import os
 import sys
 from pathlib import Path
 
-COMMANDS = {"generate": "generate", "convert": "convert", "train": "train", "caption": "caption", "selftest": "selftest", "fuse": "fuse"}
+COMMANDS = {
+    "generate": "generate", "convert": "convert", "train": "train", "fuse": "fuse",
+    "caption": "caption", "selftest": "selftest",
+}
 OPENBLAS_CANDIDATES = (
     "/usr/lib/x86_64-linux-gnu/libopenblas.so.0",
     "/usr/lib/aarch64-linux-gnu/libopenblas.so.0",
