@@ -2,6 +2,7 @@ import inspect
 from dataclasses import dataclass
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 
 
@@ -87,3 +88,15 @@ def scatter_features(embeds: mx.array, mask: np.ndarray, features: mx.array) -> 
     index = np.maximum(np.cumsum(mask) - 1, 0)
     gathered = features[mx.array(index)]
     return mx.where(mx.array(mask)[:, None], gathered.astype(embeds.dtype), embeds)
+
+
+class MLPProjector(nn.Module):
+    """The LLaVA-style projector: Linear, GELU, Linear into the LM width."""
+
+    def __init__(self, in_dims: int, out_dims: int, bias: bool = True):
+        super().__init__()
+        self.linear_1 = nn.Linear(in_dims, out_dims, bias=bias)
+        self.linear_2 = nn.Linear(out_dims, out_dims, bias=bias)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.linear_2(nn.gelu(self.linear_1(x)))

@@ -23,7 +23,7 @@ from mlx_lm.models.activations import swiglu
 from mlx_lm.models.base import scaled_dot_product_attention
 from mlx_lm.models.base import create_attention_mask
 
-from .base import BaseModelArgs, scatter_features, text_config_for_mlx_lm
+from .base import BaseModelArgs, MLPProjector, scatter_features, text_config_for_mlx_lm
 
 IMAGE_TOKEN_INDEX = -200  # what the reference's `tokenizer_image_token` puts for <image>
 
@@ -169,17 +169,6 @@ class VisionTokenizer(nn.Module):
         return mx.concatenate([cls, rows])
 
 
-class Projector(nn.Module):
-    def __init__(self, args: ModelArgs):
-        super().__init__()
-        D = args.text_config.hidden_size
-        self.linear_1 = nn.Linear(args.mm_hidden_size, D)
-        self.linear_2 = nn.Linear(D, D)
-
-    def __call__(self, x: mx.array) -> mx.array:
-        return self.linear_2(nn.gelu(self.linear_1(x)))
-
-
 class Model(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -191,7 +180,7 @@ class Model(nn.Module):
         else:
             self.vision_tower = VisionTokenizer(args)
             # named as in the other families so that `convert -q` leaves it unquantized
-            self.multi_modal_projector = Projector(args)
+            self.multi_modal_projector = MLPProjector(args.mm_hidden_size, args.text_config.hidden_size)
             self.language_model = llama.Model(args.text_config)
 
     @property

@@ -15,7 +15,7 @@ import numpy as np
 from mlx_lm.models import qwen2
 
 from ..processors.llava_onevision import AnyResLayout, anyres_layout, parse_max_tiles
-from .base import BaseModelArgs, resize_bilinear, scatter_features, text_config_for_mlx_lm
+from .base import BaseModelArgs, MLPProjector, resize_bilinear, scatter_features, text_config_for_mlx_lm
 from .siglip import VisionConfig, VisionModel
 
 
@@ -65,25 +65,15 @@ class ModelArgs(BaseModelArgs):
             self.image_grid_pinpoints = [[s * i, s * j] for i in range(1, 7) for j in range(1, 7)]
 
 
-class Projector(nn.Module):
-    def __init__(self, args: ModelArgs):
-        super().__init__()
-        v, t = args.vision_config.hidden_size, args.text_config.hidden_size
-        bias = args.multimodal_projector_bias
-        self.linear_1 = nn.Linear(v, t, bias=bias)
-        self.linear_2 = nn.Linear(t, t, bias=bias)
-
-    def __call__(self, x: mx.array) -> mx.array:
-        return self.linear_2(nn.gelu(self.linear_1(x)))
-
-
 class Model(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
         self.model_type = args.model_type
         self.vision_tower = VisionModel(args.vision_config)
-        self.multi_modal_projector = Projector(args)
+        self.multi_modal_projector = MLPProjector(
+            args.vision_config.hidden_size, args.text_config.hidden_size, args.multimodal_projector_bias
+        )
         self.language_model = qwen2.Model(args.text_config)
         self.image_newline = mx.zeros((args.text_config.hidden_size,))
 

@@ -17,7 +17,7 @@ import numpy as np
 
 from ..processors.image import ImageInput, load_image
 from ..processors.prompt import expand_placeholders, load_chat_template, user_turn
-from .base import BaseModelArgs, scatter_features, text_config_for_mlx_lm
+from .base import BaseModelArgs, MLPProjector, scatter_features, text_config_for_mlx_lm
 from .openvision import IMAGENET_MEAN, IMAGENET_STD, VisionConfig, VisionTransformer
 
 
@@ -57,23 +57,13 @@ def language_module(model_type: str):
         raise ValueError(f"mlx-lm has no language model {model_type!r}") from e
 
 
-class Projector(nn.Module):
-    def __init__(self, vision_width: int, hidden: int, bias: bool):
-        super().__init__()
-        self.linear_1 = nn.Linear(vision_width, hidden, bias=bias)
-        self.linear_2 = nn.Linear(hidden, hidden, bias=bias)
-
-    def __call__(self, x: mx.array) -> mx.array:
-        return self.linear_2(nn.gelu(self.linear_1(x)))
-
-
 class Model(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
         self.model_type = args.model_type
         self.vision_tower = VisionTransformer(args.vision_config)
-        self.multi_modal_projector = Projector(
+        self.multi_modal_projector = MLPProjector(
             args.vision_config.width, args.text_config.hidden_size, args.multimodal_projector_bias
         )
         self.language_model = language_module(args.text_model_type).Model(args.text_config)

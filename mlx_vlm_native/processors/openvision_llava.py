@@ -1,3 +1,5 @@
 """OpenVision-tower LLaVA processing lives beside its model."""
 
-from ..models.openvision_llava import Processor  # noqa: F401
+from ..models.openvision_llava import Processor
+
+__all__ = ["Processor"]
