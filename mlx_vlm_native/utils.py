@@ -32,6 +32,19 @@ SIDE_FILE_PATTERNS = [
 NOT_COPIED = {"config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json"}
 
 
+DEFAULT_MODEL = Path(__file__).parent / "default_model"
+
+
+def default_model_path() -> str:
+    """The small model shipped in the package (`train/default_model/` builds it)."""
+    if not (DEFAULT_MODEL / "config.json").exists():
+        raise FileNotFoundError(
+            f"the embedded default model is missing from {DEFAULT_MODEL}; rebuild it with "
+            "`python train/default_model/build.py --install` or pass --model"
+        )
+    return str(DEFAULT_MODEL)
+
+
 def get_model_path(path_or_repo: str, revision: Optional[str] = None) -> Path:
     """A local folder as is; otherwise download the Hub repo (weights + side files)."""
     path = Path(path_or_repo)
@@ -124,12 +137,15 @@ def load_processor(path: Path, model):
 
 
 def load(
-    path_or_repo: str,
+    path_or_repo: Optional[str] = None,
     adapter_path: Optional[str] = None,
     lazy: bool = False,
     revision: Optional[str] = None,
 ):
-    """Load a model folder (MLX or HF layout) or Hub id -> (model, processor)."""
+    """Load a model folder (MLX or HF layout) or Hub id -> (model, processor);
+    without one, the embedded default model."""
+    if path_or_repo is None:
+        path_or_repo = default_model_path()
     path = get_model_path(path_or_repo, revision)
     model, _ = load_model(path, lazy=lazy)
     if adapter_path is not None:

@@ -97,3 +97,40 @@ def test_folder_loads_through_load(setup, tmp_path):
     a = model(ids, input_embeddings=model.get_input_embeddings(inputs))
     b = loaded(ids, input_embeddings=loaded.get_input_embeddings(inputs))
     assert np.array_equal(np.array(a), np.array(b))
+
+
+def test_pad_mode_keeps_the_whole_picture(setup):
+    model, _ = setup
+    from mlx_vlm_native.training.data import center_crop_pixels, pad_to_square_pixels
+
+    image = np.full((20, 60, 3), 128, np.uint8)
+    image[:, :6] = (255, 0, 0)  # a red strip on the far left of a 3:1 picture
+    from PIL import Image
+
+    mean, std = ol.IMAGENET_MEAN, ol.IMAGENET_STD
+    red = (np.array([1.0, 0, 0]) - mean) / std
+    padded = pad_to_square_pixels(Image.fromarray(image), 30, mean, std)
+    cropped = center_crop_pixels(Image.fromarray(image), 30, mean, std)
+    assert np.abs(padded[15, 1] - red).max() < 0.3  # the strip survives padding ...
+    assert np.abs(cropped - red).max(axis=-1).min() > 1.0  # ... and is cut away by the crop
+    assert np.abs(padded[0, 15] - 0).max() < 0.05  # the pad is the mean colour (0 after normalising)
+    args = ol.ModelArgs(vision_config=dict(VISION_CONFIG), text_config=dict(TEXT_CONFIG), image_aspect_ratio="pad")
+    with pytest.raises(ValueError, match="image_aspect_ratio"):
+        ol.ModelArgs(vision_config=dict(VISION_CONFIG), text_config=dict(TEXT_CONFIG), image_aspect_ratio="stretch")
+    processor = ol.Processor(setup[1].tokenizer, args)
+    np.testing.assert_allclose(processor.pixels(image)[0].transpose(1, 2, 0),
+                               pad_to_square_pixels(Image.fromarray(image), 28, mean, std))
+
+
+def test_batched_encoder_call_equals_one_by_one(setup):
+    model, processor = setup
+    rng = np.random.default_rng(1)
+    images = [(rng.random((30 + 5 * i, 40, 3)) * 255).astype(np.uint8) for i in range(3)]
+    batch = [processor("<image> a", images=images[:1]), processor("the", images=[]),
+             processor("<image> <image> b", images=images[1:])]
+    together = model.encode_vision(batch)
+    assert together[1] is None and together[2].shape[0] == 2 * 16
+    for inputs, feats in zip(batch, together):
+        alone = np.array(model.get_input_embeddings(inputs)[0])
+        np.testing.assert_allclose(np.array(model.get_input_embeddings(inputs, vision_features=feats)[0]),
+                                   alone, atol=1e-5)

@@ -2,8 +2,8 @@
 ViT patch tokens -> 2-layer GELU projector -> an mlx-lm language model, the
 setting the OpenVision 2 paper evaluates its encoders in.
 
-Each image is one square view (short side resized, centre crop, ImageNet
-mean/std) giving (image_size / patch_size)^2 tokens at the image placeholder.
+Each image is one square view (short side resized and centre crop, or with
+`image_aspect_ratio: "pad"` padded to a square; ImageNet mean/std) giving (image_size / patch_size)^2 tokens at the image placeholder.
 """
 
 import importlib
@@ -16,7 +16,7 @@ import mlx.nn as nn
 import numpy as np
 
 from ..processors.image import ImageInput, load_image
-from ..processors.prompt import expand_placeholders, load_chat_template, user_turn
+from ..processors.prompt import ChatTemplateMessages, expand_placeholders, load_chat_template, user_turn
 from .base import BaseModelArgs, MLPProjector, scatter_features, text_config_for_mlx_lm
 from .openvision import IMAGENET_MEAN, IMAGENET_STD, VisionConfig, VisionTransformer
 
@@ -33,6 +33,7 @@ class ModelArgs(BaseModelArgs):
     image_mean: Tuple[float, ...] = IMAGENET_MEAN
     image_std: Tuple[float, ...] = IMAGENET_STD
     image_token_id: Optional[int] = None
+    image_aspect_ratio: str = "crop"  # "crop": short side + centre crop; "pad": LLaVA-1.5's pad to square
 
     def __post_init__(self):
         if isinstance(self.vision_config, dict):
@@ -45,6 +46,8 @@ class ModelArgs(BaseModelArgs):
             self.image_token_index = self.image_token_id
         if self.projector_hidden_act != "gelu":
             raise ValueError(f"unsupported projector_hidden_act {self.projector_hidden_act!r}")
+        if self.image_aspect_ratio not in ("crop", "pad"):
+            raise ValueError(f"unsupported image_aspect_ratio {self.image_aspect_ratio!r}; use 'crop' or 'pad'")
         layers = self.vision_config.layers
         if not -layers <= self.vision_feature_layer < layers:
             raise ValueError(f"vision_feature_layer {self.vision_feature_layer} is outside the {layers} ViT blocks")
@@ -78,15 +81,28 @@ class Model(nn.Module):
         tokens = self.vision_tower(x, layer=self.args.vision_feature_layer)["tokens"]
         return self.multi_modal_projector(tokens)
 
-    def get_input_embeddings(self, inputs) -> mx.array:
+    def encode_vision(self, batch: Sequence) -> List[Optional[mx.array]]:
+        """Projected image tokens of every processed prompt in `batch` from ONE
+        tower call (all views are the same size); one (tokens, D) array per prompt."""
+        counts = [len(inputs.pixel_values) for inputs in batch]
+        if not sum(counts):
+            return [None] * len(batch)
+        pixels = mx.array(np.concatenate([p for inputs in batch for p in inputs.pixel_values]))
+        feats = self.image_features(pixels.astype(self.multi_modal_projector.linear_1.weight.dtype))
+        out, start = [], 0
+        for n in counts:
+            out.append(feats[start:start + n].reshape(-1, feats.shape[-1]) if n else None)
+            start += n
+        return out
+
+    def get_input_embeddings(self, inputs, vision_features: Optional[mx.array] = None) -> mx.array:
         """Token embeddings with image features at the placeholders, (1, L, D)."""
         ids = inputs.input_ids
         embeds = self.language_model.model.embed_tokens(mx.array(np.maximum(ids, 0)))
         if inputs.pixel_values:
-            pixels = mx.array(np.concatenate(inputs.pixel_values)).astype(embeds.dtype)
-            feats = self.image_features(pixels)
-            embeds = scatter_features(embeds, ids == self.args.image_token_index,
-                                      feats.reshape(-1, feats.shape[-1]))
+            if vision_features is None:
+                vision_features = self.encode_vision([inputs])[0]
+            embeds = scatter_features(embeds, ids == self.args.image_token_index, vision_features.astype(embeds.dtype))
         return embeds[None]
 
     def __call__(self, inputs: mx.array, cache=None, input_embeddings=None) -> mx.array:
@@ -130,7 +146,7 @@ class ProcessedInputs:
     video_frames: List[np.ndarray]
 
 
-class Processor:
+class Processor(ChatTemplateMessages):
     """Prompt + images -> token ids (placeholders expanded) and pixels."""
 
     def __init__(self, tokenizer, config: ModelArgs, chat_template=None):
@@ -152,10 +168,10 @@ class Processor:
         return user_turn(self.tokenizer, self.chat_template, prompt, num_images, 0, "<image>\n" * num_images + prompt)
 
     def pixels(self, image: ImageInput) -> np.ndarray:
-        from ..training.data import center_crop_pixels
+        from ..training.data import FIT_PIXELS
 
         a = self.config
-        x = center_crop_pixels(load_image(image), self.image_size, a.image_mean, a.image_std)
+        x = FIT_PIXELS[a.image_aspect_ratio](load_image(image), self.image_size, a.image_mean, a.image_std)
         return x.transpose(2, 0, 1)[None]
 
     def tokenize(self, text: str) -> List[int]:

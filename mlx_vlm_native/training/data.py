@@ -187,6 +187,21 @@ def center_crop_pixels(image: Image.Image, size: int, mean, std) -> np.ndarray:
     return (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
 
 
+def pad_to_square_pixels(image: Image.Image, size: int, mean, std) -> np.ndarray:
+    """LLaVA-1.5's "pad": centre the image on a square of the mean colour (no
+    part is lost, whatever the aspect ratio), resize to `size` (bicubic), normalise."""
+    w, h = image.size
+    side = max(w, h)
+    fill = tuple(int(round(255 * m)) for m in mean)
+    square = Image.new("RGB", (side, side), fill)
+    square.paste(image, ((side - w) // 2, (side - h) // 2))
+    x = np.asarray(square.resize((size, size), Image.BICUBIC), dtype=np.float32) / 255.0
+    return (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+
+
+FIT_PIXELS = {"crop": center_crop_pixels, "pad": pad_to_square_pixels}
+
+
 def inception_crop(image: Image.Image, size: int, area_min: float, rng) -> Image.Image:
     """A random crop of `area_min`..100% of the area, aspect ratio 3/4..4/3
     (log-uniform), resized to size x size (bilinear); centre crop if 10 tries fail."""

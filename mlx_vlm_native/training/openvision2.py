@@ -12,7 +12,7 @@ from mlx.utils import tree_flatten
 from .. import openvision_checkpoint as ovc
 from ..models.openvision import DecoderConfig, ModelArgs, VisionConfig
 from .checkpoint import latest_checkpoint, load_checkpoint
-from .data import augmented_pixels, batches, center_crop_pixels, open_dataset, tokenize_captions
+from .data import FIT_PIXELS, augmented_pixels, batches, open_dataset, tokenize_captions
 from .loop import TrainConfig, train
 from .optim import build_optimizer
 
@@ -120,9 +120,11 @@ def run(recipe: dict, resume: Optional[str] = None, progress: bool = True, on_st
     augment = recipe.get("augment") or {}
     area_min, jitter = augment.get("inception_crop"), augment.get("colour_jitter", 0.0)
 
+    fit = FIT_PIXELS[recipe.get("image_fit", "crop")]
+
     def to_pixels(sample):
         if area_min is None:
-            return center_crop_pixels(sample.image, size, mean, std)
+            return fit(sample.image, size, mean, std)
         return augmented_pixels(sample, size, mean, std, seed, area_min, jitter)
 
     def collate(samples):

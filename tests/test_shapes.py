@@ -1,0 +1,102 @@
+"""The procedural shapes world: deterministic, unambiguous questions, answers
+that score back to their values, datasets the finetuning reader accepts."""
+
+import json
+
+import numpy as np
+import pytest
+
+from mlx_vlm_native import shapes
+
+
+def test_same_seed_same_scene_and_pixels():
+    a = shapes.render(shapes.random_scene(np.random.default_rng(5)), np.random.default_rng(6))
+    b = shapes.render(shapes.random_scene(np.random.default_rng(5)), np.random.default_rng(6))
+    assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_scenes_respect_the_layout():
+    rng = np.random.default_rng(0)
+    aspects = []
+    for _ in range(200):
+        scene = shapes.random_scene(rng)
+        cells = [i.cell for i in scene.items]
+        assert len(cells) == len(set(cells)) and len(cells) <= shapes.MAX_OBJECTS
+        if scene.word:
+            assert all(c // 3 != scene.word_cell for c in cells)
+        else:
+            assert cells
+        aspects.append(scene.width / scene.height)
+    assert min(aspects) < 0.7 and max(aspects) > 1.4
+
+
+def test_object_colour_is_drawn_in_its_cell():
+    scene = shapes.Scene(300, 150, "plain", [shapes.Item("square", "red", "large", 0),
+                                              shapes.Item("circle", "blue", "large", 8)])
+    x = np.asarray(shapes.render(scene, np.random.default_rng(0))).astype(int)
+    top_left, bottom_right = x[:50, :100].reshape(-1, 3), x[100:, 200:].reshape(-1, 3)
+    near = lambda px, c: (np.abs(px - np.array(c)).max(axis=1) < 20).mean()  # noqa: E731
+    assert near(top_left, shapes.COLOURS["red"]) > 0.1 and near(top_left, shapes.COLOURS["blue"]) == 0
+    assert near(bottom_right, shapes.COLOURS["blue"]) > 0.1 and near(bottom_right, shapes.COLOURS["red"]) == 0
+
+
+def test_questions_are_unambiguous_or_refused():
+    rng = np.random.default_rng(0)
+    two_circles = shapes.Scene(200, 200, "plain", [shapes.Item("circle", "red", "small", 0),
+                                                    shapes.Item("circle", "blue", "large", 4)])
+    assert shapes.ask(two_circles, "colour", rng) is None  # which circle?
+    assert shapes.ask(two_circles, "word", rng) is None
+    q, a, value = shapes.ask(two_circles, "shape", rng)
+    assert value == "circle" and a.endswith("is a circle.")
+    q, a, value = shapes.ask(two_circles, "count", rng)
+    assert (a, value) == ("There are two shapes.", "two")
+    with pytest.raises(ValueError, match="unknown question type"):
+        shapes.ask(two_circles, "smell", rng)
+
+
+@pytest.mark.parametrize("kind,answer,value", [
+    ("colour", "The star is red.", "red"),
+    ("colour", "The star is Color red", "red"),
+    ("shape", "The red shape is a triangle.", "triangle"),
+    ("shape", "two crosses", "cross"),
+    ("position", "The red star is at the top left.", "top left"),
+    ("position", "The red star is on the left.", "left"),
+    ("position", "The red star is in the center.", "centre"),
+    ("count", "There are four shapes.", "four"),
+    ("word", 'The word is "owl".', "owl"),
+    ("multi_image", "The second image has a star.", "second"),
+    ("colour", "I do not know.", None),
+])
+def test_answer_values(kind, answer, value):
+    assert shapes.answer_value(kind, answer) == value
+
+
+def test_every_generated_answer_scores_as_its_value():
+    rng = np.random.default_rng(1)
+    for _ in range(100):
+        scene, other = shapes.random_scene(rng), shapes.random_scene(rng, with_word=False)
+        for kind in shapes.QUESTION_TYPES + ("size",):
+            qa = shapes.ask(scene, kind, rng, other)
+            if qa is not None and kind != "caption":
+                assert shapes.answer_value(kind, qa[1]) == qa[2], qa
+
+
+def test_dataset_feeds_the_finetuning_reader(tmp_path, tiny_hf_dir):
+    from mlx_vlm_native import load
+    from mlx_vlm_native.training.finetune import ConversationFile, tokenize
+
+    shapes.write_dataset(tmp_path, 30, seed=0, two_image_fraction=0.3)
+    lines = (tmp_path / "conversations.jsonl").read_text().splitlines()
+    assert len(lines) == 30 and len((tmp_path / "captions.jsonl").read_text().splitlines()) == 30
+    assert any(len([c for c in json.loads(x)["messages"][0]["content"] if c["type"] == "image"]) == 2 for x in lines)
+    _, processor = load(str(tiny_hf_dir))
+    data = ConversationFile(tmp_path / "conversations.jsonl", shuffle=False)
+    for i in range(5):
+        inputs, mask = tokenize(processor, data.read(i))
+        assert mask.any() and len(inputs.pixel_values) >= 1
+
+
+def test_held_out_questions_cover_every_type():
+    qs = shapes.held_out_questions(3, seed=0)
+    assert [q.kind for q in qs] == [k for k in shapes.QUESTION_TYPES for _ in range(3)]
+    assert all(len(q.images) == (2 if q.kind == "multi_image" else 1) for q in qs)
