@@ -1,6 +1,9 @@
 """Ask a model about one or more images through the Python API.
 
-    python examples/describe_image.py --model PATH_OR_HUB_ID --image examples/images/shapes.png
+    python examples/describe_image.py --image examples/images/scene.png --prompt "What colour is the star?"
+    python examples/describe_image.py --model PATH_OR_HUB_ID --image photo.jpg
+
+Without --model it uses the small model embedded in the package.
 """
 
 import argparse
@@ -9,9 +12,9 @@ from mlx_vlm_native import generate, load
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser()
-    p.add_argument("--model", required=True)
+    p.add_argument("--model", default=None, help="model folder or Hub id (default: the embedded model)")
     p.add_argument("--image", nargs="+", required=True)
-    p.add_argument("--prompt", default="What is in this image?")
+    p.add_argument("--prompt", default="Describe the image.")
     p.add_argument("--max-tokens", type=int, default=64)
     a = p.parse_args()
 
