@@ -1,4 +1,4 @@
-"""`mlx-vlm-native <command>`: generate, convert, train, fuse, caption, selftest."""
+"""`mlx-vlm-native <command>`: generate, chat, serve, convert, train, fuse, caption, selftest."""
 
 import importlib
 import os
@@ -6,8 +6,8 @@ import sys
 from pathlib import Path
 
 COMMANDS = {
-    "generate": "generate", "convert": "convert", "train": "train", "fuse": "fuse",
-    "caption": "caption", "selftest": "selftest",
+    "generate": "generate", "chat": "chat", "serve": "server", "convert": "convert", "train": "train",
+    "fuse": "fuse", "caption": "caption", "selftest": "selftest",
 }
 OPENBLAS_CANDIDATES = (
     "/usr/lib/x86_64-linux-gnu/libopenblas.so.0",

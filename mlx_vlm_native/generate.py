@@ -29,19 +29,45 @@ def context_length(model) -> int:
     return model.args.text_config.max_position_embeddings
 
 
+class PromptTooLongError(ValueError):
+    """The prompt leaves no room for an answer in the model's context."""
+
+
+def process_checked(model, processor, text: str, images=(), videos=()):
+    """Rendered prompt + media -> processed inputs, checked against the model's context."""
+    inputs = processor(text, images=list(images or []), videos=list(videos or []))
+    n_prompt, limit = len(inputs.input_ids), context_length(model)
+    if n_prompt + 1 > limit:
+        raise PromptTooLongError(
+            f"the prompt is {n_prompt} tokens (images and video included); the model's "
+            f"context is {limit} tokens. Use fewer or smaller images, or fewer frames"
+        )
+    return inputs
+
+
 def prepare_inputs(model, processor, prompt: str, images=(), videos=(), apply_chat_template=True):
     """Prompt + media -> processed inputs, checked against the model's context."""
     images, videos = list(images or []), list(videos or [])
     if apply_chat_template:
         prompt = processor.format_prompt(prompt, len(images), len(videos))
-    inputs = processor(prompt, images=images, videos=videos)
-    n_prompt, limit = len(inputs.input_ids), context_length(model)
-    if n_prompt + 1 > limit:
+    return process_checked(model, processor, prompt, images, videos)
+
+
+def format_chat(processor, messages: list) -> str:
+    """A whole conversation through the chat template, ready for the answer."""
+    format_messages = getattr(processor, "format_messages", None)
+    if format_messages is None:
         raise ValueError(
-            f"the prompt is {n_prompt} tokens (images and video included); the model's "
-            f"context is {limit} tokens. Use fewer or smaller images, or fewer frames"
+            f"{type(processor).__name__} cannot render a conversation (no format_messages); "
+            "use a single prompt with generate instead"
         )
-    return inputs
+    return format_messages(messages, add_generation_prompt=True)
+
+
+def prepare_chat_inputs(model, processor, messages: list, images=()):
+    """OpenAI-like messages ({"role", "content"}: a string or parts {"type": "text"|"image"})
+    + the images of their image parts, in order -> processed, checked inputs."""
+    return process_checked(model, processor, format_chat(processor, messages), images)
 
 
 def stream_generate(
@@ -59,6 +85,27 @@ def stream_generate(
     """Yield the answer piece by piece; the last response carries the stats."""
     tic = time.perf_counter()
     inputs = prepare_inputs(model, processor, prompt, images, videos, apply_chat_template)
+    yield from stream_from_inputs(model, processor, inputs, tic, max_tokens, temperature, top_p, seed)
+
+
+def stream_chat(
+    model,
+    processor,
+    messages: list,
+    images: Sequence = (),
+    max_tokens: int = 256,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: Optional[int] = None,
+) -> Generator[GenerationResponse, None, None]:
+    """`stream_generate` for a conversation: `messages` as in `prepare_chat_inputs`.
+    Bad input (e.g. a prompt too long for the context) raises on the first `next()`."""
+    tic = time.perf_counter()
+    inputs = prepare_chat_inputs(model, processor, messages, images)
+    yield from stream_from_inputs(model, processor, inputs, tic, max_tokens, temperature, top_p, seed)
+
+
+def stream_from_inputs(model, processor, inputs, tic, max_tokens=256, temperature=0.0, top_p=1.0, seed=None):
     embeddings = model.get_input_embeddings(inputs)[0]
     yield from stream_from_embeddings(
         model, processor.tokenizer, inputs.input_ids, embeddings, tic,
@@ -119,6 +166,12 @@ class GenerationResult:
 def generate(model, processor, prompt: str, images=None, videos=None, verbose=False, **kwargs) -> GenerationResult:
     """Generate a whole answer; with `verbose`, stream it and print the stats."""
     return collect(stream_generate(model, processor, prompt, images, videos, **kwargs), verbose)
+
+
+def chat_generate(model, processor, messages: list, images: Sequence = (), verbose=False,
+                  **kwargs) -> GenerationResult:
+    """The whole answer to a conversation (see `stream_chat`)."""
+    return collect(stream_chat(model, processor, messages, images, **kwargs), verbose)
 
 
 def batch_generate(model, processor, prompts: Sequence[str], images: Optional[Sequence[Sequence]] = None,

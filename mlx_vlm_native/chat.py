@@ -1,0 +1,206 @@
+"""`mlx-vlm-native chat`: talk about images in the terminal, the conversation kept.
+
+    mlx-vlm-native chat --model <folder or Hub id> --image photo.jpg
+    > What is in this image?
+    > And what colour is it?      (the model sees the previous answer)
+    > /image other.png            (a new conversation about other.png)
+
+Works with stdin as a pipe too: one question or command per line.
+"""
+
+import argparse
+import itertools
+import shlex
+import sys
+from typing import Iterable, Iterator, List, Optional
+
+HELP = """commands:
+  /image PATH [PATH...]  new image(s): start a new conversation about them
+  /reset                 forget the conversation, keep the images
+  /help                  this help
+  /quit                  leave (end of input, Ctrl-D, does the same)
+anything else is a question about the current image(s)"""
+
+
+class Conversation:
+    """The current images and the turns about them.
+
+    Every conversation starts at an image change or a /reset, so the image
+    placeholders always go into its first user turn."""
+
+    def __init__(self, images: Iterable = ()):
+        self.images = list(images)
+        self.turns: List[dict] = []  # {"role": "user" | "assistant", "content": str}
+
+    def new_images(self, images: Iterable) -> None:
+        self.images = list(images)
+        self.turns = []
+
+    def reset(self) -> None:
+        self.turns = []
+
+    def ask(self, question: str) -> None:
+        self.turns.append({"role": "user", "content": question})
+
+    def answer(self, text: str) -> None:
+        self.turns.append({"role": "assistant", "content": text})
+
+    def withdraw_question(self) -> None:
+        if self.turns and self.turns[-1]["role"] == "user":
+            self.turns.pop()
+
+    def messages(self) -> List[dict]:
+        messages = [dict(turn) for turn in self.turns]
+        if messages and self.images:
+            parts = [{"type": "image"} for _ in self.images]
+            messages[0]["content"] = parts + [{"type": "text", "text": messages[0]["content"]}]
+        return messages
+
+    def drop_oldest_exchange(self) -> bool:
+        """Forget the oldest question and answer, never the first exchange when it
+        carries the images, nor the pending question. False when nothing is left to drop."""
+        first = 2 if self.images else 0
+        if len(self.turns) - first < 3:
+            return False
+        del self.turns[first : first + 2]
+        return True
+
+
+def start_answer(model, processor, conversation: Conversation, sampling: dict, err=sys.stderr) -> Iterator:
+    """The answer's stream, primed so that bad input raises before any text shows.
+    While the conversation is too long for the context, its oldest exchanges go."""
+    from .generate import PromptTooLongError, stream_chat
+
+    while True:
+        stream = stream_chat(model, processor, conversation.messages(), conversation.images, **sampling)
+        try:
+            return itertools.chain([next(stream)], stream)
+        except PromptTooLongError:
+            if not conversation.drop_oldest_exchange():
+                raise
+            print("(the conversation is too long for the model's context: "
+                  "the oldest exchange is forgotten)", file=err)
+
+
+def reply(model, processor, conversation: Conversation, question: str, sampling: dict,
+          verbose: bool = False, out=sys.stdout, err=sys.stderr) -> None:
+    """Stream the answer to `question` and keep both in the conversation."""
+    conversation.ask(question)
+    try:
+        stream = start_answer(model, processor, conversation, sampling, err)
+    except ValueError as e:
+        conversation.withdraw_question()
+        print(f"error: {e}", file=err)
+        return
+    text, last = "", None
+    try:
+        for last in stream:
+            text += last.text
+            print(last.text, end="", flush=True, file=out)
+    except KeyboardInterrupt:
+        print("\n(interrupted)", end="", file=out)
+    print(file=out)
+    conversation.answer(text)
+    if verbose and last is not None:
+        print(f"[prompt: {last.prompt_tokens} tokens, {last.prompt_tps:.1f} tokens/s; "
+              f"answer: {last.generation_tokens} tokens, {last.generation_tps:.1f} tokens/s]", file=out)
+
+
+def load_images(paths: List[str]) -> list:
+    from .processors.image import load_image
+
+    return [load_image(p) for p in paths]
+
+
+def run_command(line: str, conversation: Conversation, out=sys.stdout, err=sys.stderr) -> bool:
+    """Carry out a /command; False when it is time to leave."""
+    from .processors.image import ImageError
+
+    try:
+        name, *args = shlex.split(line)
+    except ValueError as e:
+        print(f"error: {e}", file=err)
+        return True
+    if name in ("/quit", "/exit"):
+        return False
+    if name == "/help":
+        print(HELP, file=out)
+    elif name == "/reset":
+        conversation.reset()
+        print("(conversation cleared; the images are kept)", file=out)
+    elif name == "/image":
+        if not args:
+            print("usage: /image PATH [PATH...]", file=err)
+            return True
+        try:
+            images = load_images(args)
+        except ImageError as e:
+            print(f"error: {e} (the current images and conversation are kept)", file=err)
+            return True
+        conversation.new_images(images)
+        print(f"(new conversation about {', '.join(args)})", file=out)
+    else:
+        print(f"unknown command {name}; /help lists them", file=err)
+    return True
+
+
+def chat_loop(model, processor, conversation: Conversation, lines: Iterable[str], sampling: dict,
+              verbose: bool = False, out=sys.stdout, err=sys.stderr) -> None:
+    for line in lines:
+        line = line.strip()
+        if not line:
+            continue
+        if line.startswith("/"):
+            if not run_command(line, conversation, out, err):
+                return
+            continue
+        reply(model, processor, conversation, line, sampling, verbose, out, err)
+
+
+def read_lines(prompt: str) -> Iterator[str]:
+    while True:
+        try:
+            yield input(prompt)
+        except (EOFError, KeyboardInterrupt):
+            if prompt:  # leave the terminal on a fresh line
+                print()
+            return
+
+
+def setup_arg_parser() -> argparse.ArgumentParser:
+    from .generate import DEFAULT_MODEL
+
+    p = argparse.ArgumentParser(description="Chat about images in the terminal (/help for commands).")
+    p.add_argument("--model", default=DEFAULT_MODEL, required=DEFAULT_MODEL is None,
+                   help="local model folder (MLX or HF layout) or Hugging Face repo id")
+    p.add_argument("--image", nargs="+", default=[], help="image paths or URLs to talk about")
+    p.add_argument("--max-tokens", "-m", type=int, default=256, help="most tokens per answer")
+    p.add_argument("--temperature", "--temp", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--verbose", action="store_true", help="print tokens/s after each answer")
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    from .processors.image import ImageError
+    from .utils import load
+
+    args = setup_arg_parser().parse_args(argv)
+    try:
+        conversation = Conversation(load_images(args.image))
+        print(f"loading {args.model} ...", file=sys.stderr, flush=True)
+        model, processor = load(args.model)
+    except (ImageError, ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+    print("ready: ask about the image(s); /help lists the commands", file=sys.stderr, flush=True)
+    sampling = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    prompt = "> " if sys.stdin.isatty() else ""
+    chat_loop(model, processor, conversation, read_lines(prompt), sampling, args.verbose)
+
+
+if __name__ == "__main__":
+    from .cli import ensure_fast_blas
+
+    ensure_fast_blas()
+    main()

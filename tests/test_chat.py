@@ -1,0 +1,148 @@
+"""`mlx-vlm-native chat`: the conversation it keeps, its commands, and the
+command itself with piped stdin."""
+
+import io
+import re
+import subprocess
+import sys
+
+import pytest
+
+from conftest import make_image
+from mlx_vlm_native.chat import Conversation, chat_loop
+from mlx_vlm_native.generate import chat_generate, generate
+from mlx_vlm_native.random_checkpoint import write_checkpoint
+
+SAMPLING = dict(max_tokens=6, temperature=0.0, top_p=1.0, seed=None)
+STATS = re.compile(r"\[prompt: (\d+) tokens, [\d.]+ tokens/s; answer: (\d+) tokens")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return write_checkpoint(tmp_path_factory.mktemp("chat_model"), "tiny-56")
+
+
+@pytest.fixture(scope="module")
+def loaded(model_dir):
+    from mlx_vlm_native import load
+
+    return load(str(model_dir))
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("chat_images")
+    paths = [folder / "a.png", folder / "b.png"]
+    make_image(60, 90, 0).save(paths[0])
+    make_image(70, 50, 1).save(paths[1])
+    return [str(p) for p in paths]
+
+
+def talk(loaded, lines, conversation=None, verbose=True, **sampling):
+    """(stdout, stderr, conversation) of the REPL fed `lines`."""
+    out, err = io.StringIO(), io.StringIO()
+    conversation = conversation or Conversation()
+    chat_loop(*loaded, conversation, lines, {**SAMPLING, **sampling}, verbose, out, err)
+    return out.getvalue(), err.getvalue(), conversation
+
+
+def prompt_tokens(stdout: str) -> list:
+    return [(int(p), int(a)) for p, a in STATS.findall(stdout)]
+
+
+def test_messages_carry_images_in_the_first_user_turn():
+    conversation = Conversation(images=["a", "b"])
+    conversation.ask("What is this?")
+    conversation.answer("A cat.")
+    conversation.ask("What colour?")
+    assert conversation.messages() == [
+        {"role": "user", "content": [{"type": "image"}, {"type": "image"},
+                                     {"type": "text", "text": "What is this?"}]},
+        {"role": "assistant", "content": "A cat."},
+        {"role": "user", "content": "What colour?"},
+    ]
+    conversation.reset()
+    conversation.ask("Again?")
+    assert conversation.messages()[0]["content"][:2] == [{"type": "image"}, {"type": "image"}]
+    conversation.new_images([])
+    conversation.ask("Hello")
+    assert conversation.messages() == [{"role": "user", "content": "Hello"}]
+
+
+def test_dropping_old_exchanges_keeps_the_image_turn_and_the_question():
+    conversation = Conversation(images=["a"])
+    for i in range(3):
+        conversation.ask(f"q{i}")
+        conversation.answer(f"a{i}")
+    conversation.ask("q3")
+    assert conversation.drop_oldest_exchange()
+    assert [t["content"] for t in conversation.turns] == ["q0", "a0", "q2", "a2", "q3"]
+    assert conversation.drop_oldest_exchange()
+    assert not conversation.drop_oldest_exchange()
+    assert [t["content"] for t in conversation.turns] == ["q0", "a0", "q3"]
+
+
+def test_history_is_kept_and_reset(loaded, images):
+    stdout, stderr, conversation = talk(
+        loaded, ["What is in this image?", "And the colours?", "/reset", "What is in this image?"],
+        Conversation([images[0]]))
+    (p1, a1), (p2, _), (p3, _) = prompt_tokens(stdout)
+    assert p2 > p1 + a1  # the first question and answer are in the second prompt
+    assert p3 == p1  # /reset: the images again, without the history
+    assert "conversation cleared" in stdout and not stderr
+    assert len(conversation.turns) == 2
+
+
+def test_the_answers_are_what_chat_generate_gives(loaded, images):
+    model, processor = loaded
+    stdout, _, conversation = talk(loaded, ["Describe it.", "More?"], Conversation([images[0]]), verbose=False)
+    first = generate(model, processor, "Describe it.", images=[images[0]], **SAMPLING)
+    assert conversation.turns[1]["content"] == first.text
+    second = chat_generate(model, processor, conversation.messages()[:3], [images[0]], **SAMPLING)
+    assert conversation.turns[3]["content"] == second.text
+    assert stdout == first.text + "\n" + second.text + "\n"  # no stats without --verbose
+
+
+def test_bad_image_path_keeps_the_session(loaded, images, tmp_path):
+    lines = ["Describe it.", f"/image {tmp_path / 'missing.png'}", "And then?",
+             f"/image {images[1]} {images[0]}", "Compare them.", "/image", "/frobnicate", "/help"]
+    stdout, stderr, conversation = talk(loaded, lines, Conversation([images[0]]))
+    assert "image not found" in stderr and "images and conversation are kept" in stderr
+    (p1, a1), (p2, _), (p3, _) = prompt_tokens(stdout)
+    assert p2 > p1 + a1  # the bad path lost nothing
+    assert len(conversation.images) == 2 and len(conversation.turns) == 2
+    assert "usage: /image" in stderr and "unknown command /frobnicate" in stderr and "/reset" in stdout
+
+
+def test_context_overflow_forgets_old_turns_then_says_so(loaded, images, monkeypatch):
+    model, _ = loaded
+    first = talk(loaded, ["Describe it."], Conversation([images[0]]))[0]
+    (p1, a1), = prompt_tokens(first)
+    # room for the image turn and about two more exchanges
+    monkeypatch.setattr(model.args.text_config, "max_position_embeddings", p1 + 3 * (a1 + 12))
+    questions = ["Describe it.", "And the top?", "And the left?", "And the right?", "And the bottom?"]
+    stdout, stderr, conversation = talk(loaded, questions, Conversation([images[0]]))
+    assert "the oldest exchange is forgotten" in stderr
+    assert len(prompt_tokens(stdout)) == 5  # every question answered
+    assert conversation.turns[0]["content"] == "Describe it." and conversation.turns[-2]["content"] == "And the bottom?"
+    stdout, stderr, conversation = talk(loaded, ["word " * 400, "Short?"], conversation)
+    assert "context is" in stderr and len(prompt_tokens(stdout)) == 1  # the long one refused, the next answered
+
+
+def test_chat_command_with_piped_stdin(model_dir, images, tmp_path):
+    lines = ["What is in this image?", "And the colours?", "/reset", "What is in this image?",
+             f"/image {tmp_path / 'nope.png'}", "Still there?", f"/image {images[1]}", "And this one?",
+             "/quit", "never asked"]
+    r = subprocess.run(
+        [sys.executable, "-m", "mlx_vlm_native.cli", "chat", "--model", str(model_dir), "--image", images[0],
+         "--max-tokens", "5", "--verbose"],
+        input="\n".join(lines) + "\n", capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    stats = prompt_tokens(r.stdout)
+    assert len(stats) == 5  # nothing after /quit
+    (p1, a1), (p2, _), (p3, _), (p4, _), (p5, _) = stats
+    assert p2 > p1 + a1 and p3 == p1 and p4 > p3 and p5 != p1
+    assert "image not found" in r.stderr and "new conversation about" in r.stdout
+    r = subprocess.run([sys.executable, "-m", "mlx_vlm_native.cli", "chat", "--model", str(model_dir),
+                        "--image", str(tmp_path / "nope.png")], input="", capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0 and "image not found" in r.stderr
