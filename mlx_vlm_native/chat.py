@@ -168,11 +168,10 @@ def read_lines(prompt: str) -> Iterator[str]:
 
 
 def setup_arg_parser() -> argparse.ArgumentParser:
-    from .generate import DEFAULT_MODEL
-
     p = argparse.ArgumentParser(description="Chat about images in the terminal (/help for commands).")
-    p.add_argument("--model", default=DEFAULT_MODEL, required=DEFAULT_MODEL is None,
-                   help="local model folder (MLX or HF layout) or Hugging Face repo id")
+    p.add_argument("--model", default=None,
+                   help="local model folder (MLX or HF layout) or Hugging Face repo id "
+                        "(default: the embedded model, see mlx_vlm_native/default_model/README.md)")
     p.add_argument("--image", nargs="+", default=[], help="image paths or URLs to talk about")
     p.add_argument("--max-tokens", "-m", type=int, default=256, help="most tokens per answer")
     p.add_argument("--temperature", "--temp", type=float, default=0.0)
@@ -184,12 +183,13 @@ def setup_arg_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> None:
     from .processors.image import ImageError
+    from .generate import DEFAULT_MODEL_NAME
     from .utils import load
 
     args = setup_arg_parser().parse_args(argv)
     try:
         conversation = Conversation(load_images(args.image))
-        print(f"loading {args.model} ...", file=sys.stderr, flush=True)
+        print(f"loading {args.model or DEFAULT_MODEL_NAME} ...", file=sys.stderr, flush=True)
         model, processor = load(args.model)
     except (ImageError, ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")

@@ -10,7 +10,7 @@ import mlx.core as mx
 from mlx_lm.generate import generate_step
 from mlx_lm.sample_utils import make_sampler
 
-DEFAULT_MODEL = None  # set by the embedded demo model once it ships
+DEFAULT_MODEL_NAME = "mlx-vlm-native-default"  # how the embedded model is named (server, logs)
 
 
 @dataclass
@@ -223,8 +223,9 @@ def print_stats(r: GenerationResponse, file=sys.stdout) -> None:
 
 def setup_arg_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Answer a prompt about images or a video.")
-    p.add_argument("--model", default=DEFAULT_MODEL, required=DEFAULT_MODEL is None,
-                   help="local model folder (MLX or HF layout) or Hugging Face repo id")
+    p.add_argument("--model", default=None,
+                   help="local model folder (MLX or HF layout) or Hugging Face repo id "
+                        "(default: the embedded model, see mlx_vlm_native/default_model/README.md)")
     p.add_argument("--image", nargs="+", default=[], help="image paths or URLs")
     p.add_argument("--video", default=None,
                    help="a folder of frames or an animated GIF/WebP")

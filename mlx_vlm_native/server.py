@@ -521,12 +521,11 @@ def make_server(model, processor, model_id: str, host: str = "127.0.0.1", port: 
 
 
 def setup_arg_parser() -> argparse.ArgumentParser:
-    from .generate import DEFAULT_MODEL
-
     d = Limits()
     p = argparse.ArgumentParser(description="OpenAI-compatible chat completions server (/v1/chat/completions).")
-    p.add_argument("--model", default=DEFAULT_MODEL, required=DEFAULT_MODEL is None,
-                   help="local model folder (MLX or HF layout) or Hugging Face repo id")
+    p.add_argument("--model", default=None,
+                   help="local model folder (MLX or HF layout) or Hugging Face repo id "
+                        "(default: the embedded model, see mlx_vlm_native/default_model/README.md)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=8080, help="port to listen on (0: any free port)")
     p.add_argument("--max-tokens", type=int, default=d.default_max_tokens,
@@ -541,19 +540,20 @@ def setup_arg_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> None:
+    from .generate import DEFAULT_MODEL_NAME
     from .utils import load
 
     args = setup_arg_parser().parse_args(argv)
     limits = Limits(args.max_request_bytes, args.max_image_bytes, args.max_image_pixels,
                     args.image_timeout, args.max_tokens)
     try:
-        print(f"loading {args.model} ...", file=sys.stderr, flush=True)
+        print(f"loading {args.model or DEFAULT_MODEL_NAME} ...", file=sys.stderr, flush=True)
         model, processor = load(args.model)
-        server = make_server(model, processor, args.model, args.host, args.port, limits)
+        server = make_server(model, processor, args.model or DEFAULT_MODEL_NAME, args.host, args.port, limits)
     except (ValueError, FileNotFoundError, OSError) as e:
         sys.exit(f"error: {e}")
     host, port = server.server_address[:2]
-    print(f"serving {args.model} at http://{host}:{port}/v1 (Ctrl-C stops)", file=sys.stderr, flush=True)
+    print(f"serving {args.model or DEFAULT_MODEL_NAME} at http://{host}:{port}/v1 (Ctrl-C stops)", file=sys.stderr, flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

@@ -69,3 +69,42 @@ def test_missing_default_model_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setattr(utils, "DEFAULT_MODEL", tmp_path / "nope")
     with pytest.raises(FileNotFoundError, match="embedded default model is missing"):
         utils.load()
+
+
+def test_served_over_http_with_a_data_url(default):
+    """The OpenAI-compatible server answering with the embedded model (real HTTP, localhost)."""
+    import base64
+    import threading
+    import urllib.request
+
+    from mlx_vlm_native.server import make_server
+
+    model, processor = default
+    server = make_server(model, processor, "default", port=0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = "data:image/png;base64," + base64.b64encode((ROOT / "examples/images/scene.png").read_bytes()).decode()
+        body = {"messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "What colour is the circle?"}]}]}
+        host, port = server.server_address[:2]
+        request = urllib.request.Request(f"http://{host}:{port}/v1/chat/completions", json.dumps(body).encode(),
+                                         {"Content-Type": "application/json"})
+        reply = json.loads(urllib.request.urlopen(request, timeout=60).read())
+        assert reply["choices"][0]["message"]["content"] == "The circle is red."
+        assert reply["choices"][0]["finish_reason"] == "stop"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_chat_keeps_the_image_and_history():
+    """Piped `chat`: two questions about the same image, then a new image."""
+    script = "What colour is the star?\nWhere is the blue star?\n/image {}\nWhat word is written in the image?\n/quit\n"
+    r = subprocess.run([sys.executable, "-m", "mlx_vlm_native.cli", "chat", "--image",
+                        str(ROOT / "examples/images/scene.png")],
+                       input=script.format(ROOT / "examples/images/word.png"), capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "The star is blue." in r.stdout
+    assert "The blue star is on the right." in r.stdout
+    assert 'The word is "owl".' in r.stdout
