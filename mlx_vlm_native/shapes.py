@@ -194,23 +194,24 @@ def unique(items: Sequence[Item], key) -> List[Item]:
     return [i for i in items if values.count(key(i)) == 1]
 
 
+NAMED_BY = {"colour": lambda i: i.shape, "shape": lambda i: i.colour,
+            "position": lambda i: (i.colour, i.shape), "size": lambda i: i.shape}
+
+
 def ask(scene: Scene, kind: str, rng: np.random.Generator, other: Optional[Scene] = None):
     """(question, answer, expected value) of one type about the scene, or None
     when the scene cannot answer it unambiguously (e.g. two circles)."""
     pick = lambda options: options[int(rng.integers(len(options)))]  # noqa: E731
-    if kind == "colour":
-        items = unique(scene.items, lambda i: i.shape)
+    if kind in NAMED_BY:  # questions about one object, named by what makes it unique
+        items = unique(scene.items, NAMED_BY[kind])
         if not items:
             return None
         item = pick(items)
+    if kind == "colour":
         q = pick([f"What colour is the {item.shape}?", f"What color is the {item.shape}?",
                   f"Which colour is the {item.shape}?"])
         return q, f"The {item.shape} is {item.colour}.", item.colour
     if kind == "shape":
-        items = unique(scene.items, lambda i: i.colour)
-        if not items:
-            return None
-        item = pick(items)
         q = pick([f"What shape is the {item.colour} object?", f"Which shape is {item.colour}?",
                   f"What is the {item.colour} shape?"])
         return q, f"The {item.colour} shape is a {item.shape}.", item.shape
@@ -219,18 +220,10 @@ def ask(scene: Scene, kind: str, rng: np.random.Generator, other: Optional[Scene
         q = pick(["How many shapes are there?", "How many objects are in the image?", "Count the shapes."])
         return q, f"There {'is' if n == 1 else 'are'} {NUMBERS[n]} {plural('shape', n)}.", NUMBERS[n]
     if kind == "position":
-        items = unique(scene.items, lambda i: (i.colour, i.shape))
-        if not items:
-            return None
-        item = pick(items)
         name = f"{item.colour} {item.shape}"
         q = pick([f"Where is the {name}?", f"Where is the {name} in the image?"])
         return q, f"The {name} is {position_phrase(item.position)}.", item.position
     if kind == "size":  # not in the default model's training mix: the LoRA example teaches it
-        items = unique(scene.items, lambda i: i.shape)
-        if not items:
-            return None
-        item = pick(items)
         return f"What size is the {item.shape}?", f"The {item.shape} is {item.size}.", item.size
     if kind == "word":
         if not scene.word:

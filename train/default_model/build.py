@@ -232,10 +232,15 @@ def main(argv=None) -> None:
             run_stage("stage2.json", stage2, model=init, data=data / "conversations.jsonl", output=stage2,
                       steps=a.stage2_steps)
     model_dir = stage2 / "model"
-    scores = evaluate(model_dir, a.eval_per_type)
+    scored = out / "eval.json"
+    if scored.exists() and scored.stat().st_mtime > (model_dir / "config.json").stat().st_mtime:
+        scores = json.loads(scored.read_text())  # this model was evaluated already
+    else:
+        with timed(out, "eval"):
+            scores = evaluate(model_dir, a.eval_per_type)
+        scored.write_text(json.dumps(scores, indent=2))
     for kind, s in scores.items():
         print(f"{kind:12s} {s['accuracy']:6.1%}  ({s['correct']}/{s['total']})")
-    (out / "eval.json").write_text(json.dumps(scores, indent=2))
 
     if a.install:
         r1 = json.loads((HERE / "stage1.json").read_text())
@@ -250,7 +255,8 @@ def main(argv=None) -> None:
             "vocab": t["vocab_size"], "stage1_steps": a.stage1_steps or r1["steps"], "stage1_batch": r1["batch_size"],
             "stage2_steps": a.stage2_steps or r2["steps"], "stage2_batch": r2["micro_batch_size"],
             "train_images": a.images,
-            "train_minutes": sum(json.loads((out / "timings.json").read_text()).values()) / 60,
+            "train_minutes": sum(v for k, v in json.loads((out / "timings.json").read_text()).items()
+                                 if k != "eval") / 60,
             "machine": "2 CPU cores (MLX CPU backend + OpenBLAS)",
             "eval_total": sum(s["total"] for s in scores.values()),
         }
