@@ -20,9 +20,9 @@ if __name__ == "__main__":
     a = p.parse_args()
 
     model, processor = load(a.model)
-    scene, scene2, word = (str(IMAGES / n) for n in ("scene.png", "scene2.png", "word.png"))
-    prompts = ["What colour is the star?", "Which image has a star?", "What word is written in the image?",
+    circle, scene, scene2, word = (str(IMAGES / n) for n in ("circle.png", "scene.png", "scene2.png", "word.png"))
+    prompts = ["What colour is the circle?", "Which image has a star?", "What word is written in the image?",
                "How many shapes are there?"]
-    images = [[scene], [scene, scene2], [word], [scene2]]
+    images = [[circle], [scene, scene2], [word], [scene2]]
     for prompt, result in zip(prompts, batch_generate(model, processor, prompts, images, max_tokens=a.max_tokens)):
         print(f"> {prompt}\n{result.text}\n({result.prompt_tokens} prompt tokens)")

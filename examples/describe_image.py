@@ -1,6 +1,6 @@
 """Ask a model about one or more images through the Python API.
 
-    python examples/describe_image.py --image examples/images/scene.png --prompt "What colour is the star?"
+    python examples/describe_image.py --image examples/images/circle.png --prompt "What colour is the circle?"
     python examples/describe_image.py --model PATH_OR_HUB_ID --image photo.jpg
 
 Without --model it uses the small model embedded in the package.
