@@ -88,7 +88,7 @@ class Model(nn.Module):
         if not sum(counts):
             return [None] * len(batch)
         pixels = mx.array(np.concatenate([p for inputs in batch for p in inputs.pixel_values]))
-        feats = self.image_features(pixels.astype(self.multi_modal_projector.linear_1.weight.dtype))
+        feats = self.image_features(pixels.astype(self.vision_tower.conv1.weight.dtype))
         out, start = [], 0
         for n in counts:
             out.append(feats[start:start + n].reshape(-1, feats.shape[-1]) if n else None)
