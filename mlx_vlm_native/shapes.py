@@ -389,3 +389,18 @@ def evaluate(model, processor, questions: Sequence[Question], max_tokens: int = 
     for s in scores.values():
         s["accuracy"] = s["correct"] / s["total"]
     return scores
+
+
+def lone_colour_accuracy(model, processor, count: int, seed: int) -> float:
+    """Colour questions about fresh pictures that hold a single shape."""
+    from .generate import generate as run
+
+    rng, right = np.random.default_rng(seed), 0
+    for _ in range(count):
+        scene = random_scene(rng, with_word=False)
+        scene.items = scene.items[:1]
+        item = scene.items[0]
+        answer = run(model, processor, f"What colour is the {item.shape}?", images=[render(scene, rng)],
+                     max_tokens=12).text
+        right += answer_value("colour", answer) == item.colour
+    return right / count

@@ -121,19 +121,9 @@ def evaluate(model_dir: Path, per_type: int) -> dict:
 
 
 def lone_colour_accuracy(model_dir: Path, count: int = 100, seed: int = EVAL_SEED + 1) -> float:
-    """Colour questions about pictures with a single shape."""
-    from mlx_vlm_native import generate, load
+    from mlx_vlm_native import load
 
-    model, processor = load(str(model_dir))
-    rng, right = np.random.default_rng(seed), 0
-    for _ in range(count):
-        scene = shapes.random_scene(rng, with_word=False)
-        scene.items = scene.items[:1]
-        item = scene.items[0]
-        answer = generate(model, processor, f"What colour is the {item.shape}?", images=[shapes.render(scene, rng)],
-                          max_tokens=12).text
-        right += shapes.answer_value("colour", answer) == item.colour
-    return right / count
+    return shapes.lone_colour_accuracy(*load(str(model_dir)), count, seed)
 
 
 def size_mb(folder: Path) -> float:
