@@ -3,7 +3,8 @@ ViT patch tokens -> 2-layer GELU projector -> an mlx-lm language model, the
 setting the OpenVision 2 paper evaluates its encoders in.
 
 Each image is one square view (short side resized and centre crop, or with
-`image_aspect_ratio: "pad"` padded to a square; ImageNet mean/std) giving (image_size / patch_size)^2 tokens at the image placeholder.
+`image_aspect_ratio: "pad"` padded to a square; ImageNet mean/std) giving
+(image_size / patch_size)^2 tokens at the image placeholder.
 """
 
 import importlib

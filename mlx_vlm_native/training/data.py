@@ -175,6 +175,10 @@ def batches(dataset, batch_size: int, collate: Callable, position: Optional[dict
             items = []
 
 
+def normalise(x: np.ndarray, mean, std) -> np.ndarray:
+    return (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+
+
 def center_crop_pixels(image: Image.Image, size: int, mean, std) -> np.ndarray:
     """Resize the short side to `size` (bilinear), center-crop, normalise: (size, size, 3)."""
     w, h = image.size
@@ -184,7 +188,7 @@ def center_crop_pixels(image: Image.Image, size: int, mean, std) -> np.ndarray:
     left, top = (w - size) // 2, (h - size) // 2
     image = image.crop((left, top, left + size, top + size))
     x = np.asarray(image, dtype=np.float32) / 255.0
-    return (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+    return normalise(x, mean, std)
 
 
 def pad_to_square_pixels(image: Image.Image, size: int, mean, std) -> np.ndarray:
@@ -196,7 +200,7 @@ def pad_to_square_pixels(image: Image.Image, size: int, mean, std) -> np.ndarray
     square = Image.new("RGB", (side, side), fill)
     square.paste(image, ((side - w) // 2, (side - h) // 2))
     x = np.asarray(square.resize((size, size), Image.BICUBIC), dtype=np.float32) / 255.0
-    return (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+    return normalise(x, mean, std)
 
 
 FIT_PIXELS = {"crop": center_crop_pixels, "pad": pad_to_square_pixels}
@@ -245,7 +249,7 @@ def augmented_pixels(sample: Sample, size: int, mean, std, seed: int, area_min: 
     x = np.asarray(inception_crop(sample.image, size, area_min, rng), dtype=np.float32) / 255.0
     if jitter > 0:
         x = colour_jitter(x, jitter, rng)
-    return (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+    return normalise(x, mean, std)
 
 
 def tokenize_captions(tokenizer, captions: Sequence[str], max_len: int, bos: int, eos: int, pad: int) -> np.ndarray:
