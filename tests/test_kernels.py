@@ -88,11 +88,15 @@ def test_environment_disables_kernels(monkeypatch):
     assert native.gpu_backend() is None
 
 
-def test_apply_rope_uses_the_kernel_on_a_gpu(monkeypatch):
-    x, cos, sin = mx.ones((2, 1, 8)), mx.ones((2, 8)), mx.zeros((2, 8))
+def test_rotate_qk_uses_one_kernel_launch_on_a_gpu(monkeypatch):
+    q, k, cos, sin = mx.ones((2, 1, 8)), mx.ones((2, 1, 8)) * 2, mx.ones((2, 8)), mx.zeros((2, 8))
+    reference = qwen2_vision.rotate_qk(q, k, cos, sin)
+    assert mx.array_equal(reference[0], q) and mx.array_equal(reference[1], k)  # zero angles
+    calls = []
     monkeypatch.setattr(native, "gpu_backend", lambda: "metal")
-    monkeypatch.setattr(native, "rope_2d", lambda q, k, c, s: ("kernel", None))
-    assert qwen2_vision.apply_rope(x, cos, sin) == "kernel"
+    monkeypatch.setattr(native, "rope_2d", lambda q, k, c, s: calls.append((q, k)) or ("q kernel", "k kernel"))
+    assert qwen2_vision.rotate_qk(q, k, cos, sin) == ("q kernel", "k kernel")
+    assert len(calls) == 1 and calls[0][1] is k
 
 
 def test_kernel_failure_names_the_kernel():

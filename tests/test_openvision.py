@@ -339,3 +339,29 @@ def test_variants_match_the_reference_table():
     assert (cfg.width, cfg.layers, cfg.mlp_dim, cfg.heads, cfg.grid) == (1152, 27, 4304, 16, 27)
     dec = ov.DecoderConfig.from_variant("L", 1024, 32000)
     assert (dec.width, dec.depth, dec.mlp_dim, dec.num_heads) == (768, 12, 3072, 12)
+
+
+def test_stem_conv_is_a_stride_two_convolution():
+    mx.random.seed(0)
+    stem = ov.StemConv(5, 7)
+    stem.bias = mx.random.normal((7,))
+    x = mx.random.normal((2, 11, 8, 5))  # odd size: padding 1 gives ceil(11 / 2) rows, as nn.Conv2d does
+    reference = mx.conv2d(x, stem.weight, stride=2, padding=1) + stem.bias
+    out = stem(x)
+    assert out.shape == reference.shape == (2, 6, 4, 7)
+    assert mx.abs(out - reference).max().item() < 1e-5
+
+
+def test_vit_with_a_conv_stem():
+    cfg = ov.VisionConfig(image_size=32, patch_size=8, width=16, layers=1, head_width=8, stem_channels=[4, 6])
+    vit = ov.VisionTransformer(cfg)
+    assert cfg.grid == 4 and vit.conv1.weight.shape == (16, 2, 2, 6)
+    assert [s.weight.shape for s in vit.stem] == [(4, 3, 3, 3), (6, 3, 3, 4)]
+    out = vit(mx.random.normal((3, 32, 32, 3)))
+    assert out["tokens"].shape == (3, 16, 16)
+    # the stem is part of the model: changing its weights changes the tokens
+    before = out["tokens"]
+    vit.stem[0].weight = vit.stem[0].weight * 2
+    assert mx.abs(vit(mx.random.normal((3, 32, 32, 3)))["tokens"] - before).max().item() > 1e-3
+    with pytest.raises(ValueError, match="conv stem's stride 8"):
+        ov.VisionConfig(image_size=32, patch_size=4, width=16, layers=1, head_width=8, stem_channels=[4, 4, 4])

@@ -72,17 +72,22 @@ def rope_2d_angles(positions: np.ndarray, head_dim: int, theta: float) -> mx.arr
 
 
 def apply_rope(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
-    """x (N, H, D) rotated in fp32 by per-token angles (rotate-half convention);
-    on a GPU through the fused native kernel (`native.rope_2d`)."""
-    from .. import native
-
-    if native.gpu_backend() is not None:
-        return native.rope_2d(x, None, cos, sin)[0]
+    """x (N, H, D) rotated in fp32 by per-token angles (rotate-half convention)."""
     dtype = x.dtype
     x = x.astype(mx.float32)
     half = x.shape[-1] // 2
     rotated = mx.concatenate([-x[..., half:], x[..., :half]], axis=-1)
     return (x * cos[:, None] + rotated * sin[:, None]).astype(dtype)
+
+
+def rotate_qk(q: mx.array, k: mx.array, cos: mx.array, sin: mx.array):
+    """`apply_rope` on q and k; on a GPU both in one launch of the fused
+    native kernel (`native.rope_2d`)."""
+    from .. import native
+
+    if native.gpu_backend() is not None:
+        return native.rope_2d(q, k, cos, sin)
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
 
 def window_index(grids, merge: int, window_size: int, patch_size: int):
@@ -114,7 +119,7 @@ class Attention(nn.Module):
     def __call__(self, x, cu_seqlens, cos, sin):
         N, D = x.shape
         q, k, v = self.qkv(x).reshape(N, 3, self.num_heads, -1).transpose(1, 0, 2, 3)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = rotate_qk(q, k, cos, sin)
         return self.proj(packed_attention(q, k, v, cu_seqlens).reshape(N, D))
 
 
