@@ -283,20 +283,32 @@ def answer_value(kind: str, answer: str) -> Optional[str]:
 TRAIN_MIX = {"colour": 0.2, "shape": 0.2, "count": 0.15, "position": 0.2, "word": 0.15, "caption": 0.1}
 
 
+def words(text: str) -> str:
+    return " ".join(re.sub(r"[^a-z]+", " ", text.lower()).split())
+
+
 def conversation(scene: Scene, image: str, rng: np.random.Generator, turns: int = 3,
                  mix: Optional[Dict[str, float]] = None) -> Optional[dict]:
     """An OpenAI-form conversation of `turns` questions about one image; the
-    image goes with the first question. Types are drawn from `mix` (TRAIN_MIX)."""
+    image goes with the first question. Types are drawn from `mix` (TRAIN_MIX).
+    A question whose answer an earlier answer already gives ("The circle is
+    red." then "What shape is the red object?") is skipped: the model must read
+    every answer off the image, as it must when asked once."""
     mix = mix or TRAIN_MIX
     kinds, probs = list(mix), np.array(list(mix.values()))
-    messages, asked = [], set()
+    messages, asked, answered = [], set(), ""
     for _ in range(turns * 4):
         if len(messages) == 2 * turns:
             break
-        qa = ask(scene, kinds[rng.choice(len(kinds), p=probs / probs.sum())], rng)
+        kind = kinds[rng.choice(len(kinds), p=probs / probs.sum())]
+        qa = ask(scene, kind, rng)
         if qa is None or qa[0] in asked:
             continue
+        value = answer_value(kind, qa[1])
+        if value and f" {words(value)} " in answered:
+            continue
         asked.add(qa[0])
+        answered += f" {words(qa[1])} "
         content = [{"type": "text", "text": qa[0]}]
         if not messages:
             content = [{"type": "image", "image": image}] + content

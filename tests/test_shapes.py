@@ -100,3 +100,18 @@ def test_held_out_questions_cover_every_type():
     qs = shapes.held_out_questions(3, seed=0)
     assert [q.kind for q in qs] == [k for k in shapes.QUESTION_TYPES for _ in range(3)]
     assert all(len(q.images) == (2 if q.kind == "multi_image" else 1) for q in qs)
+
+
+def test_later_turns_cannot_copy_an_earlier_answer():
+    """With one red circle, "What colour is the circle?" and "What shape is the
+    red object?" answer each other, so a conversation holds only one of them;
+    a second object gives the second turn something new to ask."""
+    one = shapes.Scene(160, 160, "plain", [shapes.Item("circle", "red", "large", 4)])
+    two = shapes.Scene(160, 160, "plain", [shapes.Item("circle", "red", "large", 4),
+                                           shapes.Item("star", "blue", "small", 0)])
+    mix = {"colour": 0.5, "shape": 0.5}
+    for seed in range(20):
+        rng = np.random.default_rng(seed)
+        assert len(shapes.conversation(one, "x.png", rng, turns=2, mix=mix)["messages"]) == 2
+        answers = [m["content"] for m in shapes.conversation(two, "x.png", rng, turns=2, mix=mix)["messages"][1::2]]
+        assert len(answers) == 2 and shapes.words(answers[1]) not in shapes.words(answers[0])
