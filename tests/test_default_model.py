@@ -32,24 +32,25 @@ def test_shipped_with_card_tokenizer_and_figures():
 
 
 def test_recorded_accuracy_is_well_above_chance():
-    """The card's figures (200 per type): colour and count well above chance
-    (1/8, 1/6). The 90% colour/shape aim is NOT met (see the model card)."""
+    """The card's figures (200 per type) well above chance: colour (1/8), count
+    (1/6), position (1/9), two images (1/2). The 90% colour/shape aim is NOT met
+    (see the model card)."""
     scores = json.loads((DEFAULT_MODEL / "eval.json").read_text())["scores"]
     assert all(s["total"] >= 100 for s in scores.values())
-    assert scores["colour"]["accuracy"] >= 0.45 and scores["count"]["accuracy"] >= 0.45
-    assert scores["multi_image"]["accuracy"] >= 0.65  # chance 0.5
+    assert scores["colour"]["accuracy"] >= 0.4 and scores["count"]["accuracy"] >= 0.8
+    assert scores["position"]["accuracy"] >= 0.2 and scores["multi_image"]["accuracy"] >= 0.7
 
 
 def test_names_the_colour_of_a_lone_shape(default):
-    """What it does reliably: the colour of the only shape in a fresh picture
-    (any shape, size, cell, background, aspect ratio); 32 questions, at least 26 right (the card: 89% of 100)."""
+    """The colour of the only shape in a fresh picture (any shape, size, cell,
+    background, aspect ratio); 32 questions, at least 24 right (measured 27; the card: 73% of 100)."""
     model, processor = default
     right = round(32 * shapes.lone_colour_accuracy(model, processor, 32, seed=123))
-    assert right >= 26, right
+    assert right >= 24, right
 
 
 def test_fresh_held_out_draw_agrees_with_the_card(default):
-    """A fresh draw (not the card's) of 24 colour questions (lone or several shapes): at least 9 right."""
+    """A fresh draw (not the card's) of 24 colour questions (lone or several shapes): at least 9 right (measured 13)."""
     model, processor = default
     scores = shapes.evaluate(model, processor, shapes.held_out_questions(24, seed=99, kinds=["colour"]), max_tokens=16)
     assert scores["colour"]["correct"] >= 9, scores["colour"]

@@ -57,7 +57,7 @@ class VisionConfig(BaseModelArgs):
     norm_kwargs: dict = field(default_factory=lambda: {"eps": 1e-6})
     # Not in OpenVision: 3x3 stride-2 convolutions (+ReLU) before the patch
     # embedding, which then covers patch_size / 2**len(stem_channels) of their
-    # output. Small ViTs trained briefly learn shapes far sooner with it.
+    # output: a hybrid ViT (as in the ViT paper), which the default model uses.
     stem_channels: Optional[List[int]] = None
 
     @classmethod
