@@ -158,8 +158,8 @@ def status(scores: dict, info: dict) -> str:
     lines.append(f"- The colour of a lone shape: {info['lone_colour']:.0%} of {info['lone_total']} fresh pictures.")
     if not aim:
         lines += ["", "What holds it back is telling the six shapes apart: colour and shape questions name an "
-                  "object by its shape or ask for one, and in the 128-px input a small shape is 5-10 px across "
-                  "its radius. After its short training the encoder's tokens carry colour, count and coarse "
+                  "object by its shape or ask for one, and in the 128-px input a small shape has a radius of 5-10 px. "
+                  "After its short training the encoder's tokens carry colour, count and coarse "
                   "position but little shape identity. The same recipe with more steps (a GPU runs it far "
                   "faster than these 2 CPU cores) or a higher input resolution is the way on."]
     return "\n".join(lines)
