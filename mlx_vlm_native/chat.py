@@ -168,10 +168,10 @@ def read_lines(prompt: str) -> Iterator[str]:
 
 
 def setup_arg_parser() -> argparse.ArgumentParser:
+    from .generate import add_model_argument
+
     p = argparse.ArgumentParser(description="Chat about images in the terminal (/help for commands).")
-    p.add_argument("--model", default=None,
-                   help="local model folder (MLX or HF layout) or Hugging Face repo id "
-                        "(default: the embedded model, see mlx_vlm_native/default_model/README.md)")
+    add_model_argument(p)
     p.add_argument("--image", nargs="+", default=[], help="image paths or URLs to talk about")
     p.add_argument("--max-tokens", "-m", type=int, default=256, help="most tokens per answer")
     p.add_argument("--temperature", "--temp", type=float, default=0.0)

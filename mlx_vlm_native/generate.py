@@ -221,11 +221,16 @@ def print_stats(r: GenerationResponse, file=sys.stdout) -> None:
     print(f"Peak memory: {r.peak_memory:.3f} GB", file=file)
 
 
-def setup_arg_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Answer a prompt about images or a video.")
+def add_model_argument(p: argparse.ArgumentParser) -> None:
+    """`--model`, as every command that runs a model takes it."""
     p.add_argument("--model", default=None,
                    help="local model folder (MLX or HF layout) or Hugging Face repo id "
                         "(default: the embedded model, see mlx_vlm_native/default_model/README.md)")
+
+
+def setup_arg_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Answer a prompt about images or a video.")
+    add_model_argument(p)
     p.add_argument("--image", nargs="+", default=[], help="image paths or URLs")
     p.add_argument("--video", default=None,
                    help="a folder of frames or an animated GIF/WebP")

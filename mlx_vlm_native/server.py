@@ -522,10 +522,10 @@ def make_server(model, processor, model_id: str, host: str = "127.0.0.1", port: 
 
 def setup_arg_parser() -> argparse.ArgumentParser:
     d = Limits()
+    from .generate import add_model_argument
+
     p = argparse.ArgumentParser(description="OpenAI-compatible chat completions server (/v1/chat/completions).")
-    p.add_argument("--model", default=None,
-                   help="local model folder (MLX or HF layout) or Hugging Face repo id "
-                        "(default: the embedded model, see mlx_vlm_native/default_model/README.md)")
+    add_model_argument(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=8080, help="port to listen on (0: any free port)")
     p.add_argument("--max-tokens", type=int, default=d.default_max_tokens,
