@@ -521,9 +521,9 @@ def make_server(model, processor, model_id: str, host: str = "127.0.0.1", port: 
 
 
 def setup_arg_parser() -> argparse.ArgumentParser:
-    d = Limits()
     from .generate import add_model_argument
 
+    d = Limits()
     p = argparse.ArgumentParser(description="OpenAI-compatible chat completions server (/v1/chat/completions).")
     add_model_argument(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
@@ -546,14 +546,15 @@ def main(argv: Optional[List[str]] = None) -> None:
     args = setup_arg_parser().parse_args(argv)
     limits = Limits(args.max_request_bytes, args.max_image_bytes, args.max_image_pixels,
                     args.image_timeout, args.max_tokens)
+    model_id = args.model or DEFAULT_MODEL_NAME
     try:
-        print(f"loading {args.model or DEFAULT_MODEL_NAME} ...", file=sys.stderr, flush=True)
+        print(f"loading {model_id} ...", file=sys.stderr, flush=True)
         model, processor = load(args.model)
-        server = make_server(model, processor, args.model or DEFAULT_MODEL_NAME, args.host, args.port, limits)
+        server = make_server(model, processor, model_id, args.host, args.port, limits)
     except (ValueError, FileNotFoundError, OSError) as e:
         sys.exit(f"error: {e}")
     host, port = server.server_address[:2]
-    print(f"serving {args.model or DEFAULT_MODEL_NAME} at http://{host}:{port}/v1 (Ctrl-C stops)", file=sys.stderr, flush=True)
+    print(f"serving {model_id} at http://{host}:{port}/v1 (Ctrl-C stops)", file=sys.stderr, flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

@@ -258,13 +258,17 @@ VOCABULARY = {
 }
 
 
+def words(text: str) -> str:
+    return " ".join(re.sub(r"[^a-z]+", " ", text.lower()).split())
+
+
 def answer_value(kind: str, answer: str) -> Optional[str]:
     """The value an answer gives for its question type: the known term
     mentioned last (longer terms first, so "top left" is not read as "left")."""
     text = answer.lower().replace("color", "colour").replace("center", "centre")
     if kind == "caption":
         return " ".join(text.split())
-    text = " " + re.sub(r"[^a-z]+", " ", text) + " "
+    text = f" {words(text)} "
     if kind == "shape":
         for shape in SHAPES:
             text = text.replace(f" {plural(shape, 2)} ", f" {shape} ")
@@ -281,10 +285,6 @@ def answer_value(kind: str, answer: str) -> Optional[str]:
 
 
 TRAIN_MIX = {"colour": 0.2, "shape": 0.2, "count": 0.15, "position": 0.2, "word": 0.15, "caption": 0.1}
-
-
-def words(text: str) -> str:
-    return " ".join(re.sub(r"[^a-z]+", " ", text.lower()).split())
 
 
 def conversation(scene: Scene, image: str, rng: np.random.Generator, turns: int = 3,

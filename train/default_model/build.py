@@ -296,8 +296,8 @@ def main(argv=None) -> None:
         v, t = cfg["vision_config"], cfg["text_config"]
         info = {
             "parameters": parameter_count(model_dir), "size_mb": size_mb(model_dir),
-            "vision": f"conv stem {v.get('stem_channels')}, {v['layers']} blocks, width {v['width']}, patch {v['patch_size']}"
-                      if v.get("stem_channels") else f"{v['layers']} blocks, width {v['width']}, patch {v['patch_size']}",
+            "vision": (f"conv stem {v['stem_channels']}, " if v.get("stem_channels") else "")
+                      + f"{v['layers']} blocks, width {v['width']}, patch {v['patch_size']}",
             "text": f"{t['num_hidden_layers']} layers, width {t['hidden_size']}",
             "image_size": v["image_size"], "tokens": (v["image_size"] // v["patch_size"]) ** 2,
             "vocab": t["vocab_size"], "stage1_steps": a.stage1_steps or r1["steps"], "stage1_batch": r1["batch_size"],
