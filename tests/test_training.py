@@ -352,6 +352,9 @@ def test_train_cli_errors(tmp_path, dataset_dir):
     (tmp_path / "r2.json").write_text(json.dumps(recipe))
     with pytest.raises(SystemExit, match="no training checkpoint"):
         main(["--recipe", str(tmp_path / "r2.json"), "--resume", str(tmp_path / "empty"), "--no-progress"])
+    with pytest.raises(ValueError, match="unknown image_fit 'stretch'; use one of crop, pad"):
+        openvision2.run(tiny_recipe(dataset_dir, tmp_path / "fit", 2, image_fit="stretch"), progress=False)
+    assert not (tmp_path / "fit").exists()
 
 
 def test_shipped_recipes_are_consistent():

@@ -95,6 +95,10 @@ def rank_batches(it, rank: int, size: int):
 def run(recipe: dict, resume: Optional[str] = None, progress: bool = True, on_step=None) -> dict:
     seed = recipe.get("seed", 0)
     mcfg = recipe["model"]
+    fit_name = recipe.get("image_fit", "crop")
+    if fit_name not in FIT_PIXELS:
+        raise ValueError(f"unknown image_fit {fit_name!r}; use one of {', '.join(FIT_PIXELS)}")
+    fit = FIT_PIXELS[fit_name]
     tokenizer = load_text_tokenizer(recipe["tokenizer"])
     ids = special_ids(tokenizer, mcfg)
     args = model_args(mcfg, len(tokenizer), ids)
@@ -119,8 +123,6 @@ def run(recipe: dict, resume: Optional[str] = None, progress: bool = True, on_st
 
     augment = recipe.get("augment") or {}
     area_min, jitter = augment.get("inception_crop"), augment.get("colour_jitter", 0.0)
-
-    fit = FIT_PIXELS[recipe.get("image_fit", "crop")]
 
     def to_pixels(sample):
         if area_min is None:
