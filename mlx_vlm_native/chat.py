@@ -26,15 +26,22 @@ class Conversation:
     """The current images and the turns about them.
 
     Every conversation starts at an image change or a /reset, so the image
-    placeholders always go into its first user turn."""
+    placeholders always go into its first user turn. `cache` holds what the
+    model has already read of it, so a new question costs only its own tokens."""
 
     def __init__(self, images: Iterable = ()):
+        from .generate import PromptCache
+
         self.images = list(images)
         self.turns: List[dict] = []  # {"role": "user" | "assistant", "content": str}
+        self.cache = PromptCache()
 
     def new_images(self, images: Iterable) -> None:
+        from .generate import PromptCache
+
         self.images = list(images)
         self.turns = []
+        self.cache = PromptCache()  # the cached image tokens are of the old images
 
     def reset(self) -> None:
         self.turns = []
@@ -72,7 +79,8 @@ def start_answer(model, processor, conversation: Conversation, sampling: dict, e
     from .generate import PromptTooLongError, stream_chat
 
     while True:
-        stream = stream_chat(model, processor, conversation.messages(), conversation.images, **sampling)
+        stream = stream_chat(model, processor, conversation.messages(), conversation.images,
+                             prompt_cache=conversation.cache, **sampling)
         try:
             return itertools.chain([next(stream)], stream)
         except PromptTooLongError:
@@ -102,7 +110,7 @@ def reply(model, processor, conversation: Conversation, question: str, sampling:
     print(file=out)
     conversation.answer(text)
     if verbose and last is not None:
-        print(f"[prompt: {last.prompt_tokens} tokens, {last.prompt_tps:.1f} tokens/s; "
+        print(f"[prompt: {last.prompt_tokens} tokens ({last.cached_tokens} cached), {last.prompt_tps:.1f} tokens/s; "
               f"answer: {last.generation_tokens} tokens, {last.generation_tps:.1f} tokens/s]", file=out)
 
 

@@ -3,11 +3,12 @@
 import argparse
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Generator, List, Optional, Sequence
 
 import mlx.core as mx
 from mlx_lm.generate import generate_step
+from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
 from mlx_lm.sample_utils import make_sampler
 
 DEFAULT_MODEL_NAME = "mlx-vlm-native-default"  # how the embedded model is named (server, logs)
@@ -23,6 +24,7 @@ class GenerationResponse:
     generation_tps: float
     peak_memory: float  # GB
     finish_reason: Optional[str] = None
+    cached_tokens: int = 0  # prompt tokens a PromptCache already held
 
 
 def context_length(model) -> int:
@@ -70,6 +72,45 @@ def prepare_chat_inputs(model, processor, messages: list, images=()):
     return process_checked(model, processor, format_chat(processor, messages), images)
 
 
+@dataclass
+class PromptCache:
+    """What one conversation has run through the language model: the token
+    ids and their KV cache, and the vision features of its images. The next
+    turn prefills only what follows the longest prefix it shares with them and
+    does not encode the images again. Valid for one set of images: start a new
+    one when they change."""
+
+    ids: List[int] = field(default_factory=list)
+    kv: Optional[list] = None
+    vision_features: Optional[mx.array] = None
+
+    def reuse(self, model, ids: Sequence[int]) -> int:
+        """Trim the KV cache to the prefix it shares with `ids` (leaving at least
+        one token to prefill); the number of tokens kept."""
+        if self.kv is None or not can_trim_prompt_cache(self.kv):
+            self.kv, self.ids = make_prompt_cache(model), []
+        held = self.ids[: self.kv[0].offset]
+        keep = 0
+        for a, b in zip(held, ids[:-1]):
+            if a != b:
+                break
+            keep += 1
+        trim_prompt_cache(self.kv, self.kv[0].offset - keep)
+        self.ids = list(ids)
+        return keep
+
+
+def cached_embeddings(model, inputs, cache: PromptCache):
+    """The prompt's embeddings, with the images encoded once per PromptCache
+    where the model can take precomputed features (`encode_vision`)."""
+    encode = getattr(model, "encode_vision", None)
+    if encode is None:
+        return model.get_input_embeddings(inputs)
+    if cache.vision_features is None:
+        cache.vision_features = encode([inputs])[0]
+    return model.get_input_embeddings(inputs, vision_features=cache.vision_features)
+
+
 def stream_generate(
     model,
     processor,
@@ -97,12 +138,25 @@ def stream_chat(
     temperature: float = 0.0,
     top_p: float = 1.0,
     seed: Optional[int] = None,
+    prompt_cache: Optional[PromptCache] = None,
 ) -> Generator[GenerationResponse, None, None]:
     """`stream_generate` for a conversation: `messages` as in `prepare_chat_inputs`.
-    Bad input (e.g. a prompt too long for the context) raises on the first `next()`."""
+    With a `prompt_cache` kept across the turns of one conversation, each turn
+    prefills only its new tokens. Bad input (e.g. a prompt too long for the
+    context) raises on the first `next()`."""
     tic = time.perf_counter()
     inputs = prepare_chat_inputs(model, processor, messages, images)
-    yield from stream_from_inputs(model, processor, inputs, tic, max_tokens, temperature, top_p, seed)
+    if prompt_cache is None:
+        yield from stream_from_inputs(model, processor, inputs, tic, max_tokens, temperature, top_p, seed)
+        return
+    embeddings = cached_embeddings(model, inputs, prompt_cache)[0]
+    ids = [int(i) for i in inputs.input_ids]
+    keep = prompt_cache.reuse(model, ids)
+    for r in stream_from_embeddings(model, processor.tokenizer, inputs.input_ids, embeddings, tic,
+                                    max_tokens, temperature, top_p, seed, prompt_cache.kv, keep):
+        if r.token is not None:
+            prompt_cache.ids.append(r.token)
+        yield r
 
 
 def stream_from_inputs(model, processor, inputs, tic, max_tokens=256, temperature=0.0, top_p=1.0, seed=None):
@@ -114,7 +168,9 @@ def stream_from_inputs(model, processor, inputs, tic, max_tokens=256, temperatur
 
 
 def stream_from_embeddings(model, tokenizer, input_ids, embeddings, tic, max_tokens=256,
-                           temperature=0.0, top_p=1.0, seed=None):
+                           temperature=0.0, top_p=1.0, seed=None, kv_cache=None, cached=0):
+    """Generate after the prompt `input_ids` / `embeddings`, of which the first
+    `cached` tokens are already in `kv_cache`."""
     n_prompt = len(input_ids)
     max_tokens = min(max_tokens, context_length(model) - n_prompt)
     if seed is not None:
@@ -123,32 +179,33 @@ def stream_from_embeddings(model, tokenizer, input_ids, embeddings, tic, max_tok
     detok.reset()
     sampler = make_sampler(temp=temperature, top_p=top_p)
     steps = generate_step(
-        mx.array(input_ids),
+        mx.array(input_ids[cached:]),
         model,
         max_tokens=max_tokens,
         sampler=sampler,
-        input_embeddings=embeddings,
+        prompt_cache=kv_cache,
+        input_embeddings=embeddings[cached:],
     )
     n, token = 0, None
     prompt_tps = gen_tic = None
     for n, (token, _) in enumerate(steps, start=1):
         if n == 1:
             prompt_time = time.perf_counter() - tic
-            prompt_tps = n_prompt / prompt_time
+            prompt_tps = (n_prompt - cached) / prompt_time
             gen_tic = time.perf_counter()
         if token in tokenizer.eos_token_ids:
             break
         detok.add_token(token)
         yield GenerationResponse(
             detok.last_segment, token, n_prompt, prompt_tps, n,
-            n / max(time.perf_counter() - gen_tic, 1e-9), mx.get_peak_memory() / 1e9,
+            n / max(time.perf_counter() - gen_tic, 1e-9), mx.get_peak_memory() / 1e9, None, cached,
         )
     detok.finalize()
     finish = "stop" if token in tokenizer.eos_token_ids else "length"
     gen_time = time.perf_counter() - gen_tic if gen_tic else 0.0
     yield GenerationResponse(
         detok.last_segment, None, n_prompt, prompt_tps or 0.0, n,
-        n / gen_time if gen_time else 0.0, mx.get_peak_memory() / 1e9, finish,
+        n / gen_time if gen_time else 0.0, mx.get_peak_memory() / 1e9, finish, cached,
     )
 
 
@@ -161,6 +218,7 @@ class GenerationResult:
     generation_tps: float
     peak_memory: float
     finish_reason: str
+    cached_tokens: int = 0
 
 
 def generate(model, processor, prompt: str, images=None, videos=None, verbose=False, **kwargs) -> GenerationResult:
@@ -210,7 +268,7 @@ def collect(stream, verbose: bool = False) -> "GenerationResult":
         print_stats(last)
     return GenerationResult(
         text, last.prompt_tokens, last.generation_tokens, last.prompt_tps,
-        last.generation_tps, last.peak_memory, last.finish_reason,
+        last.generation_tps, last.peak_memory, last.finish_reason, last.cached_tokens,
     )
 
 

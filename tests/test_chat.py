@@ -14,7 +14,7 @@ from mlx_vlm_native.generate import chat_generate, generate
 from mlx_vlm_native.random_checkpoint import write_checkpoint
 
 SAMPLING = dict(max_tokens=6, temperature=0.0, top_p=1.0, seed=None)
-STATS = re.compile(r"\[prompt: (\d+) tokens, [\d.]+ tokens/s; answer: (\d+) tokens")
+STATS = re.compile(r"\[prompt: (\d+) tokens \((\d+) cached\), [\d.]+ tokens/s; answer: (\d+) tokens")
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +47,11 @@ def talk(loaded, lines, conversation=None, verbose=True, **sampling):
 
 
 def prompt_tokens(stdout: str) -> list:
-    return [(int(p), int(a)) for p, a in STATS.findall(stdout)]
+    return [(int(p), int(a)) for p, _, a in STATS.findall(stdout)]
+
+
+def cached_tokens(stdout: str) -> list:
+    return [int(c) for _, c, _ in STATS.findall(stdout)]
 
 
 def test_messages_carry_images_in_the_first_user_turn():
@@ -89,6 +93,8 @@ def test_history_is_kept_and_reset(loaded, images):
     (p1, a1), (p2, _), (p3, _) = prompt_tokens(stdout)
     assert p2 > p1 + a1  # the first question and answer are in the second prompt
     assert p3 == p1  # /reset: the images again, without the history
+    c1, c2, c3 = cached_tokens(stdout)
+    assert c1 == 0 and c2 >= p1 and c3 == p1 - 1  # the last prompt token is always run again
     assert "conversation cleared" in stdout and not stderr
     assert len(conversation.turns) == 2
 
@@ -101,6 +107,30 @@ def test_the_answers_are_what_chat_generate_gives(loaded, images):
     second = chat_generate(model, processor, conversation.messages()[:3], [images[0]], **SAMPLING)
     assert conversation.turns[3]["content"] == second.text
     assert stdout == first.text + "\n" + second.text + "\n"  # no stats without --verbose
+
+
+@pytest.mark.parametrize("preset", ["tiny-56", "qwen2-vl-tiny", "points-tiny", None])
+def test_prompt_cache_changes_nothing_but_the_work(preset, images, tmp_path):
+    """Each turn through the conversation's PromptCache gives the tokens a
+    fresh run over the whole conversation gives, while reading the earlier
+    turns from the cache (Qwen2-VL's M-RoPE positions included; None is the
+    embedded default model)."""
+    from mlx_vlm_native import load
+
+    model, processor = load(str(write_checkpoint(tmp_path / "m", preset)) if preset else None)
+    conversation = Conversation([images[0]])
+    for turn, question in enumerate(["Describe it.", "And the colours?", "Anything else?"]):
+        conversation.ask(question)
+        sampling = {**SAMPLING, "max_tokens": 12}
+        fresh = chat_generate(model, processor, conversation.messages(), conversation.images, **sampling)
+        cached = chat_generate(model, processor, conversation.messages(), conversation.images,
+                               prompt_cache=conversation.cache, **sampling)
+        assert cached.text == fresh.text and cached.prompt_tokens == fresh.prompt_tokens
+        assert (cached.cached_tokens > 0) == (turn > 0)
+        conversation.answer(cached.text)
+    assert conversation.cache.vision_features is not None or not hasattr(model, "encode_vision")
+    conversation.new_images([images[1]])
+    assert conversation.cache.kv is None  # other images: nothing cached applies
 
 
 def test_bad_image_path_keeps_the_session(loaded, images, tmp_path):
