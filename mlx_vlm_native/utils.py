@@ -2,6 +2,7 @@
 
 import importlib
 import json
+import logging
 import shutil
 from pathlib import Path
 from typing import Optional, Tuple
@@ -133,7 +134,16 @@ def load_processor(path: Path, model):
 
     model_type = MODEL_REMAPPING.get(model.model_type, model.model_type)
     module = importlib.import_module(f"mlx_vlm_native.processors.{model_type}")
-    return module.Processor.from_pretrained(path, load_tokenizer(path), model.args)
+    # transformers reads config.json on the way and warns that it does not know
+    # our model types (openvision_llava, eve, ...): true, and not the tokenizer's business
+    config_log = logging.getLogger("transformers.configuration_utils")
+    level = config_log.level
+    config_log.setLevel(logging.ERROR)
+    try:
+        tokenizer = load_tokenizer(path)
+    finally:
+        config_log.setLevel(level)
+    return module.Processor.from_pretrained(path, tokenizer, model.args)
 
 
 def load(
