@@ -15,6 +15,7 @@ questions (`stage3.json`).
 
 import argparse
 import contextlib
+import functools
 import json
 import shutil
 import sys
@@ -25,7 +26,7 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
-from mlx_vlm_native import shapes
+from mlx_vlm_native import load, shapes
 from mlx_vlm_native.random_checkpoint import CHAT_TEMPLATE
 
 HERE = Path(__file__).resolve().parent
@@ -113,18 +114,9 @@ def run_stage(recipe: str, out: Path, **overrides) -> None:
     train(argv)
 
 
-def evaluate(model_dir: Path, per_type: int) -> dict:
-    from mlx_vlm_native import load
-
-    model, processor = load(str(model_dir))
+def evaluate(model, processor, per_type: int) -> dict:
     questions = shapes.held_out_questions(per_type, EVAL_SEED)
     return shapes.evaluate(model, processor, questions, progress=True)
-
-
-def lone_colour_accuracy(model_dir: Path, count: int = 100, seed: int = EVAL_SEED + 1) -> float:
-    from mlx_vlm_native import load
-
-    return shapes.lone_colour_accuracy(*load(str(model_dir)), count, seed)
 
 
 def size_mb(folder: Path) -> float:
@@ -278,12 +270,13 @@ def main(argv=None) -> None:
             run_stage("stage3.json", stage3, model=stage2 / "model", data=focus / "conversations.jsonl",
                       output=stage3, steps=a.stage3_steps)
     model_dir = stage3 / "model"
+    trained = functools.lru_cache(maxsize=1)(lambda: load(str(model_dir)))  # loaded once, when first needed
     scored = out / "eval.json"
     if scored.exists() and scored.stat().st_mtime > (model_dir / "config.json").stat().st_mtime:
         scores = json.loads(scored.read_text())  # this model was evaluated already
     else:
         with timed(out, "eval"):
-            scores = evaluate(model_dir, a.eval_per_type)
+            scores = evaluate(*trained(), a.eval_per_type)
         scored.write_text(json.dumps(scores, indent=2))
     for kind, s in scores.items():
         print(f"{kind:12s} {s['accuracy']:6.1%}  ({s['correct']}/{s['total']})")
@@ -308,7 +301,7 @@ def main(argv=None) -> None:
                                  if k != "eval") / 60,
             "machine": "2 CPU cores (MLX CPU backend + OpenBLAS)",
             "eval_total": sum(s["total"] for s in scores.values()),
-            "lone_colour": lone_colour_accuracy(model_dir), "lone_total": 100,
+            "lone_colour": shapes.lone_colour_accuracy(*trained(), 100, EVAL_SEED + 1), "lone_total": 100,
         }
         print(f"installed in {install(model_dir, scores, info)}")
 
