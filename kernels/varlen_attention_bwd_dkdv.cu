@@ -29,12 +29,7 @@ for (int d = 0; d < D; ++d) {
 
 for (int q0 = cu_seqlens[segment]; q0 < seg_end; q0 += QB) {
   __syncthreads();
-  for (int idx = tid; idx < QB * D; idx += blockDim.x) {
-    const int query = q0 + idx / D;
-    const int64_t at = query * STRIDE + head * D + idx % D;
-    q_tile[idx] = query < seg_end ? to_float(q[at]) : 0.0f;
-    do_tile[idx] = query < seg_end ? to_float(d_out[at]) : 0.0f;
-  }
+  load_tile_pair<QB, H, D>(q_tile, do_tile, q, d_out, q0, seg_end, head);
   for (int j = tid; j < QB; j += blockDim.x) {
     const int query = q0 + j;
     // +inf makes p exactly 0 for queries past the segment end

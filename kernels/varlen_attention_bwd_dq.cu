@@ -28,12 +28,7 @@ for (int d = 0; d < D; ++d) {
 
 for (int k0 = cu_seqlens[segment]; k0 < seg_end; k0 += KB) {
   __syncthreads();
-  for (int idx = tid; idx < KB * D; idx += blockDim.x) {
-    const int key = k0 + idx / D;
-    const int64_t at = key * STRIDE + head * D + idx % D;
-    k_tile[idx] = key < seg_end ? to_float(k[at]) : 0.0f;
-    v_tile[idx] = key < seg_end ? to_float(v[at]) : 0.0f;
-  }
+  load_tile_pair<KB, H, D>(k_tile, v_tile, k, v, k0, seg_end, head);
   __syncthreads();
 
   const int n_keys = min(KB, seg_end - k0);

@@ -45,12 +45,7 @@ float l = 0.0f;
 
 for (int k0 = cu_seqlens[segment]; k0 < seg_end; k0 += BK) {
   __syncthreads();
-  for (int idx = tid; idx < BK * D; idx += blockDim.x) {
-    const int key = k0 + idx / D;
-    const int64_t at = key * STRIDE + head * D + idx % D;
-    k_tile[idx] = key < seg_end ? k[at] : T(0.0f);
-    v_tile[idx] = key < seg_end ? v[at] : T(0.0f);
-  }
+  load_tile_pair<BK, H, D>(k_tile, v_tile, k, v, k0, seg_end, head);
   __syncthreads();
 
   for (int n = 0; n < BK / 16; ++n) {

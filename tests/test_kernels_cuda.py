@@ -116,7 +116,7 @@ def test_emulator_catches_missing_syncthreads():
 
     case = attention_case(SEGMENT_MIXES[0], 1, 64)
     launch, _ = launches("cuda", case)["fwd"]
-    launch = with_bug(launch, "  }\n  __syncthreads();\n\n  float s[BK];", "  }\n\n  float s[BK];")
+    launch = with_bug(launch, "head);\n  __syncthreads();\n\n  float s[BK];", "head);\n\n  float s[BK];")
     out, _ = emulate(launch)
     assert not max_diff(out, case["out"]) <= 1e-3
 

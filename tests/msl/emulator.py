@@ -103,7 +103,8 @@ def _cuda_program(launch: Launch) -> str:
     source = re.sub(r"__global__ void (\w+)\(", r"void \1(", source)
     source = source.replace("__shared__", "static")
     # parameter types, for the casts in the call
-    sig = re.search(r"void \w+\((.*?)\) \{", source, re.S).group(1)
+    name = cuda_kernel_name(launch)  # the kernel's, not a header helper's
+    sig = re.search(rf"void {re.escape(name)}\((.*?)\) \{{", source, re.S).group(1)
     types = [re.sub(r"\s*\w+$", "", p.strip()) for p in sig.split(",\n")]
     decls = "\n".join(f"static {t} arg_type_{i};" for i, t in enumerate(types))
     body = '#include "cuda_exec.h"\n' + source + "\n" + decls
