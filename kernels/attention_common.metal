@@ -38,3 +38,17 @@ METAL_FUNC float row_sum(float x) {
   x += metal::simd_shuffle_xor(x, ushort(1));
   return x + metal::simd_shuffle_xor(x, ushort(8));
 }
+
+// Rows [first, first + ROWS) of one head of two (tokens, H, D) arrays into fp32
+// threadgroup tiles (ROWS, D), zeros from row `end` on. The threadgroup's 128
+// threads share the work; the caller synchronises around it.
+template <int ROWS, int H, int D, typename In>
+METAL_FUNC void load_tile_pair(threadgroup float* a_tile, threadgroup float* b_tile, const device In* a,
+                               const device In* b, int first, int end, int head, int tid) {
+  for (int idx = tid; idx < ROWS * D; idx += 128) {
+    const int r = first + idx / D;
+    const int64_t at = int64_t(r) * (H * D) + head * D + idx % D;
+    a_tile[idx] = r < end ? float(a[at]) : 0.0f;
+    b_tile[idx] = r < end ? float(b[at]) : 0.0f;
+  }
+}

@@ -40,12 +40,7 @@ for (int i = 0; i < DF; ++i) {
 
 for (int q0 = cu_seqlens[segment]; q0 < seg_end; q0 += QB) {
   threadgroup_barrier(metal::mem_flags::mem_threadgroup);
-  for (int idx = tid; idx < QB * D; idx += 128) {
-    const int query = q0 + idx / D;
-    const int64_t at = query * STRIDE + head * D + idx % D;
-    q_tile[idx] = query < seg_end ? float(q[at]) : 0.0f;
-    do_tile[idx] = query < seg_end ? float(d_out[at]) : 0.0f;
-  }
+  load_tile_pair<QB, H, D>(q_tile, do_tile, q, d_out, q0, seg_end, head, tid);
   if (tid < QB) {
     const int query = q0 + tid;
     // +inf makes P exactly 0 for queries past the segment end

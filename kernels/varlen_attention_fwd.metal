@@ -36,12 +36,7 @@ float m = -INFINITY;  // running row max of the log2-scaled scores
 float l = 0.0f;       // running row sum of exp2(score - m)
 for (int k0 = cu_seqlens[segment]; k0 < seg_end; k0 += BK) {
   threadgroup_barrier(metal::mem_flags::mem_threadgroup);
-  for (int idx = tid; idx < BK * D; idx += 128) {
-    const int key = k0 + idx / D;
-    const int64_t at = key * STRIDE + head * D + idx % D;
-    k_tile[idx] = key < seg_end ? float(k[at]) : 0.0f;
-    v_tile[idx] = key < seg_end ? float(v[at]) : 0.0f;
-  }
+  load_tile_pair<BK, H, D>(k_tile, v_tile, k, v, k0, seg_end, head, tid);
   threadgroup_barrier(metal::mem_flags::mem_threadgroup);
 
   frag8 s[KF];

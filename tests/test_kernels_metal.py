@@ -123,7 +123,7 @@ def test_clang_check_rejects_seeded_bugs(old, new, message):
 
 @pytest.mark.parametrize("old,new,in_header", [
     # the barrier after the K/V tile load: threads read tiles others have not written yet
-    ("  }\n  threadgroup_barrier(metal::mem_flags::mem_threadgroup);\n\n  frag8 s[KF];", "  }\n\n  frag8 s[KF];", False),
+    ("head, tid);\n  threadgroup_barrier(metal::mem_flags::mem_threadgroup);\n\n  frag8 s[KF];", "head, tid);\n\n  frag8 s[KF];", False),
     # row max over the wrong lanes: a wrong assumption about the simdgroup-matrix layout
     ("x = metal::max(x, metal::simd_shuffle_xor(x, ushort(1)));", "x = metal::max(x, metal::simd_shuffle_xor(x, ushort(2)));", True),
     # keys past the segment end not masked
@@ -147,8 +147,8 @@ def test_emulator_reports_out_of_bounds_reads():
 def test_emulator_reports_divergent_barriers():
     case = attention_case([1, 5], 1, 64)
     launch, _ = launches("metal", case)["fwd"]
-    launch = with_bug(launch, "  threadgroup_barrier(metal::mem_flags::mem_threadgroup);\n  for (int idx",
-                      "  if (tid < 64) threadgroup_barrier(metal::mem_flags::mem_threadgroup);\n  for (int idx")
+    launch = with_bug(launch, "  threadgroup_barrier(metal::mem_flags::mem_threadgroup);\n  load_tile_pair",
+                      "  if (tid < 64) threadgroup_barrier(metal::mem_flags::mem_threadgroup);\n  load_tile_pair")
     with pytest.raises(EmulatorError, match="deadlock"):
         emulate(launch)
 
