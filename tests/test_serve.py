@@ -318,8 +318,14 @@ def test_serve_command(model_dir):
             assert line, log
             log += line
         proc.send_signal(signal.SIGINT)
-        returncode, log = proc.wait(30), log + proc.stderr.read()
-        assert returncode == 0 and "stopped" in log, log
+        try:  # communicate drains stderr while waiting: a full pipe must not look like a hang
+            _, rest = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            _, rest = proc.communicate()
+            pytest.fail(f"the server did not stop within 60 s of Ctrl-C:\n{log}{rest}")
+        log += rest
+        assert proc.returncode == 0 and "stopped" in log, log
     finally:
         if proc.poll() is None:
             proc.kill()
