@@ -299,8 +299,8 @@ def test_serve_command(model_dir):
     """The CLI path: start, answer, stop cleanly on Ctrl-C."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mlx_vlm_native.cli", "serve", "--model", str(model_dir), "--port", "0",
-         "--max-tokens", "3"], stderr=subprocess.PIPE, text=True, env=env)
+        [sys.executable, "-X", "faulthandler", "-m", "mlx_vlm_native.cli", "serve", "--model", str(model_dir),
+         "--port", "0", "--max-tokens", "3"], stderr=subprocess.PIPE, text=True, env=env)
     try:
         deadline, base = time.monotonic() + 120, None
         while base is None and time.monotonic() < deadline:
@@ -321,8 +321,8 @@ def test_serve_command(model_dir):
         try:  # communicate drains stderr while waiting: a full pipe must not look like a hang
             _, rest = proc.communicate(timeout=60)
         except subprocess.TimeoutExpired:
-            proc.kill()
-            _, rest = proc.communicate()
+            proc.send_signal(signal.SIGABRT)  # -X faulthandler: every thread's stack goes to stderr
+            _, rest = proc.communicate(timeout=30)
             pytest.fail(f"the server did not stop within 60 s of Ctrl-C:\n{log}{rest}")
         log += rest
         assert proc.returncode == 0 and "stopped" in log, log
