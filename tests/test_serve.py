@@ -298,9 +298,12 @@ def test_requests_are_served_one_generation_at_a_time(server):
 def test_serve_command(model_dir):
     """The CLI path: start, answer, stop cleanly on Ctrl-C."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    # as in a terminal: a test run started in the background (`cmd &` in a script)
+    # ignores SIGINT, and a child that inherits that never sees Ctrl-C
     proc = subprocess.Popen(
         [sys.executable, "-X", "faulthandler", "-m", "mlx_vlm_native.cli", "serve", "--model", str(model_dir),
-         "--port", "0", "--max-tokens", "3"], stderr=subprocess.PIPE, text=True, env=env)
+         "--port", "0", "--max-tokens", "3"], stderr=subprocess.PIPE, text=True, env=env,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline, base = time.monotonic() + 120, None
         while base is None and time.monotonic() < deadline:
