@@ -232,28 +232,118 @@ def chat_generate(model, processor, messages: list, images: Sequence = (), verbo
     return collect(stream_chat(model, processor, messages, images, **kwargs), verbose)
 
 
+def prefill(model, input_ids, embeddings: mx.array, cache: list, sampler, step: int = 2048) -> int:
+    """Run a whole prompt ((L,) ids, (L, D) embeddings) into `cache` in chunks
+    as mlx-lm's `generate_step` does (all but the last token, then the last
+    one alone) and sample the first answer token."""
+    n = len(input_ids)
+    for a in range(0, n - 1, step):
+        b = min(a + step, n - 1)
+        model(mx.array(input_ids[a:b])[None], cache=cache, input_embeddings=embeddings[None, a:b])
+        mx.eval([c.state for c in cache])
+    logits = model(mx.array(input_ids[n - 1 :])[None], cache=cache, input_embeddings=embeddings[None, n - 1 :])
+    logits = logits[:, -1, :]
+    return sampler(logits - mx.logsumexp(logits, keepdims=True)).item()
+
+
 def batch_generate(model, processor, prompts: Sequence[str], images: Optional[Sequence[Sequence]] = None,
-                   apply_chat_template: bool = True, **kwargs) -> List["GenerationResult"]:
-    """Answer several prompts, each with its own images. Models with a packed
-    vision encoder (`encode_vision`) encode the images of ALL prompts in one
-    call; the answers are then decoded prompt by prompt."""
+                   apply_chat_template: bool = True, max_tokens: int = 256, temperature: float = 0.0,
+                   top_p: float = 1.0, seed: Optional[int] = None,
+                   completion_batch_size: int = 32) -> List["GenerationResult"]:
+    """Answer several prompts, each with its own images, decoding them as ONE
+    batch. Models with a packed vision encoder (`encode_vision`) encode the
+    images of all prompts in one call; each prompt is then prefilled alone into
+    its own KV cache, and mlx-lm's `BatchGenerator` merges the caches into a
+    batch cache and decodes up to `completion_batch_size` sequences together,
+    each leaving the batch when it finishes. Greedy answers are the ones
+    `generate` gives, token for token.
+
+    `prompt_tps` of each result counts its own prefill plus its share of the
+    packed encoding (by vision tokens); `generation_tps` its tokens over the
+    batch's decode time until it finished."""
+    from mlx_lm.generate import BatchGenerator
+
     images = list(images) if images is not None else [[] for _ in prompts]
     if len(images) != len(prompts):
         raise ValueError(f"{len(prompts)} prompts but {len(images)} image lists")
+    if seed is not None:
+        mx.random.seed(seed)
+    tokenizer = processor.tokenizer
+    eos = set(tokenizer.eos_token_ids)
+    sampler = make_sampler(temp=temperature, top_p=top_p)
     tic = time.perf_counter()
     batch = [prepare_inputs(model, processor, p, i, (), apply_chat_template) for p, i in zip(prompts, images)]
     encode = getattr(model, "encode_vision", None)
     features = encode(batch) if encode else [None] * len(batch)
-    results = []
-    for inputs, feats in zip(batch, features):
-        if encode:
-            embeddings = model.get_input_embeddings(inputs, vision_features=feats)[0]
-        else:
-            embeddings = model.get_input_embeddings(inputs)[0]
-        stream = stream_from_embeddings(model, processor.tokenizer, inputs.input_ids, embeddings, tic, **kwargs)
-        results.append(collect(stream))
-        tic = time.perf_counter()
-    return results
+    mx.eval([f for f in features if f is not None])
+    vision_rows = [0 if f is None else f.shape[0] for f in features]
+    encode_shares = [(time.perf_counter() - tic) * r / max(sum(vision_rows), 1) for r in vision_rows]
+
+    answers = [Answer(tokenizer, len(inputs.input_ids)) for inputs in batch]
+    pending = {}  # BatchGenerator uid -> index of the prompt
+    gen = BatchGenerator(model, stop_tokens=[[t] for t in eos], sampler=sampler,
+                         completion_batch_size=completion_batch_size,
+                         prefill_batch_size=min(len(batch), completion_batch_size) or 1)
+    try:
+        for i, (inputs, feats) in enumerate(zip(batch, features)):
+            t0 = time.perf_counter()
+            if encode:
+                embeddings = model.get_input_embeddings(inputs, vision_features=feats)[0]
+            else:
+                embeddings = model.get_input_embeddings(inputs)[0]
+            cache = make_prompt_cache(model)
+            first = prefill(model, inputs.input_ids, embeddings, cache, sampler)
+            answer = answers[i]
+            answer.prompt_tps = answer.prompt_tokens / (time.perf_counter() - t0 + encode_shares[i])
+            limit = min(max_tokens, context_length(model) - answer.prompt_tokens)
+            if answer.add(first, eos) and limit > 1:
+                (uid,) = gen.insert([[first]], max_tokens=[limit - 1], caches=[cache])
+                pending[uid] = i
+            else:
+                answer.finish("stop" if first in eos else "length")
+        decode_tic = time.perf_counter()
+        for a in answers:
+            a.decode_tic = decode_tic
+        while pending:
+            for r in gen.next_generated():
+                answer = answers[pending[r.uid]]
+                answer.add(r.token, eos)
+                if r.finish_reason is not None:
+                    answer.finish(r.finish_reason)
+                    del pending[r.uid]
+    finally:
+        gen.close()
+    return [a.result() for a in answers]
+
+
+class Answer:
+    """One sequence of a batch: its tokens, text and timings."""
+
+    def __init__(self, tokenizer, prompt_tokens: int):
+        self.detok = tokenizer.detokenizer
+        self.detok.reset()
+        self.prompt_tokens, self.prompt_tps = prompt_tokens, 0.0
+        self.tokens, self.finish_reason = 0, None
+        self.decode_tic = self.decode_time = None
+
+    def add(self, token: int, eos) -> bool:
+        """Count `token`; False at an end-of-sequence token."""
+        self.tokens += 1
+        if token in eos:
+            return False
+        self.detok.add_token(token)
+        return True
+
+    def finish(self, reason: str) -> None:
+        self.finish_reason = reason
+        self.decode_time = time.perf_counter() - self.decode_tic if self.decode_tic else 0.0
+
+    def result(self) -> "GenerationResult":
+        self.detok.finalize()
+        decoded = self.tokens - 1  # the first token comes with the prefill
+        tps = decoded / self.decode_time if self.decode_time and decoded > 0 else 0.0
+        return GenerationResult(self.detok.text, self.prompt_tokens, self.tokens, self.prompt_tps,
+                                tps, mx.get_peak_memory() / 1e9, self.finish_reason)
 
 
 def collect(stream, verbose: bool = False) -> "GenerationResult":

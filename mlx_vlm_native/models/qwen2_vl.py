@@ -15,6 +15,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 from mlx_lm.models import qwen2
+from mlx_lm.models.cache import BatchKVCache, KVCache
 
 from ..packing import pack_of_packs, split_by_prompt
 from .base import BaseModelArgs, scatter_features, text_config_for_mlx_lm
@@ -138,25 +139,77 @@ class MRoPE(nn.Module):
         self._positions = None if positions is None else mx.array(positions)
         self._delta = delta
 
-    def __call__(self, x: mx.array, offset: int = 0) -> mx.array:
+    @property
+    def delta(self):
+        return self._delta
+
+    def __call__(self, x: mx.array, offset=0) -> mx.array:
+        """`offset`: an int, or (B,) per-sequence offsets of a batch cache (past
+        the prompt, with `delta` then a (B,) array too)."""
         L = x.shape[-2]
-        prompt_len = 0 if self._positions is None else self._positions.shape[-1]
-        if offset >= prompt_len:  # past the prompt all three positions are equal
+        if self._positions is None or offset >= self._positions.shape[-1]:
+            # past the prompt all three positions are equal
             return mx.fast.rope(x, self.head_dim, traditional=False, base=self.base,
                                 scale=1.0, offset=offset + self._delta)
+        prompt_len = self._positions.shape[-1]
         pos = self._positions[..., offset : offset + L]
         if pos.shape[-1] < L:
             tail = mx.arange(prompt_len, offset + L) + self._delta
             pos = mx.concatenate([pos, mx.broadcast_to(tail, (*pos.shape[:-1], tail.size))], axis=-1)
-        # each frequency takes the position of its section (t, h or w)
+        cos, sin = self.tables(pos, x.dtype)
+        half = x.shape[-1] // 2
+        rotated = mx.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+        return x * cos + rotated * sin
+
+    def tables(self, pos: mx.array, dtype):
+        """cos and sin of the (.., 3, L) positions: each frequency takes the
+        position of its section (t, h or w)."""
         angles = mx.take(pos, self._section, axis=-2).swapaxes(-1, -2).astype(mx.float32) * self._inv_freq
         angles = mx.concatenate([angles, angles], axis=-1)
         if angles.ndim == 3:  # (B, L, D) -> (B, 1, L, D) over the heads
             angles = angles[:, None]
-        cos, sin = mx.cos(angles).astype(x.dtype), mx.sin(angles).astype(x.dtype)
-        half = x.shape[-1] // 2
-        rotated = mx.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-        return x * cos + rotated * sin
+        return mx.cos(angles).astype(dtype), mx.sin(angles).astype(dtype)
+
+
+class MRoPECache(KVCache):
+    """A KVCache that knows where its sequence's text positions continue:
+    generated tokens sit at `offset + rope_delta`. Merges into a
+    `BatchMRoPECache`, so each sequence of a batch keeps its own delta."""
+
+    rope_delta = 0
+
+    @classmethod
+    def merge(cls, caches):
+        return BatchMRoPECache.merge(caches)
+
+
+class BatchMRoPECache(BatchKVCache):
+    """mlx-lm's BatchKVCache plus the per-sequence `rope_deltas`, (B,), kept
+    in step when sequences join (extend) or leave (filter) the batch."""
+
+    @classmethod
+    def merge(cls, caches):
+        if max(c.size() for c in caches) == 0:
+            batch = cls([0] * len(caches))
+        else:
+            batch = super().merge(caches)
+        batch.rope_deltas = mx.array([c.rope_delta for c in caches])
+        return batch
+
+    def filter(self, batch_indices):
+        super().filter(batch_indices)
+        self.rope_deltas = self.rope_deltas[mx.array(batch_indices)]
+
+    def extend(self, other):
+        super().extend(other)
+        self.rope_deltas = mx.concatenate([self.rope_deltas, other.rope_deltas])
+
+    def extract(self, idx):
+        plain = super().extract(idx)
+        cache = MRoPECache()
+        cache.keys, cache.values, cache.offset = plain.keys, plain.values, plain.offset
+        cache.rope_delta = self.rope_deltas[idx].item()
+        return cache
 
 
 class Model(nn.Module):
@@ -214,11 +267,25 @@ class Model(nn.Module):
             out[i, :, : positions.shape[1]] = positions
         self.rope.set_positions(out, 0)
 
+    def make_cache(self) -> List[MRoPECache]:
+        return [MRoPECache() for _ in self.layers]
+
     def __call__(self, inputs: mx.array, cache=None, input_embeddings=None) -> mx.array:
-        at_start = cache is None or cache[0] is None or cache[0].offset == 0
-        if at_start and input_embeddings is None:
-            self.rope.set_positions(None, 0)  # a text-only prompt: plain positions
-        return self.language_model(inputs, cache=cache, input_embeddings=input_embeddings)
+        """Prompt positions come from `get_input_embeddings`; a decode step
+        (tokens only) continues at the delta its cache holds."""
+        first = cache[0] if cache else None
+        if isinstance(first, BatchMRoPECache):  # a batch decode: each sequence past its prompt
+            self.rope.set_positions(None, first.rope_deltas)
+        elif input_embeddings is None:
+            if first is None or first.offset == 0:
+                self.rope.set_positions(None, 0)  # a text-only prompt: plain positions
+            elif isinstance(first, MRoPECache):
+                self.rope.set_positions(None, first.rope_delta)
+        out = self.language_model(inputs, cache=cache, input_embeddings=input_embeddings)
+        if isinstance(first, MRoPECache):  # the cache now holds this prompt: remember its delta
+            for c in cache:
+                c.rope_delta = self.rope.delta
+        return out
 
     def sanitize(self, weights: dict) -> dict:
         """Hub (`model.layers`, `visual.`, `lm_head`) and transformers-5 in-memory
