@@ -1,16 +1,35 @@
 """Shared inputs for the kernel tests: small packs (with length-1 and odd
 segments) and the references the kernels are compared with."""
 
+import sys
 from dataclasses import dataclass
 
 import mlx.core as mx
 import numpy as np
+import pytest
 
 from mlx_vlm_native.native import attention
 from mlx_vlm_native.native.kernels_source import KernelSpec
 
+from msl.check import find_clang
+
 SEGMENT_MIXES = ([1, 5, 17, 33], [40, 1, 3], [70])
 ATOL = {mx.float32: 1e-5, mx.float16: 3e-3, mx.bfloat16: 3e-2}
+
+# The emulator compiles each kernel with clang for this CPU; tests that only read
+# the sources (or trace them through MLX) run without it.
+needs_emulator = pytest.mark.skipif(
+    find_clang() is None or not sys.platform.startswith("linux"),
+    reason="the CPU kernel emulator needs clang++ on Linux (apt-get install clang-19); "
+    "on a Mac, test_kernels.py runs the kernels on the GPU",
+)
+
+
+def fast_first(values, fast=1):
+    """Parametrize values with all but the first `fast` in the slow tier: the
+    default tier keeps one case per kernel, `-m slow` runs the rest."""
+    return [v if i < fast else pytest.param(*(v if isinstance(v, tuple) else (v,)), marks=pytest.mark.slow)
+            for i, v in enumerate(values)]
 
 
 def pack(lengths, heads, head_dim, dtype=mx.float32, seed=0, n=4):

@@ -120,6 +120,7 @@ def test_chat_keeps_the_image_and_history():
     assert "The circle is orange." in r.stdout  # about the new image
 
 
+@pytest.mark.slow
 def test_the_recipe_runs_end_to_end_at_toy_scale(tmp_path):
     """`train/default_model/build.py` (data, tokenizer, stages 1-3, held-out
     eval) at a few steps; a second run finds every step done and only reprints."""

@@ -70,6 +70,7 @@ def test_convert_example_offline(tiny_hf_dir, tmp_path):
     assert "tokens/s" in out
 
 
+@pytest.mark.slow
 def test_lora_finetune_example(tmp_path):
     out = run_example("lora_finetune_shapes.py", "--out", tmp_path / "run", "--images", 120, "--steps", 40,
                       "--eval", 8, timeout=600)
@@ -79,6 +80,7 @@ def test_lora_finetune_example(tmp_path):
     assert (tmp_path / "run" / "adapters" / "adapters.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_openvision2_toy_pretrain_example(tmp_path):
     out = run_example("openvision2_toy_pretrain.py", "--out", tmp_path / "ov2", "--images", 64, "--steps", 30)
     line = next(line for line in out.splitlines() if line.startswith("caption loss"))

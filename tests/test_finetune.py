@@ -106,6 +106,7 @@ def test_too_long_samples_skip_with_count_or_fail(colour_data, tmp_path):
         next(finetune.sample_batches(data, processor, 1, limit, "error"))
 
 
+@pytest.mark.slow
 def test_lora_learns_the_colours_and_adapters_reload(colour_data, tmp_path):
     out = tmp_path / "run"
     result = run(recipe(colour_data, out, steps=240, optim={"lr": 1e-3, "warmup_steps": 5}), progress=False)
@@ -178,6 +179,7 @@ def test_padded_batch_loss_equals_token_weighted_singles(tmp_path):
     assert abs(batch_loss.item() - weighted) <= 1e-5
 
 
+@pytest.mark.slow
 def test_two_process_ring_equals_one_process(colour_data, tmp_path):
     """mlx.launch, ring backend on localhost: 2 ranks x 1 micro-batch equals
     1 process x 2 accumulated micro-batches (fp32, <= 1e-5)."""

@@ -6,20 +6,13 @@ selftest's job (`mlx-vlm-native selftest` on a CUDA machine)."""
 
 import shutil
 import subprocess
-import sys
 
 import mlx.core as mx
 import pytest
 
-from kernel_cases import ATOL, SEGMENT_MIXES, attention_case, launches, max_diff, with_bug
+from kernel_cases import ATOL, SEGMENT_MIXES, attention_case, fast_first, launches, max_diff, needs_emulator, with_bug
 from mlx_vlm_native.native import rope
-from msl.check import find_clang
 from msl.trace import cuda_kernel_name, cuda_source
-
-needs_clang = pytest.mark.skipif(
-    find_clang() is None or not sys.platform.startswith("linux"),
-    reason="the CPU emulator needs clang++ (apt-get install clang-19) on Linux",
-)
 
 # What MLX's default header provides (device/utils.cuh, cooperative_groups, `inf`).
 MLX_PREAMBLE = """#include <cuda_fp16.h>
@@ -71,7 +64,6 @@ def test_sources_compile_with_nvcc(tmp_path):
     assert result.returncode == 0, result.stderr[-4000:]
 
 
-@needs_clang
 def test_tensor_core_forward_is_chosen_for_half_types():
     from mlx_vlm_native.native.attention import forward_launch
 
@@ -83,8 +75,9 @@ def test_tensor_core_forward_is_chosen_for_half_types():
     assert kernel(72, mx.float16) == kernel(80, mx.float32) == "varlen_attention_fwd.cu"
 
 
-@pytest.mark.parametrize("head_dim,dtype", [(64, mx.float32), (80, mx.float16), (128, mx.bfloat16),
-                                            (72, mx.float16), (96, mx.float16)])
+@needs_emulator
+@pytest.mark.parametrize("head_dim,dtype", fast_first([(64, mx.float32), (80, mx.float16), (128, mx.bfloat16),
+                                                       (72, mx.float16), (96, mx.float16)], fast=2))
 def test_attention_kernels_match_reference(head_dim, dtype):
     from msl.emulator import emulate
 
@@ -97,7 +90,7 @@ def test_attention_kernels_match_reference(head_dim, dtype):
             assert err <= ATOL[dtype], f"{name} {out_name}: {err:.2e}"
 
 
-@needs_clang
+@needs_emulator
 @pytest.mark.parametrize("backward", [False, True])
 def test_rope_matches_reference(backward):
     from msl.emulator import emulate
@@ -110,7 +103,7 @@ def test_rope_matches_reference(backward):
     assert max_diff(k_out, rope.reference_rope(k, cos, sin, backward)) <= 1e-6
 
 
-@needs_clang
+@needs_emulator
 def test_emulator_catches_missing_syncthreads():
     from msl.emulator import emulate
 
@@ -121,7 +114,8 @@ def test_emulator_catches_missing_syncthreads():
     assert not max_diff(out, case["out"]) <= 1e-3
 
 
-@needs_clang
+@needs_emulator
+@pytest.mark.slow
 @pytest.mark.parametrize("old,new", [
     # K^T read as K: the WMMA operand layout matters
     ("wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> b;", "wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> b;"),
@@ -137,7 +131,7 @@ def test_emulator_catches_tensor_core_bugs(old, new):
     assert not max_diff(out, case["out"]) <= 1e-2
 
 
-@needs_clang
+@needs_emulator
 def test_emulator_enforces_wmma_alignment():
     from msl.emulator import EmulatorError, emulate
 

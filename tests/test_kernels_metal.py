@@ -3,24 +3,16 @@
 and executed by the tests/msl emulator, then compared with the pure-MLX
 references. Seeded bugs show the checker and the emulator can fail."""
 
-import sys
-
 import mlx.core as mx
 import numpy as np
 import pytest
 
-from kernel_cases import ATOL, SEGMENT_MIXES, attention_case, launches, max_diff, pack, with_bug
+from kernel_cases import (ATOL, SEGMENT_MIXES, attention_case, fast_first, launches, max_diff, needs_emulator,
+                          pack, with_bug)
 from mlx_vlm_native.native import SUPPORTED_HEAD_DIMS, rope
-from msl.check import METAL_THREADGROUP_LIMIT, check, find_clang, threadgroup_bytes
-
-pytestmark = [
-    pytest.mark.skipif(find_clang() is None, reason="clang++ not installed (apt-get install clang-19)"),
-    pytest.mark.skipif(not sys.platform.startswith("linux"),
-                       reason="the CPU emulator targets Linux; on a Mac, test_kernels.py runs the kernels on the GPU"),
-]
-
-from msl.emulator import EmulatorError, emulate  # noqa: E402
-from msl.trace import metal_source  # noqa: E402
+from msl.check import METAL_THREADGROUP_LIMIT, check, threadgroup_bytes
+from msl.emulator import EmulatorError, emulate
+from msl.trace import metal_source
 
 
 def run_and_compare(launch, case, names, atol):
@@ -31,7 +23,8 @@ def run_and_compare(launch, case, names, atol):
     return outputs
 
 
-@pytest.mark.parametrize("head_dim", SUPPORTED_HEAD_DIMS)
+@needs_emulator
+@pytest.mark.parametrize("head_dim", fast_first(SUPPORTED_HEAD_DIMS))
 @pytest.mark.parametrize("dtype", [mx.float32, mx.float16, mx.bfloat16])
 def test_generated_sources_pass_clang(head_dim, dtype):
     case = attention_case([1, 5], 2, head_dim, dtype)
@@ -54,7 +47,8 @@ def test_threadgroup_memory_check_can_fail():
     assert threadgroup_bytes(source, [("BK", 64), ("D", 128)]) > METAL_THREADGROUP_LIMIT
 
 
-@pytest.mark.parametrize("head_dim", SUPPORTED_HEAD_DIMS)
+@needs_emulator
+@pytest.mark.parametrize("head_dim", fast_first(SUPPORTED_HEAD_DIMS))
 def test_forward_matches_reference_fp32(head_dim):
     for i, lengths in enumerate(SEGMENT_MIXES[:2]):
         case = attention_case(lengths, 2, head_dim, seed=i)
@@ -62,21 +56,24 @@ def test_forward_matches_reference_fp32(head_dim):
         run_and_compare(launch, case, names, ATOL[mx.float32])
 
 
-@pytest.mark.parametrize("head_dim,dtype", [(d, mx.float16) for d in SUPPORTED_HEAD_DIMS]
-                         + [(72, mx.bfloat16), (128, mx.bfloat16)])
+@needs_emulator
+@pytest.mark.parametrize("head_dim,dtype", fast_first([(d, mx.float16) for d in SUPPORTED_HEAD_DIMS]
+                                                    + [(72, mx.bfloat16), (128, mx.bfloat16)]))
 def test_forward_matches_reference_half(head_dim, dtype):
     case = attention_case(SEGMENT_MIXES[0], 1, head_dim, dtype)
     launch, names = launches("metal", case)["fwd"]
     run_and_compare(launch, case, names, ATOL[dtype])
 
 
+@needs_emulator
 def test_forward_handles_multiple_query_blocks():
     case = attention_case([70, 1], 1, 64)  # 70 rows: three 32-row blocks, a 6-row tail
     launch, names = launches("metal", case)["fwd"]
     run_and_compare(launch, case, names, ATOL[mx.float32])
 
 
-@pytest.mark.parametrize("head_dim", SUPPORTED_HEAD_DIMS)
+@needs_emulator
+@pytest.mark.parametrize("head_dim", fast_first(SUPPORTED_HEAD_DIMS))
 def test_backward_matches_reference_fp32(head_dim):
     case = attention_case(SEGMENT_MIXES[0], 2, head_dim, seed=head_dim)
     for name in ("bwd_dkdv", "bwd_dq"):
@@ -84,6 +81,7 @@ def test_backward_matches_reference_fp32(head_dim):
         run_and_compare(launch, case, names, ATOL[mx.float32])
 
 
+@needs_emulator
 def test_backward_fp16():
     case = attention_case(SEGMENT_MIXES[1], 1, 80, mx.float16)
     for name in ("bwd_dkdv", "bwd_dq"):
@@ -91,7 +89,8 @@ def test_backward_fp16():
         run_and_compare(launch, case, names, 2e-2)
 
 
-@pytest.mark.parametrize("dtype", [mx.float32, mx.float16])
+@needs_emulator
+@pytest.mark.parametrize("dtype", fast_first([mx.float32, mx.float16]))
 @pytest.mark.parametrize("backward", [False, True])
 def test_rope_matches_reference(dtype, backward):
     mx.random.seed(1)
@@ -114,6 +113,7 @@ def test_rope_matches_reference(dtype, backward):
     ("frag8 q_frag[DF];", "device float* alias = k_tile;\nfrag8 q_frag[DF];", "cannot initialize"),
     ("out[at] = T(", "q[at] = T(", "read-only"),
 ])
+@needs_emulator
 def test_clang_check_rejects_seeded_bugs(old, new, message):
     case = attention_case([1, 5], 1, 64)
     launch = with_bug(launches("metal", case)["fwd"][0], old, new)
@@ -129,6 +129,7 @@ def test_clang_check_rejects_seeded_bugs(old, new, message):
     # keys past the segment end not masked
     ("if (k0 + 8 * j + fc + e >= seg_end)", "if (k0 + 8 * j + fc + e >= seg_end + 8)", False),
 ])
+@needs_emulator
 def test_emulator_catches_seeded_bugs(old, new, in_header):
     case = attention_case(SEGMENT_MIXES[0], 1, 64)
     launch, names = launches("metal", case)["fwd"]
@@ -136,6 +137,7 @@ def test_emulator_catches_seeded_bugs(old, new, in_header):
     assert not max_diff(out, case["out"]) <= 1e-3
 
 
+@needs_emulator
 def test_emulator_reports_out_of_bounds_reads():
     cu, (q, k, v) = pack([1, 5], 1, 64, n=3)
     launch = rope.rope_launch("metal", q, k, mx.zeros((6, 64)), mx.zeros((6, 64)), False)
@@ -144,6 +146,7 @@ def test_emulator_reports_out_of_bounds_reads():
         emulate(launch)
 
 
+@needs_emulator
 def test_emulator_reports_divergent_barriers():
     case = attention_case([1, 5], 1, 64)
     launch, _ = launches("metal", case)["fwd"]
@@ -153,6 +156,7 @@ def test_emulator_reports_divergent_barriers():
         emulate(launch)
 
 
+@needs_emulator
 def test_emulator_fills_unwritten_outputs_with_nan():
     case = attention_case([1, 5], 1, 64)
     launch, _ = launches("metal", case)["fwd"]

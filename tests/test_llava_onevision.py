@@ -50,7 +50,7 @@ def test_vision_tower_matches(hf_model, mlx_model):
     assert np.abs(full - out.last_hidden_state.numpy()).max() <= TOL
 
 
-@pytest.mark.parametrize("h,w", [(384, 384), (500, 800), (1000, 300), (2000, 2200)])
+@pytest.mark.parametrize("h,w", [(384, 384), (500, 800), (1000, 300), pytest.param(2000, 2200, marks=pytest.mark.slow)])
 def test_packed_image_features_match(hf_model, mlx_model, h, w):
     """Projector + AnyRes packing (unpad, anyres_max_9 down-sampling, newlines)."""
     model, processor = mlx_model

@@ -45,6 +45,7 @@ def worker(out_dir: str) -> None:
     np.savez(Path(out_dir) / f"size{size}_rank{rank}.npz", loss=np.array(loss), **weights)
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one(tmp_path):
     launcher = Path(sys.executable).parent / "mlx.launch"
     if not launcher.exists():
