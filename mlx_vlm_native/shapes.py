@@ -134,8 +134,8 @@ def polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> list:
              cy - radii[i % len(radii)] * np.cos(angle + 2 * np.pi * i / k)) for i in range(k)]
 
 
-def draw_item(draw: ImageDraw.ImageDraw, scene: Scene, item: Item, rng: np.random.Generator) -> None:
-    x0, y0, x1, y1 = cell_box(scene, item.cell)
+def draw_item(draw: ImageDraw.ImageDraw, scene: Scene, item: Item, rng: np.random.Generator, box=None) -> None:
+    x0, y0, x1, y1 = box or cell_box(scene, item.cell)
     side = min(x1 - x0, y1 - y0)
     r = side / 2 * (rng.uniform(0.72, 0.9) if item.size == "large" else rng.uniform(0.38, 0.5))
     cx = rng.uniform(x0 + r, x1 - r) if x1 - x0 > 2 * r else (x0 + x1) / 2
@@ -169,6 +169,18 @@ def render(scene: Scene, rng: np.random.Generator) -> Image.Image:
     if scene.word:
         draw_word(image, scene, rng)
     return image
+
+
+def lone_shape(rng: np.random.Generator) -> Tuple[Image.Image, Item]:
+    """One shape filling most of a picture of random size and aspect ratio
+    (1:2 .. 2:1, sides 100-370 px) and background: a classification example
+    whose label (`item.shape`, `item.colour`) is exact."""
+    probe = random_scene(rng, with_word=False)
+    scene = Scene(probe.width, probe.height, probe.background)
+    item = Item(str(rng.choice(SHAPES)), str(rng.choice(list(COLOURS))), str(rng.choice(SIZES)), 4)
+    image = background(scene, rng)
+    draw_item(ImageDraw.Draw(image), scene, item, rng, box=(0, 0, scene.width, scene.height))
+    return image, item
 
 
 # ---------------------------------------------------------------- language

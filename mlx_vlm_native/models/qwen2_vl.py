@@ -270,6 +270,17 @@ class Model(nn.Module):
     def make_cache(self) -> List[MRoPECache]:
         return [MRoPECache() for _ in self.layers]
 
+    def set_packed_positions(self, rows: Sequence, length: int) -> None:
+        """M-RoPE positions of packed rows, each conversation's from 0, (R, 3, length)."""
+        out = np.zeros((len(rows), 3, length), np.int32)
+        for r, row in enumerate(rows):
+            start = 0
+            for inputs, _ in row:
+                positions, _ = self.prompt_positions(inputs)
+                out[r, :, start : start + positions.shape[1]] = positions
+                start += positions.shape[1]
+        self.rope.set_positions(out, 0)
+
     def __call__(self, inputs: mx.array, cache=None, input_embeddings=None) -> mx.array:
         """Prompt positions come from `get_input_embeddings`; a decode step
         (tokens only) continues at the delta its cache holds."""

@@ -311,9 +311,106 @@ def forward_batch(model, batch: Sequence) -> Tuple[mx.array, mx.array, mx.array]
     return logits[:, :-1], mx.array(ids[:, 1:]), mx.array(masks[:, 1:])
 
 
+class PackedBatch(list):
+    """Rows of samples, each row one sequence: [[(inputs, mask), ...], ...]."""
+
+
+class SegmentMask:
+    """Stands in for each layer's KV cache during one training forward, so an
+    mlx-lm model attends only within each conversation of a packed row: mlx-lm
+    takes the attention mask from the cache (`make_mask`), rotates from its
+    `offset` (0) and passes keys and values through `update_and_fetch`."""
+
+    offset = 0
+
+    def __init__(self, mask: mx.array):
+        self.mask = mask
+
+    def make_mask(self, *args, **kwargs) -> mx.array:
+        return self.mask
+
+    def update_and_fetch(self, keys, values):
+        return keys, values
+
+
+class SegmentRoPE(nn.Module):
+    """A layer's rotary embedding applied to each segment of each row from
+    position 0, exactly as for the conversation alone."""
+
+    def __init__(self, rope, bounds: Sequence[Sequence[Tuple[int, int]]]):
+        super().__init__()
+        self.rope, self.bounds = rope, bounds
+
+    def __call__(self, x: mx.array, offset: int = 0) -> mx.array:  # (B, H, L, D)
+        rows = [mx.concatenate([self.rope(x[b : b + 1, :, s:e]) for s, e in bounds], axis=2)
+                for b, bounds in enumerate(self.bounds)]
+        return mx.concatenate(rows, axis=0)
+
+
+@contextlib.contextmanager
+def segment_rope(model, bounds):
+    attentions = [layer.self_attn for layer in model.layers]
+    if not all(hasattr(a, "rope") for a in attentions):
+        raise ValueError(f"packing is not supported for {type(model).__module__}: its attention has no `rope`")
+    originals = [a.rope for a in attentions]
+    for a, rope in zip(attentions, originals):
+        a.rope = SegmentRoPE(rope, bounds)
+    try:
+        yield
+    finally:
+        for a, rope in zip(attentions, originals):
+            a.rope = rope
+
+
+def forward_packed(model, rows: Sequence) -> Tuple[mx.array, mx.array, mx.array]:
+    """(logits, targets, target mask) of packed rows, each padded at its end:
+    block-diagonal causal attention, positions restarting at each
+    conversation (M-RoPE positions per sample for Qwen2-VL), and each
+    conversation's targets its own next tokens, as if it were alone."""
+    samples = [inputs for row in rows for inputs, _ in row]
+    encode = getattr(model, "encode_vision", None)
+    features = iter(encode(samples) if encode else [None] * len(samples))
+    length = max(sum(len(inputs.input_ids) for inputs, _ in row) for row in rows)
+    R = len(rows)
+    ids, targets = np.zeros((R, length), np.int32), np.zeros((R, length), np.int32)
+    masks, segments = np.zeros((R, length), bool), np.zeros((R, length), np.int32)
+    embeds, bounds = [], []
+    for r, row in enumerate(rows):
+        parts, spans, start = [], [], 0
+        for j, (inputs, mask) in enumerate(row):
+            feats = next(features)
+            e = model.get_input_embeddings(inputs, vision_features=feats) if encode else model.get_input_embeddings(inputs)
+            n = len(inputs.input_ids)
+            parts.append(e[0])
+            ids[r, start : start + n] = inputs.input_ids
+            targets[r, start : start + n - 1] = inputs.input_ids[1:]
+            masks[r, start : start + n - 1] = mask[1:]
+            segments[r, start : start + n] = j
+            spans.append((start, start + n))
+            start += n
+        if start < length:  # the end padding: one more segment, never a target
+            parts.append(mx.zeros((length - start, parts[0].shape[-1]), parts[0].dtype))
+            segments[r, start:] = len(row)
+            spans.append((start, length))
+        embeds.append(mx.concatenate(parts))
+        bounds.append(spans)
+    seg = mx.array(segments)
+    causal = mx.tril(mx.ones((length, length), dtype=mx.bool_))
+    mask = (seg[:, None, :, None] == seg[:, None, None, :]) & causal
+    cache = [SegmentMask(mask) for _ in model.layers]
+    if hasattr(model, "set_packed_positions"):
+        model.set_packed_positions(rows, length)
+        logits = model(mx.array(ids), cache=cache, input_embeddings=mx.stack(embeds))
+    else:
+        with segment_rope(model, bounds):
+            logits = model(mx.array(ids), cache=cache, input_embeddings=mx.stack(embeds))
+    return logits, mx.array(targets), mx.array(masks)
+
+
 def answer_loss(model, batch, key=None):
     """Mean cross-entropy over assistant tokens, and their count."""
-    logits, targets, mask = forward_batch(model, batch)
+    forward = forward_packed if isinstance(batch, PackedBatch) else forward_batch
+    logits, targets, mask = forward(model, batch)
     ce = nn.losses.cross_entropy(logits.astype(mx.float32), targets) * mask
     count = mask.sum()
     return ce.sum() / mx.maximum(count, 1), count
@@ -341,22 +438,31 @@ def build_optimizer(model: nn.Module, cfg: dict, total_steps: int) -> optim.Opti
 
 
 def sample_batches(data: ConversationFile, processor, micro_batch: int, max_tokens: int,
-                   on_too_long: str = "skip", position: Optional[dict] = None, stats: Optional[dict] = None):
+                   on_too_long: str = "skip", position: Optional[dict] = None, stats: Optional[dict] = None,
+                   pack_tokens: Optional[int] = None):
     """Yield (micro-batch of (inputs, mask), data position after it), this
     process's share under `mx.distributed`: of each group of `size`
-    micro-batches, rank r takes the r-th; the position is after the group."""
+    micro-batches, rank r takes the r-th; the position is after the group.
+
+    With `pack_tokens`, a micro-batch is a `PackedBatch` of `micro_batch` rows
+    of at most `pack_tokens` tokens, filled first-fit in data order; a sample
+    that fits no row starts the next micro-batch (and is read again on resume,
+    the position being after the last sample placed)."""
     group = mx.distributed.init()
     stats = stats if stats is not None else {}
     stats.setdefault("skipped", 0)
     samples = data.iterate(position)
+    limit = min(max_tokens, pack_tokens) if pack_tokens else max_tokens
+    held = []
 
-    def next_batch():
-        batch = []
-        while len(batch) < micro_batch:
+    def next_sample():
+        if held:
+            return held.pop()
+        while True:
             conversation, pos = next(samples)
             inputs, mask = tokenize(processor, conversation)
-            if len(inputs.input_ids) > max_tokens:
-                message = f"a sample of {len(inputs.input_ids)} tokens exceeds the {max_tokens}-token limit"
+            if len(inputs.input_ids) > limit:
+                message = f"a sample of {len(inputs.input_ids)} tokens exceeds the {limit}-token limit"
                 if on_too_long == "error":
                     raise ValueError(message)
                 stats["skipped"] += 1
@@ -365,12 +471,38 @@ def sample_batches(data: ConversationFile, processor, micro_batch: int, max_toke
             if not mask.any():
                 stats["skipped"] += 1
                 continue
-            batch.append((inputs, mask))
+            return (inputs, mask), pos
+
+    def next_batch():
+        if pack_tokens:
+            return next_packed()
+        batch = []
+        while len(batch) < micro_batch:
+            sample, pos = next_sample()
+            batch.append(sample)
         return batch, pos
+
+    def next_packed():
+        rows, room, pos = [[] for _ in range(micro_batch)], [pack_tokens] * micro_batch, None
+        while True:
+            sample, after = next_sample()
+            n = len(sample[0].input_ids)
+            fit = next((r for r in range(micro_batch) if room[r] >= n), None)
+            if fit is None:
+                held.append((sample, after))
+                return PackedBatch(row for row in rows if row), pos
+            rows[fit].append(sample)
+            room[fit] -= n
+            pos = after
 
     while True:
         group_batches = [next_batch() for _ in range(group.size())]
         yield group_batches[group.rank()][0], group_batches[-1][1]
+
+
+def answer_tokens(batch) -> int:
+    rows = batch if isinstance(batch, PackedBatch) else [batch]
+    return sum(int(m.sum()) for row in rows for _, m in row)
 
 
 def evaluate(model, batches: Sequence) -> float:
@@ -441,8 +573,10 @@ def run(recipe: dict, resume: Optional[str] = None, progress: bool = True, on_st
 
     context = model.args.text_config.max_position_embeddings
     stats = {}
+    pack_tokens = (recipe.get("pack_tokens") or recipe.get("max_tokens", context)) if recipe.get("pack") else None
     batches = sample_batches(train_data, processor, recipe.get("micro_batch_size", 1),
-                             recipe.get("max_tokens", context), recipe.get("on_too_long", "skip"), position, stats)
+                             recipe.get("max_tokens", context), recipe.get("on_too_long", "skip"), position, stats,
+                             pack_tokens)
     config = TrainConfig(
         steps=steps, grad_accumulation=recipe.get("grad_accumulation", 1),
         compute_dtype=recipe.get("compute_dtype"), grad_checkpoint=recipe.get("grad_checkpoint", False),
@@ -465,7 +599,7 @@ def run(recipe: dict, resume: Optional[str] = None, progress: bool = True, on_st
 
     with stop_on_signals() as stop_requested:
         result = train(model, answer_loss, optimizer, batches, config, start_step=start,
-                       checkpoint_layers=model.layers, batch_size_of=lambda b: sum(int(m.sum()) for _, m in b),
+                       checkpoint_layers=model.layers, batch_size_of=answer_tokens,
                        rng_key=rng_key, seed=seed, on_step=after_step, should_stop=stop_requested)
     model.eval()
     if result["stopped"]:
