@@ -128,11 +128,9 @@ IMAGE_STD = (0.5, 0.5, 0.5)
 
 def image_tokens(image: Image.Image, patch: int, size: Optional[Tuple[int, int]] = None,
                  mean=IMAGE_MEAN, std=IMAGE_STD):
-    """A PIL image at `size` (h, w) (default: its own, rounded to the patch) ->
-    (patches (h/p * w/p, 3*p*p), grid (1, h/p, w/p)), rows in raster order."""
-    if size is None:
-        size = tuple(max(patch, int(round(s / patch)) * patch) for s in (image.height, image.width))
-    h, w = size
+    """A PIL image at `size` (h, w) (default: its own), each side rounded to the
+    patch -> (patches (h/p * w/p, 3*p*p), grid (1, h/p, w/p)), rows in raster order."""
+    h, w = (max(patch, int(round(s / patch)) * patch) for s in (size or (image.height, image.width)))
     if (image.height, image.width) != (h, w):
         image = image.resize((w, h), Image.BICUBIC)
     x = (np.asarray(image.convert("RGB"), np.float32) / 255.0 - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)

@@ -30,7 +30,7 @@ def configure_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", required=True, help="JSON recipe, e.g. train/openvision2/stage1.json")
     p.add_argument("--model", default=None, help="model folder or Hub id to finetune")
     p.add_argument("--data", default=None,
-                   help="a captions .jsonl (images relative to it) or a tar shard glob")
+                   help="a .jsonl (images relative to it), a tar shard glob, or a folder of class folders")
     p.add_argument("--tokenizer", default=None, help="vocab/tokenizer folder or Hub id")
     p.add_argument("--init", default=None, help="checkpoint or model folder to start from (stage 2)")
     p.add_argument("--output", default=None, help="run folder (checkpoints/, model/)")
@@ -45,7 +45,7 @@ def configure_parser() -> argparse.ArgumentParser:
 def apply_overrides(recipe: dict, args) -> dict:
     recipe = dict(recipe)
     if args.data:
-        kind = "jsonl" if args.data.endswith(".jsonl") else "shards"
+        kind = "jsonl" if args.data.endswith(".jsonl") else "folder" if Path(args.data).is_dir() else "shards"
         recipe["data"] = {kind: args.data}
     for key, value in (("model", args.model), ("tokenizer", args.tokenizer), ("init", args.init), ("output", args.output),
                        ("steps", args.steps), ("batch_size", args.batch_size)):

@@ -400,7 +400,8 @@ def model_args(recipe: dict, classes: Sequence[str]) -> ModelArgs:
     return ModelArgs.from_dict({**recipe.get("model", {}), "num_classes": len(classes), "classes": list(classes)})
 
 
-def batch_stream(recipe: dict, dataset, args: ModelArgs, position=None, start_step: int = 0, stats=None):
+def batch_stream(recipe: dict, dataset, args: ModelArgs, position=None, start_step: int = 0, stats=None,
+                 processes: int = 1):
     """The recipe's micro-batches (`batching.mode`: packed, padded or square)."""
     seed, steps = recipe.get("seed", 0), recipe["steps"]
     patch = args.patch_size
@@ -419,7 +420,8 @@ def batch_stream(recipe: dict, dataset, args: ModelArgs, position=None, start_st
     def make_tokens(sample, step):
         return to_tokens(sample, patch, image_cfg, drop_cfg, seed, (step - 1) / max(steps - 1, 1))
 
-    common = dict(position=position, first_step=start_step + 1, steps_per_batch=1 / accumulation, stats=stats)
+    common = dict(position=position, first_step=start_step + 1, steps_per_batch=1 / (accumulation * processes),
+                  stats=stats)
     if mode == "packed":
         seq_len = batching.get("seq_len", 256)
         max_side = image_cfg.get("max_side")
@@ -455,8 +457,8 @@ def run(recipe: dict, resume: Optional[str] = None, progress: bool = True, on_st
         start, position, rng_key = state["step"], state["position"], state["rng_key"]
         print(f"[INFO] resumed from {ckpt} at step {start}")
     stats = {}
-    stream = batch_stream(recipe, dataset, args, position, start, stats)
     group = mx.distributed.init()
+    stream = batch_stream(recipe, dataset, args, position, start, stats, group.size())
     if group.size() > 1:
         stream = rank_batches(stream, group.rank(), group.size())
     config = TrainConfig(
