@@ -12,7 +12,9 @@ table after its correctness checks.
 """
 
 import argparse
+import json
 import time
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -72,6 +74,7 @@ def main():
     p.add_argument("--dtype", choices=list(DTYPES), default="float16")
     p.add_argument("--packs", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--json", type=Path, default=None, help="also write the timings to this file")
     args = p.parse_args()
 
     gpu = native.gpu_backend()
@@ -94,6 +97,13 @@ def main():
         for row, (n_images, _, fwd, both) in zip(rows, torch_rows):
             ours_fwd, ours_both = row["kernel"]
             print(f"| {n_images} | {fwd:.2f} / {both:.2f} | {ours_fwd / fwd:.2f}x | {ours_both / both:.2f}x |")
+    if args.json is not None:
+        args.json.write_text(json.dumps({
+            "mlx": mx.__version__, "device": str(mx.default_device()), "kernels": gpu, "heads": args.heads,
+            "head_dim": args.head_dim, "dtype": args.dtype, "runs": args.runs, "rows": rows,
+            "lengths": {n: pack_lengths(n) for n in args.packs},
+            "torch_varlen": [dict(zip(("images", "name", "fwd_ms", "fwd_bwd_ms"), r)) for r in torch_rows],
+        }, indent=1))
 
 
 if __name__ == "__main__":

@@ -96,6 +96,14 @@ PRESETS = {
         text=TINY_TEXT, mrope_section=[2, 3, 3], tie_word_embeddings=False,
     ),
     # POINTS1.5 as released: CustomLlama decoder names with fused k/v and gate/up
+    # Qwen2-VL-2B's tower (675M) before a Qwen2-0.5B-sized decoder: the GPU acceptance run's geometry
+    "qwen2-vl-0.5b": dict(
+        family="qwen2_vl",
+        vision=dict(depth=32, embed_dim=1280, num_heads=16, mlp_ratio=4, hidden_act="quick_gelu"),
+        text=dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                  num_attention_heads=14, num_key_value_heads=2),
+        mrope_section=[8, 12, 12], tie_word_embeddings=True, vocab_size=152000,
+    ),
     "points-tiny": dict(
         family="points_v15", llm_layout="custom_llama",
         vision=dict(depth=2, embed_dim=32, num_heads=4, mlp_ratio=2, hidden_act="quick_gelu"),
@@ -265,7 +273,7 @@ def qwen2_vl_config(preset: str, tok) -> dict:
         "bos_token_id": ids("<|endoftext|>"), "eos_token_id": ids("<|im_end|>"),
         "vision_config": qwen2_vl_vision_config(p, p["text"]["hidden_size"]),
         "text_config": {
-            "model_type": p["family"] + "_text", "vocab_size": len(tok), "rms_norm_eps": 1e-6,
+            "model_type": p["family"] + "_text", "vocab_size": p.get("vocab_size") or len(tok), "rms_norm_eps": 1e-6,
             "max_position_embeddings": 32768, "hidden_act": "silu",
             "tie_word_embeddings": p["tie_word_embeddings"],
             "bos_token_id": ids("<|endoftext|>"), "eos_token_id": ids("<|im_end|>"),

@@ -16,8 +16,10 @@ checks still run, and the report says that no GPU kernel was exercised.
 """
 
 import argparse
+import json
 import sys
 import time
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -153,6 +155,7 @@ def main(argv=None) -> int:
     p.add_argument("--packs", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--no-timing", action="store_true")
+    p.add_argument("--json", type=Path, default=None, help="also write the checks and timings to this file")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
 
     gpu = native.gpu_backend()
@@ -173,6 +176,7 @@ def main(argv=None) -> int:
         print(f"| {name} | {diff:.2e} | {tol:.0e} | {'ok' if diff <= tol else 'MISMATCH'} |")
     print(f"\n{len(rows) - len(failed)}/{len(rows)} checks passed")
 
+    timings = []
     if not args.no_timing:
         packs = args.packs
         if args.quick:
@@ -182,6 +186,13 @@ def main(argv=None) -> int:
         label = f"{gpu} kernel" if gpu else "kernel path (reference, no GPU)"
         print(f"\ntimings: heads={args.heads} head_dim={args.head_dim} {args.dtype}, median of {args.runs}")
         print_timings(timings, label)
+    if args.json is not None:
+        report = {"mlx": mx.__version__, "device": str(mx.default_device()), "kernels": gpu,
+                  "checks": [{"name": n, "max_abs_diff": d, "tolerance": t, "ok": d <= t} for n, d, t in rows],
+                  "passed": len(rows) - len(failed), "total": len(rows),
+                  "timing": {"heads": args.heads, "head_dim": args.head_dim, "dtype": args.dtype, "runs": args.runs,
+                             "rows": timings}}
+        args.json.write_text(json.dumps(report, indent=1))
     if failed:
         print(f"\nFAILED: {len(failed)} mismatches, first: {failed[0][0]}", file=sys.stderr)
         return 1
