@@ -2,13 +2,14 @@
 optionally casting and quantizing: `mlx-vlm-native convert`."""
 
 import argparse
+import importlib
 import sys
 from pathlib import Path
 from typing import List, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_map_with_path
+from mlx.utils import tree_flatten, tree_map_with_path
 
 from .utils import OPEN_CLIP_CONFIG, copy_side_files, get_model_path, load_model, save_config, save_weights
 
@@ -30,6 +31,8 @@ def quantize_language_model(model: nn.Module, config: dict, bits: int = 4, group
     from mlx_lm.utils import quantize_model
 
     def predicate(path, module):
+        if path.endswith("patch_embed.proj"):  # a convolution everywhere else (mlx-vlm, torch)
+            return False
         return quantize_vision or not path.startswith(MULTIMODAL_PREFIXES)
 
     return quantize_model(model, config, group_size, bits, quant_predicate=predicate)
@@ -67,7 +70,11 @@ def convert(
     if quantize:
         print(f"[INFO] Quantizing to {q_bits} bits, group size {q_group_size}")
         model, config = quantize_language_model(model, config, q_bits, q_group_size, quantize_vision)
-    save_weights(dst, model)
+    weights = dict(tree_flatten(model.parameters()))
+    layout = getattr(importlib.import_module(type(model).__module__), "mlx_vlm_layout", None)
+    if layout is not None:  # the peer has this architecture: write its layout, which loads in both
+        weights, config = layout(weights, config, model.args)
+    save_weights(dst, weights)
     copy_side_files(src, dst)
     save_config(config, dst)
     print(f"[INFO] Saved MLX model to {dst}")

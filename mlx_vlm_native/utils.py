@@ -5,6 +5,7 @@ import json
 import logging
 import shutil
 from pathlib import Path
+from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import mlx.core as mx
@@ -13,16 +14,35 @@ from mlx.utils import tree_flatten
 
 from .models.base import check_weights
 
-MODEL_REMAPPING = {
-    "llava-onevision": "llava_onevision",
-    "qwen2_5_vl": "qwen2_vl",
-    "pointsv1.5_chat": "points_v15",
-    "eve-qwen2": "eve",
-}
-SUPPORTED = ("llava_onevision", "qwen2_vl", "points_v15", "eve", "openvision_llava")
+
+
+@dataclass(frozen=True)
+class Family:
+    """How a checkpoint names one model family (`models/<module>.py`)."""
+
+    module: str
+    model_types: Tuple[str, ...]  # config.json `model_type` spellings
+    architectures: Tuple[str, ...] = ()  # `architectures` / `auto_map` class names
+    weight_prefixes: Tuple[str, ...] = ()  # keys only this family's checkpoints have
+
+
+# The one registry of families: every loader, converter and processor looks here.
+FAMILIES = (
+    Family("llava_onevision", ("llava_onevision", "llava-onevision"),
+           ("LlavaOnevisionForConditionalGeneration",), ("image_newline", "model.image_newline")),
+    Family("qwen2_vl", ("qwen2_vl", "qwen2_5_vl"),
+           ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration"),
+           ("visual.patch_embed.", "model.visual.patch_embed.", "vision_tower.patch_embed.")),
+    Family("points_v15", ("pointsv1.5_chat",), ("POINTSV15ChatModel",), ("vision_projector.",)),
+    Family("eve", ("eve", "eve-qwen2"), ("EVELlamaForCausalLM", "EVEQwen2ForCausalLM")),
+    Family("openvision_llava", ("openvision_llava",)),
+    Family("openvision2", ("openvision2",)),  # also released open_clip folders (no config.json)
+)
+SUPPORTED = tuple(f.module for f in FAMILIES)
 
 OPEN_CLIP_CONFIG = "open_clip_config.json"  # released OpenVision folders
-WEIGHT_PATTERNS = ["*.safetensors", "*.safetensors.index.json", "open_clip_pytorch_model.bin"]
+SAFETENSORS_PATTERNS = ["*.safetensors", "*.safetensors.index.json"]
+TORCH_BIN_PATTERNS = ["pytorch_model*.bin", "pytorch_model.bin.index.json", "open_clip_pytorch_model.bin"]
 SIDE_FILE_PATTERNS = [
     "*.json",
     "*.jinja",
@@ -46,23 +66,29 @@ def default_model_path() -> str:
     return str(DEFAULT_MODEL)
 
 
+def hub_patterns(repo_files) -> list:
+    """The files a Hub-id load fetches: safetensors when the repo has them, else
+    its torch `.bin` shards (EVE v1, open_clip); never code (`*.py`)."""
+    names = [f.rsplit("/", 1)[-1] for f in repo_files]
+    has_safetensors = any(n.endswith(".safetensors") for n in names)
+    weights = SAFETENSORS_PATTERNS if has_safetensors else TORCH_BIN_PATTERNS
+    if has_safetensors and not any(n.startswith("open_clip_") and n.endswith(".safetensors") for n in names):
+        weights = weights + ["open_clip_pytorch_model.bin"]  # OpenVision: decoder in safetensors, tower in .bin
+    return weights + SIDE_FILE_PATTERNS
+
+
 def get_model_path(path_or_repo: str, revision: Optional[str] = None) -> Path:
-    """A local folder as is; otherwise download the Hub repo (weights + side files)."""
+    """A local folder as is; otherwise the Hub repo's weights and side files."""
     path = Path(path_or_repo)
     if path.exists():
         if not any((path / f).exists() for f in ("config.json", OPEN_CLIP_CONFIG)):
-            raise FileNotFoundError(f"{path} has no config.json: not a model folder")
+            raise FileNotFoundError(f"{path} has no config.json or {OPEN_CLIP_CONFIG}: not a model folder")
         return path
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import list_repo_files, snapshot_download
 
     try:
-        return Path(
-            snapshot_download(
-                path_or_repo,
-                revision=revision,
-                allow_patterns=WEIGHT_PATTERNS + SIDE_FILE_PATTERNS,
-            )
-        )
+        patterns = hub_patterns(list_repo_files(path_or_repo, revision=revision))
+        return Path(snapshot_download(path_or_repo, revision=revision, allow_patterns=patterns))
     except Exception as e:
         raise FileNotFoundError(
             f"{path_or_repo!r} is neither a local folder nor a reachable Hub repo: {e}"
@@ -70,18 +96,48 @@ def get_model_path(path_or_repo: str, revision: Optional[str] = None) -> Path:
 
 
 def load_config(path: Path) -> dict:
-    return json.loads((Path(path) / "config.json").read_text())
+    """config.json; a released open_clip folder (OpenVision) has none."""
+    path = Path(path)
+    if not (path / "config.json").exists() and (path / OPEN_CLIP_CONFIG).exists():
+        return {"model_type": "openvision2"}
+    return json.loads((path / "config.json").read_text())
 
 
-def get_model_classes(config: dict):
+def _class_names(config: dict) -> set:
+    names = set(config.get("architectures") or [])
+    names.update(str(v).rsplit(".", 1)[-1] for v in (config.get("auto_map") or {}).values())
+    return names
+
+
+def detect_family(config: dict, weight_keys=()) -> Family:
+    """The family of a checkpoint from its `model_type`, else its
+    `architectures`/`auto_map` class names (POINTS1.5 has no model_type),
+    else the names of its weights."""
     model_type = config.get("model_type")
-    model_type = MODEL_REMAPPING.get(model_type, model_type)
-    if model_type not in SUPPORTED:
-        raise ValueError(
-            f"model_type {config.get('model_type')!r} is not supported; "
-            f"supported: {', '.join(SUPPORTED)}"
-        )
-    arch = importlib.import_module(f"mlx_vlm_native.models.{model_type}")
+    for family in FAMILIES:
+        if model_type in family.model_types:
+            return family
+    names = _class_names(config)
+    for family in FAMILIES:
+        if names & set(family.architectures):
+            return family
+    for family in FAMILIES:
+        if family.weight_prefixes and any(k.startswith(family.weight_prefixes) for k in weight_keys):
+            return family
+    raise ValueError(
+        f"model_type {model_type!r} is not supported (architectures/auto_map: "
+        f"{sorted(names) or 'none'}; no weight names of a known family); "
+        f"supported: {', '.join(t for f in FAMILIES for t in f.model_types)}"
+    )
+
+
+def family_of(model_type: str) -> Family:
+    return detect_family({"model_type": model_type})
+
+
+def get_model_classes(config: dict, weight_keys=()):
+    family = detect_family(config, weight_keys)
+    arch = importlib.import_module(f"mlx_vlm_native.models.{family.module}")
     return arch.Model, arch.ModelArgs
 
 
@@ -105,22 +161,44 @@ def load_weights(path: Path) -> dict:
     raise FileNotFoundError(f"no *.safetensors, pytorch_model*.bin or *.pth weights in {path}")
 
 
+def quantize_for_checkpoint(model: nn.Module, config: dict, weights: dict) -> None:
+    """Quantize the layers the checkpoint stores quantized, each with its own
+    settings as mlx-lm's loader reads them: a per-module entry of
+    `config["quantization"]` (mlx-vlm's mixed recipes), else what the packed
+    shapes say, for affine, mxfp4 and the other modes."""
+    from mlx_lm.utils import infer_quant_config
+
+    quantization = config["quantization"]
+
+    def predicate(path, module):
+        if isinstance(quantization.get(path), dict):
+            return quantization[path]
+        if not hasattr(module, "to_quantized") or f"{path}.scales" not in weights:
+            return False
+        return infer_quant_config(path, module, weights)
+
+    nn.quantize(model, group_size=quantization["group_size"], bits=quantization["bits"],
+                mode=quantization.get("mode", "affine"), class_predicate=predicate)
+
+
 def load_model(path: Path, lazy: bool = False, strict: bool = True) -> Tuple[nn.Module, dict]:
+    path = Path(path)
     config = load_config(path)
-    model_class, args_class = get_model_classes(config)
-    model = model_class(args_class.from_dict(config))
-    weights = model.sanitize(load_weights(path))
-    quantization = config.get("quantization")
-    if quantization is not None:
-        nn.quantize(
-            model,
-            group_size=quantization["group_size"],
-            bits=quantization["bits"],
-            mode=quantization.get("mode", "affine"),
-            class_predicate=lambda p, m: f"{p}.scales" in weights,
-        )
+    if config.get("model_type") == "openvision2":
+        from . import openvision_checkpoint
+
+        model = openvision_checkpoint.load(path)
+        return model, openvision_checkpoint.config_dict(model.args)
+    weights = load_weights(path)
+    family = detect_family(config, weights)
+    config.setdefault("model_type", family.model_types[0])
+    arch = importlib.import_module(f"mlx_vlm_native.models.{family.module}")
+    model = arch.Model(arch.ModelArgs.from_dict(config))
+    weights = model.sanitize(weights)
+    if config.get("quantization") is not None:
+        quantize_for_checkpoint(model, config, weights)
     if strict:
-        check_weights(model, weights)
+        check_weights(model, weights, getattr(arch, "LAYOUTS", ()))
     model.load_weights(list(weights.items()), strict=strict)
     if not lazy:
         mx.eval(model.parameters())
@@ -129,18 +207,24 @@ def load_model(path: Path, lazy: bool = False, strict: bool = True) -> Tuple[nn.
 
 
 def load_processor(path: Path, model):
-    """`processors/<model_type>.py` provides `Processor.from_pretrained(path, tokenizer, args)`."""
+    """`processors/<family>.py` provides `Processor.from_pretrained(path, tokenizer, args)`;
+    an OpenVision 2 captioner takes its caption tokenizer."""
     from mlx_lm.utils import load_tokenizer
 
-    model_type = MODEL_REMAPPING.get(model.model_type, model.model_type)
-    module = importlib.import_module(f"mlx_vlm_native.processors.{model_type}")
+    family = family_of(model.model_type)
+    if family.module == "openvision2":
+        from . import openvision_checkpoint
+
+        return openvision_checkpoint.load_tokenizer(path)
+    module = importlib.import_module(f"mlx_vlm_native.processors.{family.module}")
     # transformers reads config.json on the way and warns that it does not know
     # our model types (openvision_llava, eve, ...): true, and not the tokenizer's business
     config_log = logging.getLogger("transformers.configuration_utils")
     level = config_log.level
     config_log.setLevel(logging.ERROR)
     try:
-        tokenizer = load_tokenizer(path)
+        # never run (or ask to run) a checkpoint's own code: POINTS1.5 has an auto_map
+        tokenizer = load_tokenizer(path, tokenizer_config_extra={"trust_remote_code": False})
     finally:
         config_log.setLevel(level)
     return module.Processor.from_pretrained(path, tokenizer, model.args)
@@ -152,8 +236,10 @@ def load(
     lazy: bool = False,
     revision: Optional[str] = None,
 ):
-    """Load a model folder (MLX or HF layout) or Hub id -> (model, processor);
-    without one, the embedded default model."""
+    """Load a model folder or Hub id -> (model, processor): released Hub and
+    transformers-5 layouts, mlx-vlm / mlx-community folders (plain or
+    quantized, mixed included) and this project's; without one, the embedded
+    default model. An OpenVision 2 captioner comes with its caption tokenizer."""
     if path_or_repo is None:
         path_or_repo = default_model_path()
     path = get_model_path(path_or_repo, revision)
@@ -166,14 +252,15 @@ def load(
     return model, load_processor(path, model)
 
 
-def save_weights(path: Path, model: nn.Module, max_shard_gb: int = 5, progress=True) -> None:
-    """Sharded safetensors + index; each shard is evaluated only as it is written,
-    so with lazily loaded sources peak memory stays near one shard."""
+def save_weights(path: Path, model, max_shard_gb: int = 5, progress=True) -> None:
+    """Sharded safetensors + index of a model's parameters (or a dict of
+    weights); each shard is evaluated only as it is written, so with lazily
+    loaded sources peak memory stays near one shard."""
     from mlx_lm.utils import make_shards
     from tqdm import tqdm
 
     path.mkdir(parents=True, exist_ok=True)
-    weights = dict(tree_flatten(model.parameters()))
+    weights = dict(tree_flatten(model.parameters())) if isinstance(model, nn.Module) else dict(model)
     shards = make_shards(weights, max_file_size_gb=max_shard_gb)
     name = "model-{:05d}-of-{:05d}.safetensors" if len(shards) > 1 else "model.safetensors"
     index = {"metadata": {"total_size": sum(v.nbytes for v in weights.values())}, "weight_map": {}}

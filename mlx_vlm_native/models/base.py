@@ -14,21 +14,27 @@ class BaseModelArgs:
         return cls(**{k: v for k, v in params.items() if k in fields})
 
 
-def check_weights(model, weights: dict) -> None:
-    """Raise naming the first missing, unexpected or mis-shaped key."""
+def _first(keys, n: int = 5) -> str:
+    shown = ", ".join(f"'{k}'" for k in keys[:n])
+    return shown + (f" and {len(keys) - n} more" if len(keys) > n else "")
+
+
+def check_weights(model, weights: dict, layouts=()) -> None:
+    """Raise naming the missing and unexpected keys (and the layouts the
+    family's sanitize knows), or the first mis-shaped key."""
     from mlx.utils import tree_flatten
 
     expected = dict(tree_flatten(model.parameters()))
     missing = sorted(set(expected) - set(weights))
     extra = sorted(set(weights) - set(expected))
-    if missing:
-        raise ValueError(
-            f"checkpoint is missing {len(missing)} weight(s), first: '{missing[0]}'"
-        )
-    if extra:
-        raise ValueError(
-            f"checkpoint has {len(extra)} unexpected weight(s), first: '{extra[0]}'"
-        )
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"checkpoint is missing {len(missing)} weight(s), first: {_first(missing)}")
+        if extra:
+            parts.append(f"checkpoint has {len(extra)} unexpected weight(s), first: {_first(extra)}")
+        tried = f"; layouts tried: {', '.join(layouts)}" if layouts else ""
+        raise ValueError("; ".join(parts) + tried)
     for k, v in weights.items():
         if v.shape != expected[k].shape:
             raise ValueError(

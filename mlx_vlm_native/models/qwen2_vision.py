@@ -229,6 +229,28 @@ class VisionModel(nn.Module):
             if k.startswith("visual."):
                 k = k[len("visual.") :]
             if k == "patch_embed.proj.weight" and v.ndim == 5:
-                v = v.reshape(v.shape[0], -1)  # (D, C, T, P, P): rows are (C, T, P, P)
+                v = patch_embed_rows(v, self.config)
             out[k] = v
         return out
+
+
+def patch_embed_rows(w: mx.array, c: VisionConfig) -> mx.array:
+    """A Conv3d patch weight as (D, C*T*P*P) rows in the (C, T, P, P) order of
+    the patches: torch's (D, C, T, P, P) reshapes; MLX's (D, T, P, P, C) (mlx-vlm
+    folders) is transposed first."""
+    torch_shape = (c.in_channels, c.temporal_patch_size, c.patch_size, c.patch_size)
+    mlx_shape = (c.temporal_patch_size, c.patch_size, c.patch_size, c.in_channels)
+    if tuple(w.shape[1:]) == mlx_shape and mlx_shape != torch_shape:
+        w = w.transpose(0, 4, 1, 2, 3)
+    elif tuple(w.shape[1:]) != torch_shape:
+        raise ValueError(
+            f"patch_embed.proj.weight has shape {tuple(w.shape)}: neither torch's "
+            f"(D, {', '.join(map(str, torch_shape))}) nor MLX's (D, {', '.join(map(str, mlx_shape))})"
+        )
+    return w.reshape(w.shape[0], -1)
+
+
+def patch_embed_mlx_conv(w: mx.array, c: VisionConfig) -> mx.array:
+    """(D, C*T*P*P) rows -> the MLX Conv3d weight (D, T, P, P, C) mlx-vlm stores."""
+    w = w.reshape(w.shape[0], c.in_channels, c.temporal_patch_size, c.patch_size, c.patch_size)
+    return w.transpose(0, 2, 3, 4, 1)

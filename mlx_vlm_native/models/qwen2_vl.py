@@ -22,6 +22,12 @@ from .base import BaseModelArgs, scatter_features, text_config_for_mlx_lm
 from .qwen2_vision import VisionConfig, VisionModel
 
 TEXT, IMAGE, VIDEO = 0, 1, 2
+LAYOUTS = (
+    "Hub release (model.*, visual.*, torch Conv3d)",
+    "transformers 5 (model.language_model.*, model.visual.*)",
+    "mlx-vlm (language_model.*, vision_tower.*, MLX Conv3d)",
+    "this project's converted folders",
+)
 HUB_TEXT_KEYS = (
     "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
     "num_key_value_heads", "rms_norm_eps", "rope_theta", "rope_scaling", "max_position_embeddings",
@@ -299,25 +305,64 @@ class Model(nn.Module):
         return out
 
     def sanitize(self, weights: dict) -> dict:
-        """Hub (`model.layers`, `visual.`, `lm_head`) and transformers-5 in-memory
-        (`model.language_model.`, `model.visual.`) layouts."""
+        """Hub (`model.layers`, `visual.`, `lm_head`), transformers-5 in-memory
+        (`model.language_model.`, `model.visual.`) and mlx-vlm
+        (`language_model.`, `vision_tower.`) layouts."""
         out, vision = {}, {}
         for k, v in weights.items():
             if "rotary_emb.inv_freq" in k:
                 continue
             if k.startswith("model.visual."):
                 k = k[len("model.") :]
-            if k.startswith("visual."):
-                vision[k] = v
+            if k.startswith(("visual.", "vision_tower.")):
+                vision[k.split(".", 1)[1]] = v
                 continue
             if k.startswith("model.language_model."):
                 k = "language_model.model." + k[len("model.language_model.") :]
             elif k.startswith("model."):
                 k = "language_model." + k
-            elif k == "lm_head.weight":
-                k = "language_model.lm_head.weight"
+            elif k.startswith("lm_head."):
+                k = "language_model." + k
             out[k] = v
         if self.args.text_config.tie_word_embeddings:
-            out.pop("language_model.lm_head.weight", None)
+            out = {k: v for k, v in out.items() if not k.startswith("language_model.lm_head.")}
         out.update({"visual." + k: v for k, v in self.visual.sanitize(vision).items()})
         return out
+
+
+def flat_config(config: dict) -> dict:
+    """The Hub's classic config (text keys at the top, `rope_scaling` of type
+    mrope, vision `model_type` qwen2_vl / qwen2_5_vl): what mlx-vlm parses,
+    from it or from a transformers-5 nested one."""
+    config = dict(config)
+    text = dict(config.pop("text_config", None) or {})
+    rope = dict(text.pop("rope_parameters", None) or config.pop("rope_parameters", None) or {})
+    for k, v in text.items():
+        if k not in ("model_type", "dtype"):
+            config.setdefault(k, v)
+    if rope:
+        config.setdefault("rope_theta", rope.get("rope_theta", 1000000.0))
+    section = mrope_section({"rope_parameters": rope, "rope_scaling": config.get("rope_scaling")})
+    config["rope_scaling"] = {**(config.get("rope_scaling") or {}), "type": "mrope", "mrope_section": section}
+    vision = dict(config["vision_config"])
+    vision["model_type"] = config["model_type"]
+    vision.setdefault("in_chans", vision.get("in_channels", 3))
+    vision.setdefault("spatial_patch_size", vision.get("patch_size", 14))
+    config["vision_config"] = vision
+    return config
+
+
+def mlx_vlm_layout(weights: dict, config: dict, args: ModelArgs):
+    """Our parameters and config in mlx-vlm's qwen2_vl layout (`vision_tower.*`,
+    the patch embedding as an MLX Conv3d weight, the flat config), which this
+    loader reads back as well."""
+    from .qwen2_vision import patch_embed_mlx_conv
+
+    out = {}
+    for k, v in weights.items():
+        if k.startswith("visual."):
+            k = "vision_tower." + k[len("visual.") :]
+            if k == "vision_tower.patch_embed.proj.weight":
+                v = patch_embed_mlx_conv(v, args.vision_config)
+        out[k] = v
+    return out, flat_config(config)
