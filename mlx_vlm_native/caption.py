@@ -20,22 +20,7 @@ from mlx_lm.sample_utils import make_sampler
 from . import openvision_checkpoint as ovc
 from .processors.image import ImageInput, load_image
 from .training.data import center_crop_pixels
-
-CHECKPOINT_PATTERNS = ["*.json", "*.safetensors", "*.bin", "*.txt"]
-
-
-def resolve_model_path(path_or_repo: str) -> Path:
-    """A local folder, or a Hub repo downloaded with its open_clip/decoder files."""
-    path = Path(path_or_repo)
-    if path.exists():
-        return path
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(path_or_repo, allow_patterns=CHECKPOINT_PATTERNS))
-    except Exception as e:
-        raise FileNotFoundError(f"{path_or_repo!r} is neither a local folder nor a reachable Hub repo: {e}") from e
-
+from .utils import get_model_path
 
 def preprocess(images: Sequence[ImageInput], image_size: int, mean=ovc.IMAGE_MEAN, std=ovc.IMAGE_STD) -> mx.array:
     """Short side to `image_size`, center crop, ImageNet normalisation: (B, S, S, 3)."""
@@ -89,7 +74,7 @@ def caption(
     `model` is a folder / Hub id or an already loaded OpenVision model (then
     pass `tokenizer`). Greedy at temperature 0, else sampling."""
     if isinstance(model, (str, Path)):
-        path = resolve_model_path(str(model))
+        path = get_model_path(str(model))
         model = ovc.load(path, attention_mask=attention_mask)
         tokenizer = tokenizer or ovc.load_tokenizer(path)
     if tokenizer is None:

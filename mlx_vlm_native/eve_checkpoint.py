@@ -267,7 +267,7 @@ def write_checkpoint_v2(path, seed: int = 0, old_names: bool = False, max_size: 
         "vocab_size": vocab, "max_position_embeddings": 512, "rms_norm_eps": 1e-6,
         "rope_theta": 1000000.0, "tie_word_embeddings": False, "hidden_act": "silu",
         "torch_dtype": "float32", "add_moe": True, "moe_part": "layernorm-self_attn-mlp",
-        "vision_tower_hidden_size": C, "mm_vision_tower": f"openai/eve-anyratio-res{max_size}-patch16",
+        "mm_hidden_size": C, "mm_vision_tower": f"openai/eve-anyratio-res{max_size}-patch16",
     }
     (path / "config.json").write_text(json.dumps(config, indent=2))
     pre = {"max_size": max_size, "patch_stride": 16, "dense_stride": 2, "image_mean": list(OPENAI_CLIP_MEAN),

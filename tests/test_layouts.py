@@ -1,8 +1,10 @@
-"""Every layout a user has, through the one `load()`: Qwen2-VL / Qwen2.5-VL as
-released on the Hub (flat config), as transformers 5 saves them (nested
-config), as mlx-vlm's own converter writes them (plain, 4/8-bit affine, mxfp4,
-mixed 4/6-bit: `vision_tower.*`, MLX Conv3d patch weights), and this project's
-`convert` output loading back in mlx-vlm.
+"""Every layout a user has, through the one `load()`: LLaVA-OneVision,
+Qwen2-VL and Qwen2.5-VL as released on the Hub (transformers-4 names; Qwen's
+flat config), as transformers 5 saves them (nested config), as mlx-vlm's own
+converter writes them (plain, 4/8-bit affine, mxfp4, mixed 4/6-bit; for Qwen
+`vision_tower.*` and MLX Conv3d patch weights), and this project's `convert`
+output loading back in mlx-vlm; then the released layouts of the families
+mlx-vlm does not have (POINTS1.5, EVE v1/v2, OpenVision 2).
 
 Tolerances: float folders vs transformers, logits max-abs-diff <= 1e-4 (fp32);
 quantized folders, greedy tokens equal to mlx-vlm's on the same folder and the
@@ -25,7 +27,8 @@ from mlx_vlm_native.generate import stream_from_inputs
 from mlx_vlm_native.random_checkpoint import write_checkpoint
 
 TOL = 1e-4
-FAMILIES = {"qwen2-vl-tiny": "Qwen2VLForConditionalGeneration",
+FAMILIES = {"tiny": "LlavaOnevisionForConditionalGeneration",
+            "qwen2-vl-tiny": "Qwen2VLForConditionalGeneration",
             "qwen2.5-vl-tiny": "Qwen2_5_VLForConditionalGeneration"}
 QUANTIZED = {
     "4bit": dict(quantize=True, q_bits=4, q_group_size=32),
@@ -45,6 +48,34 @@ def mlx_vlm_or_skip():
     from mlx_vlm.utils import load_model as peer_load_model
 
     return peer_convert, peer_load_model
+
+
+def is_qwen(folders) -> bool:
+    return "Qwen" in type(folders["hf"]).__name__
+
+
+def llava_hub_release(v5: Path, hub: Path) -> None:
+    """llava-hf/llava-onevision-qwen2-*-ov-hf: transformers-4 key names
+    (`vision_tower.vision_model.*`) and `rope_theta` in the text config."""
+    weights = mx.load(str(v5 / "model.safetensors"))
+    renamed = {}
+    for k, v in weights.items():
+        if k.startswith("model."):
+            k = k[len("model.") :]
+        if k.startswith("language_model.") and not k.startswith(("language_model.model.", "language_model.lm_head")):
+            k = "language_model.model." + k[len("language_model.") :]
+        if k.startswith("vision_tower.") and not k.startswith("vision_tower.vision_model."):
+            k = "vision_tower.vision_model." + k[len("vision_tower.") :]
+        if k == "lm_head.weight":
+            k = "language_model.lm_head.weight"
+        renamed[k] = v
+    mx.save_safetensors(str(hub / "model.safetensors"), renamed, metadata={"format": "pt"})
+    cfg = json.loads((v5 / "config.json").read_text())
+    text = cfg["text_config"]
+    text["rope_theta"] = text.pop("rope_parameters")["rope_theta"]
+    cfg.update(torch_dtype="float32", transformers_version="4.45.0.dev0")
+    cfg.pop("dtype", None)
+    (hub / "config.json").write_text(json.dumps(cfg))
 
 
 def hub_release_config(v5: dict) -> dict:
@@ -86,7 +117,10 @@ def folders(request, tmp_path_factory):
             shutil.copy(f, v5 / f.name)
     hub = root / "hub"
     shutil.copytree(v5, hub)
-    (hub / "config.json").write_text(json.dumps(hub_release_config(json.loads((v5 / "config.json").read_text()))))
+    if "Qwen" in FAMILIES[request.param]:
+        (hub / "config.json").write_text(json.dumps(hub_release_config(json.loads((v5 / "config.json").read_text()))))
+    else:
+        llava_hub_release(v5, hub)
     return {"hf": hf, "root": root, "hub": hub, "transformers5": v5}
 
 
@@ -109,18 +143,25 @@ def ours_logits(model, inputs) -> np.ndarray:
 
 
 def hf_logits(hf, inputs) -> np.ndarray:
+    ids = torch.from_numpy(inputs.input_ids.astype(np.int64))[None]
     with torch.inference_mode():
+        if hasattr(inputs, "pack"):
+            return hf(
+                input_ids=ids, mm_token_type_ids=torch.from_numpy(inputs.token_types.astype(np.int64))[None],
+                pixel_values=torch.from_numpy(inputs.pack.patches), image_grid_thw=torch.tensor(inputs.image_grids),
+            ).logits[0].numpy()
         return hf(
-            input_ids=torch.from_numpy(inputs.input_ids.astype(np.int64))[None],
-            mm_token_type_ids=torch.from_numpy(inputs.token_types.astype(np.int64))[None],
-            pixel_values=torch.from_numpy(inputs.pack.patches),
-            image_grid_thw=torch.tensor(inputs.image_grids),
+            input_ids=ids, pixel_values=torch.from_numpy(inputs.pixel_values[0])[None],
+            image_sizes=torch.tensor([list(inputs.image_sizes[0])]), batch_num_images=torch.tensor([1]),
         ).logits[0].numpy()
 
 
 def peer_logits(peer, ids, inputs) -> np.ndarray:
-    out = peer(mx.array(ids)[None], mx.array(inputs.pack.patches),
-               image_grid_thw=mx.array(np.asarray(inputs.image_grids)))
+    ids = mx.array(ids)[None]
+    if hasattr(inputs, "pack"):
+        out = peer(ids, mx.array(inputs.pack.patches), image_grid_thw=mx.array(np.asarray(inputs.image_grids)))
+    else:
+        out = peer(ids, mx.array(inputs.pixel_values[0]), image_sizes=[list(inputs.image_sizes[0])])
     return np.array(out.logits[0].astype(mx.float32))
 
 
@@ -157,6 +198,8 @@ def test_float_layouts_match_transformers(folders, layout):
 
 def test_mlx_vlm_folder_has_the_peer_layout(folders):
     """What makes these folders different from the Hub's (the reason they failed)."""
+    if not is_qwen(folders):
+        pytest.skip("mlx-vlm keeps LLaVA-OneVision's Hub key names")
     weights = mx.load(str(peer_folder(folders, "plain") / "model.safetensors"))
     assert not any(k.startswith("visual.") for k in weights)
     assert weights["vision_tower.patch_embed.proj.weight"].shape == (32, 2, 14, 14, 3)
@@ -182,13 +225,17 @@ def test_quantized_mlx_vlm_folders_match_the_peer(folders, name):
 
 @pytest.mark.parametrize("source", ["hub", "transformers5"])
 def test_our_converted_folder_loads_in_mlx_vlm(folders, source, tmp_path):
-    _, peer_load_model = mlx_vlm_or_skip()
+    mlx_vlm_or_skip()
     out = convert(str(folders[source]), str(tmp_path / "ours"))
-    weights = mx.load(str(out / "model.safetensors"))
-    assert weights["vision_tower.patch_embed.proj.weight"].shape == (32, 2, 14, 14, 3)
-    config = json.loads((out / "config.json").read_text())
-    assert "text_config" not in config and config["rope_scaling"]["type"] == "mrope"
-    peer = peer_load_model(out)
+    if is_qwen(folders):
+        weights = mx.load(str(out / "model.safetensors"))
+        assert weights["vision_tower.patch_embed.proj.weight"].shape == (32, 2, 14, 14, 3)
+        config = json.loads((out / "config.json").read_text())
+        assert "text_config" not in config and config["rope_scaling"]["type"] == "mrope"
+    from mlx_vlm import load as peer_load
+
+    peer, peer_processor = peer_load(str(out))  # the peer's whole load, its processor included
+    assert peer_processor is not None
     model, processor = load(str(out))
     inputs = image_inputs(processor, seed=3)
     ref = hf_logits(folders["hf"], inputs)
@@ -210,6 +257,8 @@ def test_our_quantized_folder_loads_in_mlx_vlm(folders, tmp_path):
 
 
 def test_unknown_layout_names_layouts_and_unexpected_keys(folders, tmp_path):
+    if not is_qwen(folders):
+        pytest.skip("one family is enough for the message")
     bad = tmp_path / "bad"
     shutil.copytree(folders["hub"], bad)
     weights = mx.load(str(bad / "model.safetensors"))
@@ -221,3 +270,151 @@ def test_unknown_layout_names_layouts_and_unexpected_keys(folders, tmp_path):
     assert "missing" in message and "'visual.blocks.0.attn.proj.bias'" in message
     assert "unexpected" in message and "vision_encoder_v9." in message
     assert "layouts tried" in message and "mlx-vlm" in message and "Hub release" in message
+
+
+# ---------------------------------------------------------------- released Hub layouts of the other families
+
+
+def fake_hub(monkeypatch, repos: dict, fetched: list):
+    """huggingface_hub's listing and download over local folders: a download
+    copies only the files matching `allow_patterns`, as the Hub does."""
+    import fnmatch
+
+    import huggingface_hub
+
+    def list_repo_files(repo_id, revision=None, **_):
+        return sorted(f.name for f in repos[repo_id].iterdir())
+
+    def snapshot_download(repo_id, revision=None, allow_patterns=None, **_):
+        dst = repos[repo_id].parent / (repos[repo_id].name + "_snapshot")
+        dst.mkdir(exist_ok=True)
+        for f in repos[repo_id].iterdir():
+            if any(fnmatch.fnmatch(f.name, p) for p in allow_patterns):
+                shutil.copy(f, dst / f.name)
+                fetched.append(f.name)
+        return str(dst)
+
+    monkeypatch.setattr(huggingface_hub, "list_repo_files", list_repo_files)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+
+
+def text_logits(model, processor, prompt="Hello there") -> np.ndarray:
+    ids = processor.tokenizer.encode(prompt)
+    return np.array(model(mx.array(ids)[None])[0])
+
+
+def test_points_release_config_without_model_type(tmp_path, monkeypatch):
+    """POINTS-1-5-Qwen-2-5-7B-Chat's config.json: no model_type, an auto_map to
+    its own code. The family comes from `architectures`; the code never runs
+    and nothing prompts (the tokenizer is loaded with trust_remote_code=False)."""
+    import builtins
+
+    src = write_checkpoint(tmp_path / "points", "points-tiny", seed=3)
+    release = tmp_path / "release"
+    shutil.copytree(src, release)
+    cfg = json.loads((src / "config.json").read_text())
+    (release / "config.json").write_text(json.dumps({
+        "_commit_hash": None, "architectures": ["POINTSV15ChatModel"],
+        "auto_map": {"AutoConfig": "configuration_pointsv15_chat.POINTSV15ChatConfig",
+                     "AutoModelForCausalLM": "modeling_pointsv15_chat.POINTSV15ChatModel"},
+        "llm_config": cfg["llm_config"], "torch_dtype": "float32", "transformers_version": None,
+        "vision_config": cfg["vision_config"],
+    }))
+    ran = tmp_path / "REMOTE_CODE_RAN"
+    for name in ("configuration_pointsv15_chat.py", "modeling_pointsv15_chat.py"):
+        (release / name).write_text(f"open({str(ran)!r}, 'w').write('ran')\n")
+    tokenizer_config = json.loads((release / "tokenizer_config.json").read_text())
+    tokenizer_config.pop("tokenizer_class", None)  # so transformers would consult config.json
+    (release / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+
+    def no_prompt(*_):
+        raise AssertionError("the load prompted for input")
+
+    monkeypatch.setattr(builtins, "input", no_prompt)
+    model, processor = load(str(release))
+    reference, ref_processor = load(str(src))
+    assert not ran.exists()
+    assert np.array_equal(text_logits(model, processor), text_logits(reference, ref_processor))
+    # and a Hub-id load fetches no code
+    fetched = []
+    fake_hub(monkeypatch, {"WePOINTS/POINTS-tiny": release}, fetched)
+    load("WePOINTS/POINTS-tiny")
+    assert "model.safetensors" in fetched and not any(f.endswith(".py") for f in fetched)
+
+
+def test_eve_v1_bin_shards_by_hub_id(tmp_path, monkeypatch):
+    """EVE-7B(-HD)-v1.0 ship `pytorch_model-0000x-of-0000N.bin` + index."""
+    from mlx_vlm_native.eve_checkpoint import write_checkpoint as write_eve
+
+    local = write_eve(tmp_path / "local")
+    repo = write_eve(tmp_path / "repo", weights_format="bin")
+    state = torch.load(repo / "pytorch_model.bin", weights_only=True)
+    (repo / "pytorch_model.bin").unlink()
+    keys = sorted(state)
+    index = {"metadata": {}, "weight_map": {}}
+    for i, part in enumerate((keys[: len(keys) // 2], keys[len(keys) // 2 :])):
+        name = f"pytorch_model-0000{i + 1}-of-00002.bin"
+        torch.save({k: state[k] for k in part}, repo / name)
+        index["weight_map"].update({k: name for k in part})
+    (repo / "pytorch_model.bin.index.json").write_text(json.dumps(index))
+    fetched = []
+    fake_hub(monkeypatch, {"BAAI/EVE-tiny-v1.0": repo}, fetched)
+    model, processor = load("BAAI/EVE-tiny-v1.0")
+    assert {"pytorch_model-00001-of-00002.bin", "pytorch_model-00002-of-00002.bin",
+            "pytorch_model.bin.index.json"} <= set(fetched)
+    reference, ref_processor = load(str(local))
+    assert np.array_equal(text_logits(model, processor), text_logits(reference, ref_processor))
+
+
+@pytest.mark.parametrize("width_key", ["mm_hidden_size", "vision_tower_hidden_size"])
+def test_eve_v2_resolution_from_tower_name_and_width_key(tmp_path, width_key):
+    """EVE-7B-HD-v2.0 without preprocessor_config.json: the canvas comes from
+    `mm_vision_tower` ("...-res1600-..."); the tower width from `mm_hidden_size`
+    (what EVEv2's trainer writes) or `vision_tower_hidden_size`."""
+    from mlx_vlm_native.eve_checkpoint import write_checkpoint_v2
+
+    folder = write_checkpoint_v2(tmp_path / "v2", max_size=96)
+    reference, ref_processor = load(str(folder))
+    (folder / "preprocessor_config.json").unlink()
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg[width_key] = cfg.pop("mm_hidden_size")
+    (folder / "config.json").write_text(json.dumps(cfg))
+    model, processor = load(str(folder))
+    assert processor.image_processor.max_size == 96
+    image = make_image(200, 300)
+    assert processor.image_processor.grid(image.size) == ref_processor.image_processor.grid(image.size)
+    text = processor.format_prompt("What?", 1)
+    a, b = processor(text, images=[image]), ref_processor(text, images=[image])
+    la = model(mx.array(a.input_ids)[None], input_embeddings=model.get_input_embeddings(a))
+    lb = reference(mx.array(b.input_ids)[None], input_embeddings=reference.get_input_embeddings(b))
+    assert np.array_equal(np.array(la), np.array(lb))
+    cfg["mm_vision_tower"] = "openai/eve-anyratio-res1600-patch16"
+    (folder / "config.json").write_text(json.dumps(cfg))
+    assert load(str(folder))[1].image_processor.max_size == 1600
+
+
+def test_openvision2_folders_through_load(tmp_path, monkeypatch):
+    """A released `*-vision-only` open_clip folder and its converted MLX folder
+    load with the same `load()`, which hands back the caption tokenizer."""
+    from mlx_vlm_native import openvision_checkpoint as ovc
+    from mlx_vlm_native.caption import caption
+
+    released = ovc.write_tiny_open_clip(tmp_path / "released", weights_format="bin")
+    image = make_image(40, 40)
+    expected = caption(str(released), image, max_tokens=6)
+    for folder in (released, convert(str(released), str(tmp_path / "mlx"))):
+        model, tokenizer = load(str(folder))
+        assert type(model).__module__ == "mlx_vlm_native.models.openvision"
+        assert caption(model, image, max_tokens=6, tokenizer=tokenizer) == expected
+    fetched = []
+    fake_hub(monkeypatch, {"UCSC-VLAA/openvision2-tiny-vision-only": released}, fetched)
+    model, tokenizer = load("UCSC-VLAA/openvision2-tiny-vision-only")
+    assert {"open_clip_pytorch_model.bin", "caption_decoder.safetensors"} <= set(fetched)
+    assert caption(model, image, max_tokens=6, tokenizer=tokenizer) == expected
+
+
+def test_unknown_family_names_what_was_read(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["FooVLM"], "auto_map": {"AutoModel": "m.FooVLM"}}))
+    mx.save_safetensors(str(tmp_path / "model.safetensors"), {"foo.weight": mx.zeros((2,))})
+    with pytest.raises(ValueError, match=r"model_type None is not supported \(architectures/auto_map: \['FooVLM'\]"):
+        load(str(tmp_path))

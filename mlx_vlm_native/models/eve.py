@@ -25,6 +25,11 @@ from mlx_lm.models.base import create_attention_mask
 
 from .base import BaseModelArgs, MLPProjector, scatter_features, text_config_for_mlx_lm
 
+LAYOUTS = (
+    "Hub release (model.*, model.vision_tower.*, model.mm_projector.*; .bin shards or safetensors)",
+    "EVEv2 before 2025-03 (start_embedding/end_embedding)",
+    "this project's converted folders",
+)
 IMAGE_TOKEN_INDEX = -200  # what the reference's `tokenizer_image_token` puts for <image>
 
 # Keys of released checkpoints that only training uses (the frozen CLIP teacher,
@@ -46,7 +51,7 @@ class ModelArgs(BaseModelArgs):
     vision_num_heads: int = 8
     image_token_index: int = IMAGE_TOKEN_INDEX
     # EVEv2
-    vision_tower_hidden_size: int = 1024
+    vision_tower_hidden_size: Optional[int] = None  # else mm_hidden_size, which EVEv2's trainer writes
     add_moe: bool = True
     moe_part: str = "layernorm-self_attn-mlp"
 
@@ -69,6 +74,8 @@ class ModelArgs(BaseModelArgs):
             lm = qwen2 if self.is_v2 else llama
             self.text_config = lm.ModelArgs.from_dict({**cfg, "model_type": "qwen2" if self.is_v2 else "llama"})
         if self.is_v2:
+            if self.vision_tower_hidden_size is None:
+                self.vision_tower_hidden_size = self.mm_hidden_size
             if not self.add_moe or self.moe_part != "layernorm-self_attn-mlp":
                 raise ValueError(
                     f"EVEv2 with add_moe={self.add_moe}, moe_part={self.moe_part!r} is not supported: "

@@ -18,6 +18,12 @@ from ..processors.llava_onevision import AnyResLayout, anyres_layout, parse_max_
 from .base import BaseModelArgs, MLPProjector, resize_bilinear, scatter_features, text_config_for_mlx_lm
 from .siglip import VisionConfig, VisionModel
 
+LAYOUTS = (
+    "Hub release (vision_tower.vision_model.*, language_model.model.*)",
+    "transformers 5 (model.vision_tower.*, model.language_model.*)",
+    "mlx-vlm / this project's (vision_tower.*, language_model.model.*, MLX conv)",
+)
+
 
 @dataclass
 class ModelArgs(BaseModelArgs):

@@ -18,6 +18,12 @@ from ..packing import pack_of_packs, split_by_prompt
 from .base import BaseModelArgs, scatter_features, text_config_for_mlx_lm
 from .qwen2_vision import PatchMerger, VisionConfig, VisionModel
 
+LAYOUTS = (
+    "Hub release, CustomLlama decoder (llm.lm.*, vision_encoder.*, vision_projector.*)",
+    "Qwen2 decoder (llm.model.*)",
+    "this project's converted folders",
+)
+
 # CustomLlama config names -> Qwen2 names
 CUSTOM_LLAMA_CONFIG = {
     "num_layers": "num_hidden_layers",

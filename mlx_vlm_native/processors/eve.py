@@ -13,6 +13,7 @@ with both sides rounded up to multiples of 32 (`patch_stride * dense_stride`).
 
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
@@ -153,8 +154,13 @@ class EVEv2ImageProcessor:
     image_std: Tuple[float, ...] = OPENAI_CLIP_STD
 
     @classmethod
-    def from_dict(cls, cfg: dict) -> "EVEv2ImageProcessor":
+    def from_dict(cls, cfg: dict, vision_tower: str = "") -> "EVEv2ImageProcessor":
+        # without the preprocessor json, the size comes from the tower name:
+        # the HD release names "openai/eve-anyratio-res1600-patch16"
         fields = {k: cfg[k] for k in cls.__dataclass_fields__ if k in cfg}
+        named = re.search(r"-res(\d+)", vision_tower)
+        if named:
+            fields.setdefault("max_size", int(named.group(1)))
         for k in ("image_mean", "image_std"):
             if k in fields:
                 fields[k] = tuple(fields[k])
@@ -201,7 +207,7 @@ class EVEProcessor:
         f = Path(path) / "preprocessor_config.json"
         cfg = json.loads(f.read_text()) if f.exists() else {}
         if config.is_v2:
-            image_processor = EVEv2ImageProcessor.from_dict(cfg)
+            image_processor = EVEv2ImageProcessor.from_dict(cfg, getattr(config, "mm_vision_tower", ""))
             strides = (image_processor.patch_stride, image_processor.dense_stride)
         else:
             image_processor = EVEImageProcessor.from_dict(cfg, getattr(config, "mm_vision_tower", ""))
