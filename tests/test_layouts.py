@@ -156,21 +156,26 @@ def hf_logits(hf, inputs) -> np.ndarray:
         ).logits[0].numpy()
 
 
-def peer_logits(peer, ids, inputs) -> np.ndarray:
-    ids = mx.array(ids)[None]
+def peer_media(inputs):
+    """(pixel_values, keyword arguments) of our processed inputs in mlx-vlm's form."""
     if hasattr(inputs, "pack"):
-        out = peer(ids, mx.array(inputs.pack.patches), image_grid_thw=mx.array(np.asarray(inputs.image_grids)))
-    else:
-        out = peer(ids, mx.array(inputs.pixel_values[0]), image_sizes=[list(inputs.image_sizes[0])])
-    return np.array(out.logits[0].astype(mx.float32))
+        return mx.array(inputs.pack.patches), {"image_grid_thw": mx.array(np.asarray(inputs.image_grids))}
+    return mx.array(inputs.pixel_values[0]), {"image_sizes": [list(inputs.image_sizes[0])]}
+
+
+def peer_logits(peer, ids, inputs) -> np.ndarray:
+    pixels, kwargs = peer_media(inputs)
+    return np.array(peer(mx.array(ids)[None], pixels, **kwargs).logits[0].astype(mx.float32))
 
 
 def peer_greedy(peer, inputs, n: int = GREEDY_TOKENS):
-    """mlx-vlm's forward, greedy, recomputed over the whole sequence each step."""
-    ids = [int(i) for i in inputs.input_ids]
-    for _ in range(n):
-        ids.append(int(np.argmax(peer_logits(peer, ids, inputs)[-1])))
-    return ids[len(inputs.input_ids):]
+    """mlx-vlm's own generation loop (its KV cache and sampler), greedy."""
+    from mlx_vlm.generate import generate_step
+
+    pixels, kwargs = peer_media(inputs)
+    ids = mx.array([int(i) for i in inputs.input_ids])[None]
+    steps = generate_step(ids, peer, pixels, None, max_tokens=n, temperature=0.0, **kwargs)
+    return [int(token) for token, _ in steps]
 
 
 def ours_greedy(model, processor, inputs, n: int = GREEDY_TOKENS):
