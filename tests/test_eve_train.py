@@ -288,6 +288,9 @@ def colour_captions(n=32, seed=0):
 
 def test_stage1_run_lowers_the_loss_and_keeps_frozen_weights(training_model, teacher):
     from mlx_vlm_native.models import eve_align as A
+    from mlx_vlm_native.training import eve
+    from mlx_vlm_native.training.loop import TrainConfig, make_step
+    from mlx_vlm_native.training.optim import build_optimizer
 
     train_model, processor = training_model
     samples = [A.plain_sample(processor, img, cap, teacher) for img, cap in colour_captions()]
@@ -295,16 +298,22 @@ def test_stage1_run_lowers_the_loss_and_keeps_frozen_weights(training_model, tea
     teacher_before = {k: np.array(v) for k, v in tree_flatten(teacher.tower.parameters())}
     A.apply_stage(train_model, 1)
     steps, bs = 24, 4
-    optimizer = A.make_optimizer(1e-3, steps, 0.03)
-    step = A.make_train_step(train_model, optimizer, A.grid_ratio(train_model.eve, processor, teacher))
+    ratio = A.grid_ratio(train_model.eve, processor, teacher)
+    probe = samples[:bs], A.teacher_targets(teacher, samples[:bs])
+
+    def align_loss():
+        return A.eve_loss(train_model, *probe, ratio)[1][1].item()
+
+    align_before = align_loss()
+    step = make_step(train_model, eve.batch_loss(ratio, 1.0), build_optimizer({"lr": 1e-3, "warmup_steps": 1}, steps),
+                     TrainConfig(steps=steps))
     losses = []
     for i in range(steps):
         batch = [samples[(i * bs + j) % len(samples)] for j in range(bs)]
-        losses.append(step(batch, A.teacher_targets(teacher, batch)))
-    first = np.mean([x["loss"] for x in losses[:4]])
-    last = np.mean([x["loss"] for x in losses[-4:]])
-    assert last < 0.85 * first, [round(x["loss"], 3) for x in losses]
-    assert np.mean([x["align"] for x in losses[-4:]]) < 0.5 * np.mean([x["align"] for x in losses[:4]])
+        losses.append(step([(batch, A.teacher_targets(teacher, batch))], mx.random.key(i)))
+    first, last = np.mean(losses[:4]), np.mean(losses[-4:])
+    assert last < 0.85 * first, [round(x, 3) for x in losses]
+    assert align_loss() < 0.5 * align_before
     after = {k: np.array(v) for k, v in tree_flatten(train_model.parameters())}
     for k, v in before.items():
         if k.startswith("eve.language_model."):
@@ -360,6 +369,78 @@ def test_training_script_stage3_writes_a_loadable_folder(eve_ref_dir, tmp_path):
     assert A.load_aligner_weights(A.new_aligner(model, 32), out)  # the saved aligner reloads
 
 
+def eve_recipe(tmp_path, name, records, **fields):
+    """A stage-1 recipe on `records` (image, caption) in its own run folder."""
+    from mlx_vlm_native.eve_checkpoint import TINY_CLIP
+    from mlx_vlm_native.train import load_recipe
+
+    data = tmp_path / "data"
+    data.mkdir(exist_ok=True)
+    (data / "clip.json").write_text(json.dumps(TINY_CLIP))
+    lines = []
+    for i, (img, cap) in enumerate(records):
+        img.save(data / f"{i}.png")
+        lines.append(json.dumps({"image": f"{i}.png", "caption": cap}))
+    (data / "captions.jsonl").write_text("\n".join(lines))
+    return dict(load_recipe(ROOT / "train/eve/stage1.json"), teacher_config=str(data / "clip.json"),
+                data={"jsonl": str(data / "captions.jsonl")}, output=str(tmp_path / name), **fields)
+
+
+def trained_weights(run: Path) -> dict:
+    weights = dict(mx.load(str(run / "model.safetensors")))
+    weights.update({"aligner." + k: v for k, v in mx.load(str(run / "aligner/aligner.safetensors")).items()})
+    return weights
+
+
+def test_eve_task_resumes_exactly(eve_ref_dir, tmp_path):
+    """4 steps in one go = 2 steps, then a new run resumed from the step-2 checkpoint:
+    same losses, bit-identical weights (data order, RNG key and optimizer state restored)."""
+    from mlx_vlm_native.training import eve
+
+    records = colour_captions(6)
+    whole = eve_recipe(tmp_path, "whole", records, model=str(eve_ref_dir), steps=4, batch_size=2,
+                       checkpoint_every=2, keep_checkpoints=0)
+    first = eve.run(whole, progress=False)
+    resumed = dict(whole, output=str(tmp_path / "resumed"))
+    second = eve.run(resumed, resume=str(tmp_path / "whole/checkpoints/step_00000002"), progress=False)
+    assert second["losses"] == first["losses"][2:]
+    a, b = trained_weights(tmp_path / "whole"), trained_weights(tmp_path / "resumed")
+    assert a.keys() == b.keys() and all(mx.array_equal(a[k], b[k]).item() for k in a)
+    log = [json.loads(x) for x in (tmp_path / "resumed/train_log.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in log] == [3, 4]
+
+
+def test_eve_task_accumulation_equals_the_whole_batch(eve_ref_dir, tmp_path):
+    """Two micro-batches of one = one batch of two, when the samples have the same
+    length (the loss is a token mean per micro-batch, as in the reference)."""
+    from mlx_vlm_native.training import eve
+
+    records = [(img, "a photo of a square.") for img, _ in colour_captions(2)]
+    records = [(img.resize((80, 60)), cap) for img, cap in records]
+    whole = eve.run(eve_recipe(tmp_path, "whole", records, model=str(eve_ref_dir), steps=1, batch_size=2),
+                    progress=False)
+    micro = eve.run(eve_recipe(tmp_path, "micro", records, model=str(eve_ref_dir), steps=1, batch_size=1,
+                               grad_accumulation=2), progress=False)
+    assert abs(whole["losses"][0] - micro["losses"][0]) <= 1e-5
+    a, b = trained_weights(tmp_path / "whole"), trained_weights(tmp_path / "micro")
+    assert max(mx.abs(a[k] - b[k]).max().item() for k in a) <= 1e-5
+
+
+def test_eve_records_are_checked_before_training(tmp_path):
+    from mlx_vlm_native.training.eve import read_records
+
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"image": "a.png", "caption": "ok"}\n\n{"image": "b.png"}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl, line 3: a stage 1-2 record needs a \"caption\" string"):
+        read_records(path, "plain")
+    path.write_text('{"conversations": [{"from": "gpt", "value": "Hi."}]}\n')
+    with pytest.raises(ValueError, match="line 1: conversations must alternate"):
+        read_records(path, "vicuna_v1")
+    path.write_text("[1, 2]\n")
+    with pytest.raises(ValueError, match="line 1: a record must be a JSON object"):
+        read_records(path, "plain")
+
+
 DISTRIBUTED_SCRIPT = """
 import sys
 import mlx.core as mx
@@ -367,6 +448,9 @@ import numpy as np
 from mlx.utils import tree_flatten
 from mlx_vlm_native import load
 from mlx_vlm_native.models import eve_align as A
+from mlx_vlm_native.training import eve
+from mlx_vlm_native.training.loop import TrainConfig, make_step
+from mlx_vlm_native.training.optim import build_optimizer
 sys.path.insert(0, {tests!r})
 from test_eve_train import colour_captions
 
@@ -377,15 +461,15 @@ train_model = A.EVETrainingModel(model, A.new_aligner(model, 32))  # a different
 A.broadcast_parameters(train_model)
 A.apply_stage(train_model, 1)
 samples = [A.plain_sample(processor, img, cap, teacher) for img, cap in colour_captions(8)]
-step = A.make_train_step(train_model, A.make_optimizer(1e-3, 3, 0.0), 1)
+step = make_step(train_model, eve.batch_loss(1, 1.0), build_optimizer({{"lr": 1e-3}}, 3), TrainConfig(steps=3))
 for i in range(3):
     batch = samples[group.rank() * 4 + i : group.rank() * 4 + i + 2]  # different data per rank
-    stats = step(batch, A.teacher_targets(teacher, batch))
+    loss = step([(batch, A.teacher_targets(teacher, batch))], mx.random.key(i))
 flat = mx.concatenate([v.reshape(-1) for _, v in tree_flatten(train_model.trainable_parameters())])
 both = mx.distributed.all_gather(flat[None])
 # one file per rank: the launcher interleaves the ranks' stdout
 with open({out!r} + f"/rank{{group.rank()}}.txt", "w") as f:
-    f.write(f"RANKS {{group.size()}} SYNCED {{bool(mx.array_equal(both[0], both[1]).item())}} LOSS {{stats['loss']}}")
+    f.write(f"RANKS {{group.size()}} SYNCED {{bool(mx.array_equal(both[0], both[1]).item())}} LOSS {{loss}}")
 """
 
 

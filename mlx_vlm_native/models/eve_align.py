@@ -1,5 +1,6 @@
 """EVE training: the patch-aligning layer (PAL), the frozen teacher, the
-alignment loss, the three stages and one training step.
+alignment loss, the three stages and the training samples; the `eve` task of
+`mlx_vlm_native.training` trains them on the shared loop.
 
 The PAL reads the decoder's hidden states at the image positions, rebuilds
 the 2-D patch grid (CLS and <SPL> dropped, pooled to the teacher's grid),
@@ -12,7 +13,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -437,18 +438,6 @@ def eve_loss(
     return ce + align_weight * align, (ce, align)
 
 
-def make_optimizer(learning_rate: float, total_steps: int, warmup_ratio: float, weight_decay: float = 0.0):
-    """AdamW with linear warm-up then cosine decay to 0 (HF's `cosine` schedule)."""
-    import mlx.optimizers as optim
-
-    warmup = int(np.ceil(total_steps * warmup_ratio))
-    decay = optim.cosine_decay(learning_rate, max(total_steps - warmup, 1), 0.0)
-    schedule = decay if warmup == 0 else optim.join_schedules(
-        [optim.linear_schedule(0.0, learning_rate, warmup), decay], [warmup]
-    )
-    return optim.AdamW(learning_rate=schedule, weight_decay=weight_decay)
-
-
 def broadcast_parameters(model: nn.Module) -> None:
     """Give every `mx.distributed` rank rank 0's weights (e.g. a freshly
     initialised aligner); a no-op on one process."""
@@ -460,29 +449,6 @@ def broadcast_parameters(model: nn.Module) -> None:
     keep = group.rank() == 0
     model.update(tree_map(lambda v: mx.distributed.all_sum(v if keep else mx.zeros_like(v)), model.parameters()))
     mx.eval(model.parameters())
-
-
-def make_train_step(model: EVETrainingModel, optimizer, ratio: int, align_weight: float = 1.0):
-    """One optimizer step on one batch; gradients are averaged over the
-    `mx.distributed` group (a no-op on one process)."""
-
-    def loss_fn(m, batch, targets):
-        return eve_loss(m, batch, targets, ratio, align_weight)
-
-    value_and_grad = nn.value_and_grad(model, loss_fn)
-
-    def step(batch: Sequence[Sample], targets) -> Dict[str, float]:
-        (loss, (ce, align)), grads = value_and_grad(model, batch, targets)
-        grads = nn.average_gradients(grads)
-        optimizer.update(model, grads)
-        stats = mx.stack([loss, ce, align])
-        size = mx.distributed.init().size()
-        if size > 1:
-            stats = mx.distributed.all_sum(stats) / size
-        mx.eval(model.parameters(), optimizer.state, stats)
-        return dict(zip(("loss", "ce", "align"), stats.tolist()))
-
-    return step
 
 
 def load_aligner_weights(aligner: PatchAligner, path) -> bool:
