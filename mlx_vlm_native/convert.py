@@ -14,6 +14,9 @@ from mlx.utils import tree_flatten, tree_map_with_path
 from .utils import OPEN_CLIP_CONFIG, copy_side_files, get_model_path, load_model, save_config, save_weights
 
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
+LANGUAGE_MODEL_ATTRIBUTES = ("language_model", "llm")
+QUANT_MODES = ("affine", "mxfp4", "nvfp4", "mxfp8")
+QUANT_RECIPES = ("mixed_2_6", "mixed_3_4", "mixed_3_6", "mixed_4_6")
 MULTIMODAL_PREFIXES = ("vision_tower", "multi_modal_projector", "visual", "vision_encoder", "vision_projector")
 
 
@@ -25,17 +28,38 @@ def cast(model: nn.Module, dtype) -> None:
     model.update(tree_map_with_path(f, model.parameters()))
 
 
-def quantize_language_model(model: nn.Module, config: dict, bits: int = 4, group_size: int = 64, quantize_vision: bool = False):
+def quantize_language_model(model: nn.Module, config: dict, bits: Optional[int] = 4,
+                            group_size: Optional[int] = 64, quantize_vision: bool = False,
+                            mode: str = "affine", recipe: Optional[str] = None):
     """mlx-lm quantization of the language model; the vision tower and projector
-    stay in float unless `quantize_vision`."""
+    stay in float unless `quantize_vision`. `mode` is mlx's (affine, mxfp4,
+    nvfp4, mxfp8); `recipe` one of mlx-lm's mixed-precision recipes
+    (`mixed_4_6`, ...), whose per-layer choices land in `config["quantization"]`."""
     from mlx_lm.utils import quantize_model
+
+    mixed = None
+    if recipe is not None:
+        from mlx_lm.convert import mixed_quant_predicate_builder
+
+        mixed = mixed_quant_predicate_builder(recipe, language_model(model), group_size or 64)
 
     def predicate(path, module):
         if path.endswith("patch_embed.proj"):  # a convolution everywhere else (mlx-vlm, torch)
             return False
-        return quantize_vision or not path.startswith(MULTIMODAL_PREFIXES)
+        if path.startswith(MULTIMODAL_PREFIXES):
+            return quantize_vision
+        if mixed is not None:  # the recipe reads the layer index from the language model's paths
+            return mixed(path.split(".", 1)[1], module)
+        return True
 
-    return quantize_model(model, config, group_size, bits, quant_predicate=predicate)
+    return quantize_model(model, config, group_size, bits, mode=mode, quant_predicate=predicate)
+
+
+def language_model(model: nn.Module) -> nn.Module:
+    for name in LANGUAGE_MODEL_ATTRIBUTES:
+        if name in model:
+            return model[name]
+    raise ValueError(f"{type(model).__module__} has no language model to quantize with a recipe")
 
 
 def convert(
@@ -43,10 +67,12 @@ def convert(
     mlx_path: str = "mlx_model",
     dtype: Optional[str] = None,
     quantize: bool = False,
-    q_bits: int = 4,
-    q_group_size: int = 64,
+    q_bits: Optional[int] = None,
+    q_group_size: Optional[int] = None,
     quantize_vision: bool = False,
     revision: Optional[str] = None,
+    q_mode: str = "affine",
+    quant_predicate: Optional[str] = None,
 ) -> Path:
     src = get_model_path(hf_path, revision)
     dst = Path(mlx_path)
@@ -68,8 +94,12 @@ def convert(
         cast(model, DTYPES[dtype])
         config["torch_dtype"] = dtype
     if quantize:
-        print(f"[INFO] Quantizing to {q_bits} bits, group size {q_group_size}")
-        model, config = quantize_language_model(model, config, q_bits, q_group_size, quantize_vision)
+        if q_mode not in QUANT_MODES or (quant_predicate is not None and quant_predicate not in QUANT_RECIPES):
+            raise ValueError(f"--q-mode must be one of {', '.join(QUANT_MODES)}; "
+                             f"--quant-predicate one of {', '.join(QUANT_RECIPES)}")
+        print(f"[INFO] Quantizing ({q_mode}{', ' + quant_predicate if quant_predicate else ''})")
+        model, config = quantize_language_model(model, config, q_bits, q_group_size, quantize_vision,
+                                                q_mode, quant_predicate)
     weights = dict(tree_flatten(model.parameters()))
     layout = getattr(importlib.import_module(type(model).__module__), "mlx_vlm_layout", None)
     if layout is not None:  # the peer has this architecture: write its layout, which loads in both
@@ -89,8 +119,11 @@ def configure_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=list(DTYPES), default=None,
                    help="cast floating-point weights (default: keep the checkpoint's)")
     p.add_argument("-q", "--quantize", action="store_true")
-    p.add_argument("--q-bits", type=int, default=4)
-    p.add_argument("--q-group-size", type=int, default=64)
+    p.add_argument("--q-bits", type=int, default=None, help="default: the mode's (4 for affine)")
+    p.add_argument("--q-group-size", type=int, default=None, help="default: the mode's (64 for affine)")
+    p.add_argument("--q-mode", choices=QUANT_MODES, default="affine")
+    p.add_argument("--quant-predicate", choices=QUANT_RECIPES, default=None,
+                   help="a mixed-precision recipe (mlx-lm's, as mlx-vlm offers)")
     p.add_argument("--quantize-vision", action="store_true",
                    help="also quantize the vision tower and projector")
     p.add_argument("--revision", default=None)

@@ -250,14 +250,16 @@ def test_our_converted_folder_loads_in_mlx_vlm(folders, source, tmp_path):
     assert peer_diff <= TOL and ours_diff <= TOL
 
 
-def test_our_quantized_folder_loads_in_mlx_vlm(folders, tmp_path):
+@pytest.mark.parametrize("name", list(QUANTIZED))
+def test_our_quantized_folder_loads_in_mlx_vlm(folders, name, tmp_path):
+    """`convert -q` with mlx-vlm's flags (--q-mode, --quant-predicate)."""
     _, peer_load_model = mlx_vlm_or_skip()
-    out = convert(str(folders["hub"]), str(tmp_path / "q4"), quantize=True, q_bits=4, q_group_size=32)
+    out = convert(str(folders["hub"]), str(tmp_path / name), **QUANTIZED[name])
     peer = peer_load_model(out)
     model, processor = load(str(out))
     inputs = image_inputs(processor, seed=4)
     ours, theirs = ours_greedy(model, processor, inputs), peer_greedy(peer, inputs)
-    print(f"our 4-bit in mlx-vlm: tokens {ours} vs {theirs}")
+    print(f"our {name} in mlx-vlm: tokens {ours} vs {theirs}")
     assert ours == theirs
 
 

@@ -365,4 +365,9 @@ def mlx_vlm_layout(weights: dict, config: dict, args: ModelArgs):
             if k == "vision_tower.patch_embed.proj.weight":
                 v = patch_embed_mlx_conv(v, args.vision_config)
         out[k] = v
-    return out, flat_config(config)
+    config = flat_config(config)
+    if "quantization" in config:  # per-module entries follow the renamed paths
+        config["quantization"] = {"vision_tower." + k[len("visual.") :] if k.startswith("visual.") else k: v
+                                  for k, v in config["quantization"].items()}
+        config["quantization_config"] = config["quantization"]
+    return out, config
