@@ -106,3 +106,13 @@ class MLPProjector(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         return self.linear_2(nn.gelu(self.linear_1(x)))
+
+
+def masked_cross_entropy(logits: mx.array, targets: mx.array, mask: mx.array):
+    """(mean cross-entropy over the positions where `mask` is true, their count), in fp32.
+    Targets at masked-out positions may hold anything (padding, ignore ids)."""
+    mask = mask.astype(mx.float32)
+    safe = mx.where(mask > 0, targets, 0)
+    ce = nn.losses.cross_entropy(logits.astype(mx.float32), safe) * mask
+    count = mask.sum()
+    return ce.sum() / mx.maximum(count, 1.0), count

@@ -22,7 +22,7 @@ import numpy as np
 from ..processors.eve import EVEProcessor, IMAGE_TOKEN, plain_prompt, vicuna_v1_prompt
 from ..processors.image import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from . import siglip
-from .base import BaseModelArgs, check_weights
+from .base import BaseModelArgs, check_weights, masked_cross_entropy
 from .eve import Model
 
 IGNORE_INDEX = -100
@@ -403,10 +403,8 @@ def pad_batch(embeds: List[mx.array], labels: List[np.ndarray]) -> Tuple[mx.arra
 
 def next_token_loss(logits: mx.array, labels: mx.array) -> mx.array:
     """Mean cross-entropy over the non-ignored next tokens of the whole batch."""
-    logits, targets = logits[:, :-1], labels[:, 1:]
-    keep = targets != IGNORE_INDEX
-    ce = nn.losses.cross_entropy(logits.astype(mx.float32), mx.where(keep, targets, 0))
-    return (ce * keep).sum() / mx.maximum(keep.sum(), 1)
+    targets = labels[:, 1:]
+    return masked_cross_entropy(logits[:, :-1], targets, targets != IGNORE_INDEX)[0]
 
 
 def eve_loss(

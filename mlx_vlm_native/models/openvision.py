@@ -19,7 +19,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .base import BaseModelArgs
+from .base import BaseModelArgs, masked_cross_entropy
 
 # width, depth, mlp, heads (OpenVision src/models/vit.py and text_decoder_v2.py)
 VIT_VARIANTS = {
@@ -361,10 +361,7 @@ def mask_image_tokens(tokens: mx.array, keep_ratio: float, key: Optional[mx.arra
 
 def caption_loss(logits: mx.array, targets: mx.array, pad_token_id: int):
     """(token-mean cross-entropy over non-pad targets, number of such targets)."""
-    valid = (targets != pad_token_id).astype(mx.float32)
-    nll = nn.losses.cross_entropy(logits.astype(mx.float32), targets, reduction="none")
-    count = valid.sum()
-    return (nll * valid).sum() / mx.maximum(count, 1.0), count
+    return masked_cross_entropy(logits, targets, targets != pad_token_id)
 
 
 class Model(nn.Module):

@@ -26,6 +26,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
+from ..models.base import masked_cross_entropy
 from .optim import warmup_cosine
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
@@ -411,9 +412,7 @@ def answer_loss(model, batch, key=None):
     """Mean cross-entropy over assistant tokens, and their count."""
     forward = forward_packed if isinstance(batch, PackedBatch) else forward_batch
     logits, targets, mask = forward(model, batch)
-    ce = nn.losses.cross_entropy(logits.astype(mx.float32), targets) * mask
-    count = mask.sum()
-    return ce.sum() / mx.maximum(count, 1), count
+    return masked_cross_entropy(logits, targets, mask)
 
 
 def build_optimizer(model: nn.Module, cfg: dict, total_steps: int) -> optim.Optimizer:

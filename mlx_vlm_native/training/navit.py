@@ -26,12 +26,12 @@ from pathlib import Path
 from typing import Iterator, List, Optional, Sequence
 
 import mlx.core as mx
-import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 from PIL import Image
 
 from .. import shapes
+from ..models.base import masked_cross_entropy
 from ..navit import (
     Model, ModelArgs, drop_tokens, image_tokens, sample_drop_rates, sample_resolution, scale_to_long_side,
 )
@@ -320,10 +320,7 @@ def classification_loss(model, batch: Batch, key=None):
     """Mean cross-entropy over the batch's images, and their count."""
     logits = model(batch.pack).astype(mx.float32)
     labels = mx.array(batch.labels)
-    valid = labels >= 0
-    ce = nn.losses.cross_entropy(logits, mx.maximum(labels, 0)) * valid
-    count = valid.sum()
-    return ce.sum() / mx.maximum(count, 1), count
+    return masked_cross_entropy(logits, labels, labels >= 0)
 
 
 def predict(model, images: Sequence[Image.Image], long_side: Optional[int] = None, side: Optional[int] = None,
