@@ -79,3 +79,18 @@ def load_checkpoint(path, model: nn.Module, optimizer) -> dict:
     state = json.loads((path / STATE).read_text())
     mx.eval(model.parameters(), optimizer.state)
     return state
+
+
+def resume_state(resume: Optional[str], checkpoint_dir, model: nn.Module, optimizer) -> tuple:
+    """(start step, data position, RNG key) to hand the loop: nothing to resume when
+    `resume` is None, else the newest checkpoint under `checkpoint_dir` ("auto") or
+    under the folder `resume` names, restored into `model` and `optimizer`."""
+    if not resume:
+        return 0, None, None
+    where = checkpoint_dir if resume == "auto" else resume
+    ckpt = latest_checkpoint(where)
+    if ckpt is None:
+        raise FileNotFoundError(f"no training checkpoint to resume from under {where}")
+    state = load_checkpoint(ckpt, model, optimizer)
+    print(f"[INFO] resumed from {ckpt} at step {state['step']}")
+    return state["step"], state["position"], state["rng_key"]

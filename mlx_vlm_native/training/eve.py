@@ -28,7 +28,7 @@ from mlx.utils import tree_flatten
 from ..models import eve_align as A
 from ..processors.image import load_image
 from ..utils import copy_side_files, get_model_path, load, save_config, save_weights
-from .checkpoint import latest_checkpoint, load_checkpoint
+from .checkpoint import resume_state
 from .finetune import stop_on_signals
 from .loop import TrainConfig, train
 from .optim import build_optimizer, current_lr
@@ -153,13 +153,7 @@ def run(recipe: dict, resume: Optional[str] = None, progress: bool = True, on_st
                                  "weight_decay": hp.get("weight_decay", 0.0)}, steps)
     out = Path(recipe["output"])
     ckpt_dir = out / "checkpoints"
-    start, position, rng_key = 0, None, None
-    if resume:
-        ckpt = latest_checkpoint(ckpt_dir if resume == "auto" else resume)
-        if ckpt is None:
-            raise FileNotFoundError(f"no checkpoint to resume from in {ckpt_dir if resume == 'auto' else resume}")
-        state = load_checkpoint(ckpt, model, optimizer)
-        start, position, rng_key = state["step"], state["position"], state["rng_key"]
+    start, position, rng_key = resume_state(resume, ckpt_dir, model, optimizer)
 
     def make(record):
         return make_sample(record, processor, teacher, prompt_format, image_root, hp.get("max_length", 2048))

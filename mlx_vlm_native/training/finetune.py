@@ -536,7 +536,7 @@ def stop_on_signals():
 
 def run(recipe: dict, resume: Optional[str] = None, progress: bool = True, on_step=None) -> dict:
     from ..utils import copy_side_files, get_model_path, load, save_config, save_weights
-    from .checkpoint import latest_checkpoint, load_checkpoint
+    from .checkpoint import resume_state
     from .loop import TrainConfig, train
 
     seed = recipe.get("seed", 0)
@@ -562,13 +562,7 @@ def run(recipe: dict, resume: Optional[str] = None, progress: bool = True, on_st
     optimizer = build_optimizer(model, recipe["optim"], steps)
     out = Path(recipe["output"])
     ckpt_dir = out / "checkpoints"
-    start, position, rng_key = 0, None, None
-    if resume:
-        ckpt = latest_checkpoint(ckpt_dir if resume == "auto" else resume)
-        if ckpt is None:
-            raise FileNotFoundError(f"no checkpoint to resume from in {ckpt_dir if resume == 'auto' else resume}")
-        state = load_checkpoint(ckpt, model, optimizer)
-        start, position, rng_key = state["step"], state["position"], state["rng_key"]
+    start, position, rng_key = resume_state(resume, ckpt_dir, model, optimizer)
 
     context = model.args.text_config.max_position_embeddings
     stats = {}

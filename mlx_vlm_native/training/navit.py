@@ -431,7 +431,7 @@ def batch_stream(recipe: dict, dataset, args: ModelArgs, position=None, start_st
 
 def run(recipe: dict, resume: Optional[str] = None, progress: bool = True, on_step=None,
         should_stop=None) -> dict:
-    from .checkpoint import latest_checkpoint, load_checkpoint
+    from .checkpoint import resume_state
     from .loop import TrainConfig, train
     from .openvision2 import rank_batches
     from .optim import build_optimizer
@@ -445,14 +445,7 @@ def run(recipe: dict, resume: Optional[str] = None, progress: bool = True, on_st
     optimizer = build_optimizer(recipe["optim"], steps)
     out = Path(recipe["output"])
     ckpt_dir = out / "checkpoints"
-    start, position, rng_key = 0, None, None
-    if resume:
-        ckpt = latest_checkpoint(ckpt_dir if resume == "auto" else resume)
-        if ckpt is None:
-            raise FileNotFoundError(f"no training checkpoint under {ckpt_dir if resume == 'auto' else resume}")
-        state = load_checkpoint(ckpt, model, optimizer)
-        start, position, rng_key = state["step"], state["position"], state["rng_key"]
-        print(f"[INFO] resumed from {ckpt} at step {start}")
+    start, position, rng_key = resume_state(resume, ckpt_dir, model, optimizer)
     stats = {}
     group = mx.distributed.init()
     stream = batch_stream(recipe, dataset, args, position, start, stats, group.size())

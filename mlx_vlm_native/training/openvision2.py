@@ -11,7 +11,7 @@ from mlx.utils import tree_flatten
 
 from .. import openvision_checkpoint as ovc
 from ..models.openvision import DecoderConfig, ModelArgs, VisionConfig
-from .checkpoint import latest_checkpoint, load_checkpoint
+from .checkpoint import latest_checkpoint, resume_state
 from .data import FIT_PIXELS, augmented_pixels, batches, open_dataset, tokenize_captions
 from .loop import TrainConfig, train
 from .optim import build_optimizer
@@ -108,14 +108,7 @@ def run(recipe: dict, resume: Optional[str] = None, progress: bool = True, on_st
     out = Path(recipe["output"])
     ckpt_dir = out / "checkpoints"
 
-    start_step, position, rng_key = 0, None, None
-    if resume:
-        ckpt = latest_checkpoint(resume if resume != "auto" else ckpt_dir)
-        if ckpt is None:
-            raise FileNotFoundError(f"no training checkpoint under {resume}")
-        state = load_checkpoint(ckpt, model, optimizer)
-        start_step, position, rng_key = state["step"], state["position"], state["rng_key"]
-        print(f"[INFO] resumed from {ckpt} at step {start_step}")
+    start_step, position, rng_key = resume_state(resume, ckpt_dir, model, optimizer)
 
     size, max_len = args.vision_config.image_size, mcfg.get("max_text_len", 128)
     mean, std = recipe.get("image_mean", ovc.IMAGE_MEAN), recipe.get("image_std", ovc.IMAGE_STD)
