@@ -185,24 +185,27 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", "--temp", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--repetition-penalty", type=float, default=None,
+                   help="penalty for repeating tokens (> 0; 1 or unset: none)")
+    p.add_argument("--repetition-context-size", type=int, default=20)
     p.add_argument("--verbose", action="store_true", help="print tokens/s after each answer")
     return p
 
 
 def main(argv: Optional[List[str]] = None) -> None:
     from .processors.image import ImageError
-    from .generate import DEFAULT_MODEL_NAME
+    from .generate import DEFAULT_MODEL_NAME, sampling_from_args
     from .utils import load
 
     args = setup_arg_parser().parse_args(argv)
     try:
+        sampling = sampling_from_args(args)
         conversation = Conversation(load_images(args.image))
         print(f"loading {args.model or DEFAULT_MODEL_NAME} ...", file=sys.stderr, flush=True)
         model, processor = load(args.model)
     except (ImageError, ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     print("ready: ask about the image(s); /help lists the commands", file=sys.stderr, flush=True)
-    sampling = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     prompt = "> " if sys.stdin.isatty() else ""
     chat_loop(model, processor, conversation, read_lines(prompt), sampling, args.verbose)
 

@@ -9,7 +9,9 @@ from typing import Generator, List, Optional, Sequence
 import mlx.core as mx
 from mlx_lm.generate import generate_step
 from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
-from mlx_lm.sample_utils import make_sampler
+from mlx_lm.sample_utils import make_logits_processors, make_sampler
+
+from .params import check_generation_params
 
 DEFAULT_MODEL_NAME = "mlx-vlm-native-default"  # how the embedded model is named (server, logs)
 
@@ -35,16 +37,29 @@ class PromptTooLongError(ValueError):
     """The prompt leaves no room for an answer in the model's context."""
 
 
-def process_checked(model, processor, text: str, images=(), videos=()):
-    """Rendered prompt + media -> processed inputs, checked against the model's context."""
-    inputs = processor(text, images=list(images or []), videos=list(videos or []))
-    n_prompt, limit = len(inputs.input_ids), context_length(model)
+def check_prompt_length(model, n_prompt: int) -> None:
+    limit = context_length(model)
     if n_prompt + 1 > limit:
         raise PromptTooLongError(
             f"the prompt is {n_prompt} tokens (images and video included); the model's "
             f"context is {limit} tokens. Use fewer or smaller images, or fewer frames"
         )
+
+
+def process_checked(model, processor, text: str, images=(), videos=()):
+    """Rendered prompt + media -> processed inputs, checked against the model's context."""
+    inputs = processor(text, images=list(images or []), videos=list(videos or []))
+    check_prompt_length(model, len(inputs.input_ids))
     return inputs
+
+
+def check_chat_length(model, processor, messages: list, image_sizes: Sequence) -> None:
+    """Refuse a conversation too long for the context from its images' (width,
+    height) alone, before they are decoded; a processor that cannot count
+    without pixels (no `num_prompt_tokens`) is checked after decoding instead."""
+    count = getattr(processor, "num_prompt_tokens", None)
+    if count is not None:
+        check_prompt_length(model, count(format_chat(processor, messages), list(image_sizes)))
 
 
 def prepare_inputs(model, processor, prompt: str, images=(), videos=(), apply_chat_template=True):
@@ -122,11 +137,17 @@ def stream_generate(
     top_p: float = 1.0,
     seed: Optional[int] = None,
     apply_chat_template: bool = True,
+    repetition_penalty: Optional[float] = None,
+    repetition_context_size: int = 20,
 ) -> Generator[GenerationResponse, None, None]:
-    """Yield the answer piece by piece; the last response carries the stats."""
+    """Yield the answer piece by piece; the last response carries the stats.
+    A bad sampling parameter raises `GenerationParameterError` (a ValueError)
+    at the first `next()`, before any image is processed."""
     tic = time.perf_counter()
+    sampling = check_generation_params(max_tokens, temperature, top_p, seed, repetition_penalty,
+                                       repetition_context_size)
     inputs = prepare_inputs(model, processor, prompt, images, videos, apply_chat_template)
-    yield from stream_from_inputs(model, processor, inputs, tic, max_tokens, temperature, top_p, seed)
+    yield from stream_from_inputs(model, processor, inputs, tic, **sampling)
 
 
 def stream_chat(
@@ -139,38 +160,41 @@ def stream_chat(
     top_p: float = 1.0,
     seed: Optional[int] = None,
     prompt_cache: Optional[PromptCache] = None,
+    repetition_penalty: Optional[float] = None,
+    repetition_context_size: int = 20,
 ) -> Generator[GenerationResponse, None, None]:
     """`stream_generate` for a conversation: `messages` as in `prepare_chat_inputs`.
     With a `prompt_cache` kept across the turns of one conversation, each turn
-    prefills only its new tokens. Bad input (e.g. a prompt too long for the
-    context) raises on the first `next()`."""
+    prefills only its new tokens. Bad input (a sampling parameter out of range,
+    a prompt too long for the context) raises on the first `next()`."""
     tic = time.perf_counter()
+    sampling = check_generation_params(max_tokens, temperature, top_p, seed, repetition_penalty,
+                                       repetition_context_size)
     inputs = prepare_chat_inputs(model, processor, messages, images)
     if prompt_cache is None:
-        yield from stream_from_inputs(model, processor, inputs, tic, max_tokens, temperature, top_p, seed)
+        yield from stream_from_inputs(model, processor, inputs, tic, **sampling)
         return
     embeddings = cached_embeddings(model, inputs, prompt_cache)[0]
     ids = [int(i) for i in inputs.input_ids]
     keep = prompt_cache.reuse(model, ids)
     for r in stream_from_embeddings(model, processor.tokenizer, inputs.input_ids, embeddings, tic,
-                                    max_tokens, temperature, top_p, seed, prompt_cache.kv, keep):
+                                    kv_cache=prompt_cache.kv, cached=keep, **sampling):
         if r.token is not None:
             prompt_cache.ids.append(r.token)
         yield r
 
 
-def stream_from_inputs(model, processor, inputs, tic, max_tokens=256, temperature=0.0, top_p=1.0, seed=None):
+def stream_from_inputs(model, processor, inputs, tic, **sampling):
     embeddings = model.get_input_embeddings(inputs)[0]
-    yield from stream_from_embeddings(
-        model, processor.tokenizer, inputs.input_ids, embeddings, tic,
-        max_tokens, temperature, top_p, seed,
-    )
+    yield from stream_from_embeddings(model, processor.tokenizer, inputs.input_ids, embeddings, tic, **sampling)
 
 
 def stream_from_embeddings(model, tokenizer, input_ids, embeddings, tic, max_tokens=256,
-                           temperature=0.0, top_p=1.0, seed=None, kv_cache=None, cached=0):
+                           temperature=0.0, top_p=1.0, seed=None, kv_cache=None, cached=0,
+                           repetition_penalty=None, repetition_context_size=20):
     """Generate after the prompt `input_ids` / `embeddings`, of which the first
-    `cached` tokens are already in `kv_cache`."""
+    `cached` tokens are already in `kv_cache`. The sampling parameters are
+    those `check_generation_params` passed."""
     n_prompt = len(input_ids)
     max_tokens = min(max_tokens, context_length(model) - n_prompt)
     if seed is not None:
@@ -183,6 +207,7 @@ def stream_from_embeddings(model, tokenizer, input_ids, embeddings, tic, max_tok
         model,
         max_tokens=max_tokens,
         sampler=sampler,
+        logits_processors=make_logits_processors(None, repetition_penalty, repetition_context_size),
         prompt_cache=kv_cache,
         input_embeddings=embeddings[cached:],
     )
@@ -263,6 +288,8 @@ def batch_generate(model, processor, prompts: Sequence[str], images: Optional[Se
     batch's decode time until it finished."""
     from mlx_lm.generate import BatchGenerator
 
+    checked = check_generation_params(max_tokens, temperature, top_p, seed)
+    max_tokens, temperature, top_p, seed = (checked[k] for k in ("max_tokens", "temperature", "top_p", "seed"))
     images = list(images) if images is not None else [[] for _ in prompts]
     if len(images) != len(prompts):
         raise ValueError(f"{len(prompts)} prompts but {len(images)} image lists")
@@ -376,6 +403,12 @@ def add_model_argument(p: argparse.ArgumentParser) -> None:
                         "(default: the embedded model, see mlx_vlm_native/default_model/README.md)")
 
 
+def sampling_from_args(args: argparse.Namespace) -> dict:
+    """The sampling flags every command shares, checked before any model loads."""
+    return check_generation_params(args.max_tokens, args.temperature, args.top_p, args.seed,
+                                   args.repetition_penalty, args.repetition_context_size)
+
+
 def setup_arg_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Answer a prompt about images or a video.")
     add_model_argument(p)
@@ -388,6 +421,10 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", "--temp", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--repetition-penalty", type=float, default=None,
+                   help="penalty for repeating tokens (> 0; 1 or unset: none)")
+    p.add_argument("--repetition-context-size", type=int, default=20,
+                   help="how many recent tokens the repetition penalty looks at")
     p.add_argument("--no-chat-template", action="store_true",
                    help="use --prompt as the full prompt (it must contain the placeholders)")
     return p
@@ -399,12 +436,12 @@ def main(argv: Optional[List[str]] = None) -> None:
 
     args = setup_arg_parser().parse_args(argv)
     try:
+        sampling = sampling_from_args(args)
         videos = [load_video_frames(args.video, args.video_frames)] if args.video else []
         model, processor = load(args.model)
         generate(
             model, processor, args.prompt, images=args.image, videos=videos,
-            max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-            seed=args.seed, apply_chat_template=not args.no_chat_template, verbose=True,
+            apply_chat_template=not args.no_chat_template, verbose=True, **sampling,
         )
     except (ImageError, ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")

@@ -6,35 +6,34 @@
          {"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}}]}]}'
 
 Standard library only. A ThreadingHTTPServer's handlers share one model, run
-by a single generation thread, so generation is serialized. Images come as data
-URLs or http(s) URLs (fetched with a timeout and a size cap). Every bad request
-gets an error in OpenAI's shape, {"error": {"message", "type", "param", "code"}},
-and the server goes on.
+by a single generation thread that takes requests from a bounded queue in
+turn. Images come as data URLs or http(s) URLs (fetched under a byte cap and a
+wall-clock deadline); their sizes are checked from the headers against the
+per-image and per-request budgets, and against the context, before the
+generation thread decodes them. A client that disconnects has its answer
+stopped. Every bad request gets an error in OpenAI's shape, {"error":
+{"message", "type", "param", "code"}}, and the server goes on.
 """
 
 import argparse
-import base64
-import binascii
 import contextlib
-import http.client
-import io
+import ctypes
 import itertools
 import json
 import queue
+import select
 import socket
 import sys
 import threading
 import time
 import traceback
-import urllib.error
-import urllib.request
 import uuid
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Iterator, List, Optional, Tuple
+from typing import Callable, Iterator, List, Optional, Tuple
 from urllib.parse import urlsplit
 
-from PIL import Image, UnidentifiedImageError
+from .processors.image import short
 
 
 @dataclass(frozen=True)
@@ -42,8 +41,13 @@ class Limits:
     max_request_bytes: int = 20_000_000
     max_image_bytes: int = 10_000_000  # decoded data URL or downloaded file
     max_image_pixels: int = 40_000_000
-    image_timeout: float = 10.0  # seconds for a whole image download
+    image_timeout: float = 10.0  # seconds for a whole image download (a wall-clock deadline)
     default_max_tokens: int = 512
+    max_images: int = 16  # per request
+    max_request_pixels: int = 64_000_000  # all of a request's images together
+    max_queued: int = 64  # requests waiting for the generation thread; more get 503
+    max_connections: int = 256  # open connections; more get 503
+    body_timeout: float = 60.0  # seconds to receive a request body
 
 
 class APIError(Exception):
@@ -51,50 +55,88 @@ class APIError(Exception):
 
     TYPES = {404: "not_found_error", 500: "server_error", 503: "server_error"}
 
-    def __init__(self, status: int, message: str, code: Optional[str] = None, param: Optional[str] = None):
+    def __init__(self, status: int, message: str, code: Optional[str] = None, param: Optional[str] = None,
+                 headers: Optional[dict] = None):
         super().__init__(message)
         self.status, self.message, self.code, self.param = status, message, code, param
+        self.headers = headers or {}
 
     def body(self) -> dict:
         error_type = self.TYPES.get(self.status, "invalid_request_error")
         return {"error": {"message": self.message, "type": error_type, "param": self.param, "code": self.code}}
 
 
+class ClientGone(Exception):
+    """The client closed its connection while its answer was being made."""
+
+
 # ----------------------------------------------------------------- request parsing
+
+
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
 
 
 def parse_json_body(body: bytes) -> dict:
     try:
-        request = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        request = json.loads(body.decode("utf-8"), parse_constant=_refuse_constant)
+    except UnicodeDecodeError as e:
+        raise APIError(400, f"the request body is not UTF-8: {e}", "invalid_json")
+    except RecursionError:
+        raise APIError(400, "the request body is nested too deeply", "invalid_json")
+    except ValueError as e:  # JSONDecodeError, NaN/Infinity, an integer of thousands of digits
         raise APIError(400, f"the request body is not valid JSON: {e}", "invalid_json")
     if not isinstance(request, dict):
         raise APIError(400, "the request body must be a JSON object", "invalid_json")
     return request
 
 
-def number_option(request: dict, name: str, kind, default, low, high=None):
+def flag(request: dict, name: str, default: bool = False) -> bool:
     value = request.get(name)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, kind) or value < low or (high is not None and value > high):
-        what = "an integer" if kind is int else "a number"
-        bounds = f">= {low}" + (f" and <= {high}" if high is not None else "")
-        raise APIError(400, f"{name} must be {what} {bounds}, got {value!r}", "invalid_value", name)
+    if not isinstance(value, bool):
+        raise APIError(400, f"{name} must be true or false, got {short(repr(value))}", "invalid_value", name)
     return value
 
 
+def stream_settings(request: dict) -> Tuple[bool, bool]:
+    """(stream, include_usage) from `stream` and `stream_options`."""
+    stream = flag(request, "stream")
+    options = request.get("stream_options")
+    if options is None:
+        return stream, False
+    if not isinstance(options, dict):
+        raise APIError(400, f"stream_options must be an object, got {short(repr(options))}", "invalid_value",
+                       "stream_options")
+    if not stream:
+        raise APIError(400, "stream_options is only allowed with stream: true", "invalid_value", "stream_options")
+    return stream, flag(options, "include_usage")
+
+
 def sampling_options(request: dict, default_max_tokens: int) -> dict:
-    """OpenAI's sampling fields -> keyword arguments of `stream_chat`."""
+    """OpenAI's sampling fields -> the checked keyword arguments of `stream_chat`."""
+    from .params import GenerationParameterError, check_generation_params
+
     name = "max_completion_tokens" if request.get("max_completion_tokens") is not None else "max_tokens"
     if request.get("n") not in (None, 1):
         raise APIError(400, "only n = 1 is supported", "invalid_value", "n")
-    return dict(
-        max_tokens=number_option(request, name, int, default_max_tokens, 1),
-        temperature=float(number_option(request, "temperature", (int, float), 0.0, 0, 2)),
-        top_p=float(number_option(request, "top_p", (int, float), 1.0, 0, 1)),
-        seed=number_option(request, "seed", int, None, 0),
-    )
+
+    def get(key, default):
+        value = request.get(key)
+        return default if value is None else value
+
+    try:
+        options = check_generation_params(
+            max_tokens=get(name, default_max_tokens), temperature=get("temperature", 0.0),
+            top_p=get("top_p", 1.0), seed=request.get("seed"),
+            repetition_penalty=request.get("repetition_penalty"),
+            repetition_context_size=get("repetition_context_size", 20),
+        )
+    except GenerationParameterError as e:
+        param = name if e.param == "max_tokens" else e.param
+        raise APIError(400, str(e).replace("max_tokens", param, 1), "invalid_value", param)
+    return options
 
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
@@ -120,7 +162,7 @@ def content_parts(content, where: str) -> Tuple[list, List[str]]:
             urls.append(url)
         else:
             raise APIError(
-                400, f"unsupported content part type {kind!r} in {where}.content[{i}]: "
+                400, f"unsupported content part type {short(repr(kind))} in {where}.content[{i}]: "
                 "use 'text' (with a string 'text') or 'image_url'", "unsupported_content_type",
             )
     return parts, urls
@@ -135,8 +177,9 @@ def chat_messages(request: dict) -> Tuple[list, List[str]]:
     for i, message in enumerate(messages):
         where = f"messages[{i}]"
         role = message.get("role") if isinstance(message, dict) else None
-        if role not in ROLES:
-            raise APIError(400, f"{where}.role must be one of {sorted(ROLES)}, got {role!r}", "invalid_value")
+        if not isinstance(role, str) or role not in ROLES:
+            raise APIError(400, f"{where}.role must be one of {sorted(ROLES)}, got {short(repr(role))}",
+                           "invalid_value")
         parts, message_urls = content_parts(message.get("content"), where)
         if all(p["type"] == "text" for p in parts):
             parts = "".join(p["text"] for p in parts)
@@ -148,92 +191,67 @@ def chat_messages(request: dict) -> Tuple[list, List[str]]:
 # -------------------------------------------------------------------------- images
 
 
-def short(url: str) -> str:
-    return url if len(url) <= 80 else url[:77] + "..."
+def image_error(e: Exception) -> APIError:
+    from .processors.image import ImageTooLargeError
+
+    if isinstance(e, ImageTooLargeError):
+        return APIError(413, str(e), "image_too_large")
+    return APIError(400, str(e), "invalid_image")
 
 
-def too_big(what: str, size: int, limit: int) -> APIError:
-    return APIError(413, f"{what} is {size} bytes, over the limit of {limit} bytes", "image_too_large")
+@dataclass
+class RequestImage:
+    """An image of a request as fetched: its encoded bytes and header size; it
+    is decoded only when its request's turn comes."""
+
+    data: bytes
+    name: str
+    size: Tuple[int, int]  # (width, height) as displayed
+
+    def decode(self, limits: "Limits"):
+        from .processors.image import ImageError, load_image
+
+        try:
+            return load_image(self.data, max_pixels=limits.max_image_pixels)
+        except ImageError as e:
+            raise image_error(e)
 
 
-def read_data_url(url: str, max_bytes: int) -> bytes:
-    header, comma, payload = url.partition(",")
-    media_type = header[len("data:"):].split(";")[0]
-    if not comma or not media_type.startswith("image/") or ";base64" not in header:
-        raise APIError(400, f"data URLs must be data:image/...;base64,<data>; got {short(url)!r}", "invalid_image")
-    if len(payload) * 3 // 4 > max_bytes + 3:
-        raise too_big("the data URL image", len(payload) * 3 // 4, max_bytes)
-    try:
-        data = base64.b64decode(payload)
-    except (binascii.Error, ValueError) as e:
-        raise APIError(400, f"the data URL image is not valid base64: {e}", "invalid_image")
-    if len(data) > max_bytes:
-        raise too_big("the data URL image", len(data), max_bytes)
-    return data
+def fetch_request_image(url: str, limits: Limits) -> RequestImage:
+    """An image URL's bytes (bounded in bytes and time) and its size from the header."""
+    from .processors.image import ImageError, check_pixels, fetch_url, open_image, oriented_size, read_data_url
 
-
-class HttpOnlyRedirects(urllib.request.HTTPRedirectHandler):
-    def redirect_request(self, req, fp, code, msg, headers, newurl):
-        if urlsplit(newurl).scheme.lower() not in ("http", "https"):
-            raise APIError(400, f"image URL redirected to a non-http(s) URL: {short(newurl)}", "invalid_image_url")
-        return super().redirect_request(req, fp, code, msg, headers, newurl)
-
-
-OPENER = urllib.request.build_opener(HttpOnlyRedirects)
-
-
-def download(url: str, max_bytes: int, timeout: float) -> bytes:
-    """The body of `url`; stops reading once over `max_bytes` or `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    chunks, size = [], 0
-    try:
-        request = urllib.request.Request(url, headers={"User-Agent": "mlx-vlm-native"})
-        with OPENER.open(request, timeout=timeout) as response:
-            declared = response.headers.get("Content-Length", "")
-            if declared.isdigit() and int(declared) > max_bytes:
-                raise too_big(f"the image at {short(url)}", int(declared), max_bytes)
-            while chunk := response.read(min(65536, max_bytes + 1 - size)):
-                chunks.append(chunk)
-                size += len(chunk)
-                if size > max_bytes:
-                    raise APIError(413, f"the image at {short(url)} is over the limit of {max_bytes} bytes",
-                                   "image_too_large")
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"not downloaded within {timeout:g} s")
-    except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as e:
-        raise APIError(400, f"cannot fetch the image at {short(url)}: {e}", "invalid_image_url")
-    return b"".join(chunks)
-
-
-def open_image(data: bytes, name: str, limits: Limits) -> Image.Image:
-    """Decoded RGB image; its size is checked from the header before decoding."""
-    from .processors.image import ImageError, load_image
-
-    try:
-        image = Image.open(io.BytesIO(data))
-    except Image.DecompressionBombError as e:
-        raise APIError(413, f"{name}: {e}", "image_too_large")
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise APIError(400, f"{name} is not a readable image: {e}", "invalid_image")
-    w, h = image.size
-    if w * h > limits.max_image_pixels:
-        raise APIError(413, f"{name} is {w}x{h} = {w * h} pixels, over the limit of "
-                       f"{limits.max_image_pixels} pixels", "image_too_large")
-    try:
-        return load_image(image, max_pixels=limits.max_image_pixels)
-    except ImageError as e:
-        raise APIError(400, f"{name}: {e}", "invalid_image")
-
-
-def load_request_image(url: str, limits: Limits) -> Image.Image:
     scheme = urlsplit(url).scheme.lower()
-    if scheme == "data":
-        return open_image(read_data_url(url, limits.max_image_bytes), "the data URL image", limits)
-    if scheme in ("http", "https"):
-        data = download(url, limits.max_image_bytes, limits.image_timeout)
-        return open_image(data, f"the image at {short(url)}", limits)
-    raise APIError(400, f"image URLs must be http://, https:// or data: URLs; got {short(url)!r}",
-                   "invalid_image_url")
+    try:
+        if scheme == "data":
+            name, data = "the data URL image", read_data_url(url, limits.max_image_bytes)
+        elif scheme in ("http", "https"):
+            name, data = f"the image at {short(url)}", fetch_url(url, limits.max_image_bytes, limits.image_timeout)
+        else:
+            raise APIError(400, f"image URLs must be http://, https:// or data: URLs; got {short(url)!r}",
+                           "invalid_image_url")
+        header = open_image(data, name)
+        check_pixels(header, name, limits.max_image_pixels)
+        return RequestImage(data, name, oriented_size(header))
+    except ImageError as e:
+        raise image_error(e)
+
+
+def request_images(urls: List[str], limits: Limits) -> List[RequestImage]:
+    """The request's images, with its budgets checked from the headers: at most
+    `max_images`, and `max_request_pixels` in all."""
+    if len(urls) > limits.max_images:
+        raise APIError(400, f"the request has {len(urls)} images; at most {limits.max_images} are allowed",
+                       "too_many_images", "messages")
+    images, pixels = [], 0
+    for url in urls:
+        image = fetch_request_image(url, limits)
+        pixels += image.size[0] * image.size[1]
+        if pixels > limits.max_request_pixels:
+            raise APIError(413, f"the request's images are over {limits.max_request_pixels} pixels in all "
+                           f"(at {image.name}, {len(images) + 1} of {len(urls)})", "image_too_large", "messages")
+        images.append(image)
+    return images
 
 
 # ------------------------------------------------------------------------- replies
@@ -270,59 +288,103 @@ class Job:
 
     END = object()
 
-    def __init__(self, messages: list, images: list, options: dict):
+    def __init__(self, messages: list, images: List[RequestImage], options: dict):
         self.messages, self.images, self.options = messages, images, options
         self.responses: queue.Queue = queue.Queue()
         self.cancelled = False
 
 
+def release_memory() -> None:
+    """Give back what one answer allocated: MLX's buffer cache and the C heap's free pages."""
+    import mlx.core as mx
+
+    mx.clear_cache()
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
+
+
 class ChatService:
-    """The model and the one thread that runs it, so generation is serialized.
+    """The model, a bounded queue of jobs and the one thread that runs them in
+    turn, so generation is serialized and concurrent clients wait their turn.
 
     One long-lived thread rather than a lock: MLX keeps streams per thread, and
     each short-lived request thread that ran the model would leave its MLX
-    worker threads behind."""
+    worker threads behind. Images are decoded by this thread when their job's
+    turn comes, so a waiting request holds only its encoded bytes."""
 
     def __init__(self, model, processor, model_id: str, limits: Limits = Limits()):
         self.model, self.processor, self.model_id, self.limits = model, processor, model_id, limits
         self.created = int(time.time())
-        self.jobs: queue.Queue = queue.Queue()
+        self.jobs: queue.Queue = queue.Queue(maxsize=limits.max_queued)
         self.stopping = False
         self.idle = threading.Event()
         threading.Thread(target=self.work, name="generation", daemon=True).start()
 
     def work(self) -> None:
-        from .generate import stream_chat
-
         while True:
             self.idle.set()
             job = self.jobs.get()
             self.idle.clear()
+            if job.cancelled:  # its client left while it waited
+                continue
             if self.stopping:
                 job.responses.put(APIError(503, "the server is stopping", "server_stopping"))
                 continue
             try:
-                for response in stream_chat(self.model, self.processor, job.messages, job.images, **job.options):
-                    if self.stopping:
-                        raise APIError(503, "the server stopped during the answer", "server_stopping")
-                    job.responses.put(response)
-                    if job.cancelled:
-                        break
+                self.run(job)
                 job.responses.put(Job.END)
             except Exception as e:  # handed to the request's thread
                 job.responses.put(e)
+            finally:
+                job.images = []
+                release_memory()
 
-    def answer(self, messages: list, images: list, options: dict) -> Iterator:
+    def run(self, job: Job) -> None:
+        from .generate import check_chat_length, stream_chat
+
+        check_chat_length(self.model, self.processor, job.messages, [i.size for i in job.images])
+        images = [image.decode(self.limits) for image in job.images]
+        for response in stream_chat(self.model, self.processor, job.messages, images, **job.options):
+            if self.stopping:
+                raise APIError(503, "the server stopped during the answer", "server_stopping")
+            if job.cancelled:
+                return
+            job.responses.put(response)
+
+    def answer(self, messages: list, images: List[RequestImage], options: dict,
+               client_gone: Callable[[], bool] = lambda: False) -> Iterator:
         """The answer's responses as the generation thread makes them; bad input
-        raises APIError at the first `next()`. Closing the iterator stops the generation."""
+        raises APIError at the first `next()`, a full queue a 503. While waiting,
+        `client_gone` is polled: a client that left raises ClientGone and its job
+        is dropped. Closing the iterator stops the generation."""
         from jinja2 import TemplateError
 
         from .generate import PromptTooLongError
 
         job = Job(messages, images, options)
-        self.jobs.put(job)
         try:
-            while (item := job.responses.get()) is not Job.END:
+            self.jobs.put_nowait(job)
+        except queue.Full:
+            raise APIError(503, f"the server is busy: {self.limits.max_queued} requests are waiting; "
+                           "retry later", "server_busy", headers={"Retry-After": "1"})
+        try:
+            checked = time.monotonic()
+            while True:
+                try:
+                    item = job.responses.get(timeout=0.2)
+                except queue.Empty:
+                    item = None
+                if time.monotonic() - checked >= 0.2:
+                    if client_gone():
+                        raise ClientGone()
+                    checked = time.monotonic()
+                if item is None:
+                    continue
+                if item is Job.END:
+                    return
                 if isinstance(item, PromptTooLongError):
                     raise APIError(400, str(item), "context_length_exceeded", "messages")
                 if isinstance(item, (ValueError, TemplateError)):  # e.g. placeholder/image count, roles
@@ -342,10 +404,42 @@ class ChatService:
         self.idle.wait(timeout)
 
 
+BUSY_REPLY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
+              b"Connection: close\r\nContent-Length: %d\r\n\r\n%s")
+
+
 class ChatServer(ThreadingHTTPServer):
+    """One thread per connection (at most `max_connections`) and a listen
+    backlog deep enough that a burst of clients waits instead of being reset."""
+
+    request_queue_size = 128
+
     def __init__(self, address, service: ChatService):
         self.service = service
+        self.connections = threading.BoundedSemaphore(service.limits.max_connections)
         super().__init__(address, Handler)
+
+    def process_request(self, request, client_address):
+        if not self.connections.acquire(blocking=False):
+            body = json.dumps(APIError(503, "the server has too many open connections; retry later",
+                                       "server_busy").body()).encode()
+            try:
+                request.sendall(BUSY_REPLY % (len(body), body))
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.connections.release()
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.connections.release()
 
     def server_close(self) -> None:
         super().server_close()
@@ -375,23 +469,29 @@ class Handler(BaseHTTPRequestHandler):
 
     def dispatch(self, method: str) -> None:
         self.tic, self.logged = time.perf_counter(), False
-        self.status, self.note, self.replied, self.unread_body = None, "", False, False
+        self.status, self.note, self.replied = None, "", False
+        self.unread_body = (self.headers.get("Content-Length") or "0").strip() != "0"  # until read_body reads it
         path = urlsplit(self.path).path.rstrip("/") or "/"
         try:
             if path not in self.ROUTES:
-                raise APIError(404, f"no endpoint {path}; try {', '.join(self.ROUTES)}", "not_found")
+                raise APIError(404, f"no endpoint {short(path)}; try {', '.join(self.ROUTES)}", "not_found")
             allowed, action = self.ROUTES[path]
             if method != allowed:
-                raise APIError(405, f"{path} takes {allowed}, not {method}", "method_not_allowed")
+                raise APIError(405, f"{path} takes {allowed}, not {method}", "method_not_allowed",
+                               headers={"Allow": allowed})
             getattr(self, action)()
         except APIError as e:
             self.fail(e)
-        except Exception as e:  # a bug must not take the server down
+        except (ClientGone, BrokenPipeError, ConnectionResetError):
+            self.note, self.close_connection = " client went away; generation stopped", True
+        except Exception as e:  # a bug must not take the server down; the trace stays in the log
             traceback.print_exc()
-            self.fail(APIError(500, f"internal error: {type(e).__name__}: {e}", "internal_error"))
+            self.fail(APIError(500, f"internal error ({type(e).__name__}); the server log has the details",
+                               "internal_error"))
         finally:
             self.log_done()
             if self.unread_body:
+                self.close_connection = True
                 self.discard_unread_body()
 
     def log_done(self) -> None:
@@ -400,21 +500,21 @@ class Handler(BaseHTTPRequestHandler):
         if not self.logged:
             self.logged = True
             elapsed = time.perf_counter() - self.tic
-            self.log_message('"%s" %s %.2fs%s', self.requestline, self.status, elapsed, self.note)
+            self.log_message('"%s" %s %.2fs%s', short(self.requestline), self.status, elapsed, self.note)
 
     def log_request(self, code="-", size="-"):
         pass  # written by `log_done`
 
     def fail(self, error: APIError) -> None:
         self.note = f" {error.message}"
-        allow = {"Allow": self.ROUTES[urlsplit(self.path).path.rstrip("/")][0]} if error.status == 405 else {}
         try:
             if not self.replied:
-                self.send_json(error.status, error.body(), allow)
+                self.send_json(error.status, error.body(), error.headers)
             else:  # mid-stream: the status line is gone, tell the client in the stream
                 self.send_event(error.body())
         except OSError:
             self.note += " (client gone)"
+            self.close_connection = True
 
     def send_json(self, status: int, payload: dict, headers: Optional[dict] = None) -> None:
         body = json.dumps(payload).encode()
@@ -424,6 +524,8 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         for k, v in (headers or {}).items():
             self.send_header(k, v)
+        if self.unread_body or self.close_connection:
+            self.send_header("Connection", "close")
         self.end_headers()
         self.log_done()
         self.wfile.write(body)
@@ -433,19 +535,58 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.write(f"data: {data}\n\n".encode())
         self.wfile.flush()
 
+    def client_gone(self) -> bool:
+        """Whether the client has closed its end (readable with nothing to read)."""
+        try:
+            readable, _, _ = select.select([self.connection], [], [], 0)
+            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
+        except (OSError, ValueError):
+            return True
+
     def read_body(self) -> bytes:
-        """The request body, refused from its Content-Length before any of it is read."""
+        """The request body, refused from its Content-Length before any of it is
+        read, and received within `body_timeout` seconds."""
+        limits = self.server.service.limits
         length = self.headers.get("Content-Length")
+        if self.headers.get("Transfer-Encoding"):
+            self.close_connection = True
+            raise APIError(411, "chunked request bodies are not supported; send a Content-Length",
+                           "length_required")
         if length is None:
             raise APIError(411, "a Content-Length header is required", "length_required")
-        if not length.isdigit():
-            raise APIError(400, f"bad Content-Length {length!r}", "invalid_request")
-        limit = self.server.service.limits.max_request_bytes
-        if int(length) > limit:
+        length = length.strip()
+        if not (length.isascii() and length.isdigit()) or len(length) > 20:
+            self.close_connection = True
+            raise APIError(400, f"bad Content-Length {short(length)!r}: it must be a decimal byte count",
+                           "invalid_request")
+        size = int(length)
+        if size > limits.max_request_bytes:
             self.unread_body = self.close_connection = True
-            raise APIError(413, f"the request body is {length} bytes, over the limit of {limit} bytes",
-                           "request_too_large")
-        return self.rfile.read(int(length))
+            raise APIError(413, f"the request body is {size} bytes, over the limit of "
+                           f"{limits.max_request_bytes} bytes", "request_too_large")
+        deadline = time.monotonic() + limits.body_timeout
+        chunks, received = [], 0
+        try:
+            while received < size:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError()
+                self.connection.settimeout(min(remaining, self.timeout))
+                chunk = self.rfile.read1(min(65536, size - received))
+                if not chunk:
+                    self.close_connection = True
+                    raise APIError(400, f"the request body ended after {received} of {size} bytes",
+                                   "invalid_request")
+                chunks.append(chunk)
+                received += len(chunk)
+        except (TimeoutError, socket.timeout):
+            self.close_connection = True
+            raise APIError(408, f"the request body was not received within {limits.body_timeout:g} s "
+                           f"({received} of {size} bytes)", "request_timeout")
+        finally:
+            self.connection.settimeout(self.timeout)
+        self.unread_body = False
+        return b"".join(chunks)
 
     def discard_unread_body(self, seconds: float = 2.0) -> None:
         """Close after a refused body without resetting the connection, so that the
@@ -475,17 +616,17 @@ class Handler(BaseHTTPRequestHandler):
         request = parse_json_body(self.read_body())
         messages, urls = chat_messages(request)
         options = sampling_options(request, s.limits.default_max_tokens)
-        images = [load_request_image(url, s.limits) for url in urls]
+        stream, include_usage = stream_settings(request)
+        images = request_images(urls, s.limits)
         request_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        stream = s.answer(messages, images, options)
-        with contextlib.closing(stream):  # a reply cut short stops the generation
-            first = next(stream)  # bad input raises here, before any reply is sent
-            if request.get("stream"):
-                include_usage = bool((request.get("stream_options") or {}).get("include_usage"))
-                self.stream_reply(itertools.chain([first], stream), request_id, created, include_usage)
+        answer = s.answer(messages, images, options, self.client_gone)
+        with contextlib.closing(answer):  # a reply cut short stops the generation
+            first = next(answer)  # bad input raises here, before any reply is sent
+            if stream:
+                self.stream_reply(itertools.chain([first], answer), request_id, created, include_usage)
                 return
             text, last = first.text, first
-            for last in stream:
+            for last in answer:
                 text += last.text
         self.note = f" {last.prompt_tokens}+{last.generation_tokens} tokens"
         self.send_json(200, completion(request_id, created, s.model_id, text, last.finish_reason, usage_of(last)))
@@ -496,6 +637,7 @@ class Handler(BaseHTTPRequestHandler):
         self.status, self.replied, self.close_connection = 200, True, True
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-cache")
+        self.send_header("Connection", "close")
         self.end_headers()
         try:
             self.send_event(completion_chunk(request_id, created, model_id, {"role": "assistant", "content": ""}))
@@ -510,7 +652,7 @@ class Handler(BaseHTTPRequestHandler):
             self.note = f" {last.prompt_tokens}+{last.generation_tokens} tokens, streamed"
             self.log_done()
             self.send_event("[DONE]")
-        except (BrokenPipeError, ConnectionResetError):
+        except (BrokenPipeError, ConnectionResetError, ClientGone):
             self.note = " client went away; generation stopped"
 
 
@@ -535,7 +677,12 @@ def setup_arg_parser() -> argparse.ArgumentParser:
                    help="largest image, as decoded from a data URL or downloaded")
     p.add_argument("--max-image-pixels", type=int, default=d.max_image_pixels)
     p.add_argument("--image-timeout", type=float, default=d.image_timeout,
-                   help="seconds allowed to download an image URL")
+                   help="seconds allowed to download an image URL (a deadline for the whole download)")
+    p.add_argument("--max-images", type=int, default=d.max_images, help="most images in one request")
+    p.add_argument("--max-request-pixels", type=int, default=d.max_request_pixels,
+                   help="most pixels of all the images of one request together")
+    p.add_argument("--max-queued", type=int, default=d.max_queued,
+                   help="requests that may wait for their turn; more are answered 503")
     return p
 
 
@@ -544,8 +691,16 @@ def main(argv: Optional[List[str]] = None) -> None:
     from .utils import load
 
     args = setup_arg_parser().parse_args(argv)
-    limits = Limits(args.max_request_bytes, args.max_image_bytes, args.max_image_pixels,
-                    args.image_timeout, args.max_tokens)
+    limits = Limits(max_request_bytes=args.max_request_bytes, max_image_bytes=args.max_image_bytes,
+                    max_image_pixels=args.max_image_pixels, image_timeout=args.image_timeout,
+                    default_max_tokens=args.max_tokens, max_images=args.max_images,
+                    max_request_pixels=args.max_request_pixels, max_queued=args.max_queued)
+    for name in ("max_tokens", "max_request_bytes", "max_image_bytes", "max_image_pixels", "max_images",
+                 "max_request_pixels", "max_queued"):
+        if getattr(args, name) < 1:
+            sys.exit(f"error: --{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if not args.image_timeout > 0 or args.image_timeout == float("inf"):
+        sys.exit(f"error: --image-timeout must be a positive number of seconds, got {args.image_timeout}")
     model_id = args.model or DEFAULT_MODEL_NAME
     try:
         print(f"loading {model_id} ...", file=sys.stderr, flush=True)

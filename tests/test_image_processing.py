@@ -66,7 +66,7 @@ def test_rgba_and_grayscale_inputs_become_rgb(tmp_path):
 def test_corrupt_missing_and_huge_images_are_refused(tmp_path):
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\nnot really a png")
-    with pytest.raises(ImageError, match="cannot read image"):
+    with pytest.raises(ImageError, match="bad.png is not a readable image"):
         load_image(bad)
     with pytest.raises(ImageError, match="not found"):
         load_image(tmp_path / "missing.jpg")
@@ -76,3 +76,95 @@ def test_corrupt_missing_and_huge_images_are_refused(tmp_path):
     Image.new("RGB", (4000, 3000)).save(big)
     with pytest.raises(ImageError, match="over the limit"):
         load_image(big, max_pixels=10_000_000)
+
+
+def encoded(image, fmt: str = "PNG", **kwargs) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **kwargs)
+    return buffer.getvalue()
+
+
+def test_16_bit_grayscale_is_scaled_not_clipped():
+    from PIL import Image
+
+    ramp = (np.arange(64 * 64, dtype=np.uint32).reshape(64, 64) * 16).astype(np.uint16)  # 0..65520
+    decoded = np.asarray(load_image(encoded(Image.fromarray(ramp))))
+    expected = np.round(ramp.astype(np.float64) * 255 / 65535).astype(np.uint8)
+    assert decoded.shape == (64, 64, 3)
+    assert np.abs(decoded[..., 0].astype(int) - expected).max() <= 1
+    assert (decoded[..., 0] == decoded[..., 2]).all() and decoded.min() == 0 and decoded.max() >= 254
+
+
+def test_palette_cmyk_alpha_and_exif_orientation_decode_faithfully():
+    from PIL import Image
+
+    palette = Image.new("P", (6, 4))
+    palette.putpalette([0, 0, 0, 10, 200, 30] + [0] * 762)
+    palette.paste(1, (0, 0, 6, 4))
+    assert np.asarray(load_image(encoded(palette)))[0, 0].tolist() == [10, 200, 30]
+    transparent = palette.copy()
+    transparent.info["transparency"] = 1  # the palette's transparent index: white behind it
+    assert np.asarray(load_image(encoded(transparent, transparency=1)))[0, 0].tolist() == [255, 255, 255]
+    cmyk = Image.new("CMYK", (8, 8), (0, 255, 255, 0))  # pure red
+    assert np.asarray(load_image(encoded(cmyk, "TIFF")))[0, 0].tolist() == [255, 0, 0]
+    half = Image.new("LA", (4, 4), (0, 128))  # black at half opacity over white -> mid gray
+    assert abs(int(np.asarray(load_image(encoded(half)))[0, 0, 0]) - 127) <= 1
+    # a 6x4 JPEG whose EXIF says "rotate 90° clockwise to display": shown 4 wide, 6 tall
+    left_red = Image.new("RGB", (6, 4), (0, 0, 255))
+    left_red.paste((255, 0, 0), (0, 0, 3, 4))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    shown = load_image(encoded(left_red, "PNG", exif=exif))
+    assert shown.size == (4, 6)
+    assert np.asarray(shown)[0, 1].tolist() == [255, 0, 0] and np.asarray(shown)[5, 1].tolist() == [0, 0, 255]
+
+
+def test_modes_without_an_rgb_meaning_are_refused_by_name():
+    from PIL import Image
+
+    floats = Image.fromarray(np.ones((4, 4), np.float32))
+    with pytest.raises(ImageError, match=r"floating-point images \(mode F\)"):
+        load_image(encoded(floats, "TIFF"))
+
+
+def test_header_size_is_checked_before_decoding():
+    from PIL import Image
+
+    from mlx_vlm_native.processors.image import ImageTooLargeError
+
+    data = encoded(Image.new("L", (5000, 5000)))  # 25 MP in a small file
+    with pytest.raises(ImageTooLargeError, match="5000x5000 = 25000000 pixels"):
+        load_image(data, max_pixels=1_000_000)
+
+
+def test_pad_and_crop_cost_output_memory_whatever_the_aspect_ratio():
+    from PIL import Image
+
+    from mlx_vlm_native.training.data import center_crop_pixels, pad_to_square_pixels
+
+    mean = std = (0.5, 0.5, 0.5)
+    strip = Image.new("RGB", (200_000, 200), (255, 0, 0))  # a 200000² canvas would be 120 GB
+    padded = pad_to_square_pixels(strip, 64, mean, std)
+    assert padded.shape == (64, 64, 3)
+    # a 0.064-pixel red line on the mean-colour pad: only a tint of it is left in the middle row
+    assert np.allclose(padded[0], 0, atol=0.01) and padded[32, 32, 0] > padded[32, 32, 1] + 0.05
+    cropped = center_crop_pixels(Image.new("RGB", (200, 200_000), (0, 0, 255)), 64, mean, std)
+    assert cropped.shape == (64, 64, 3) and np.allclose(cropped, [-1, -1, 1], atol=0.01)
+
+
+def test_center_crop_equals_resize_then_crop():
+    from PIL import Image
+
+    from conftest import make_image
+    from mlx_vlm_native.training.data import center_crop_pixels
+
+    for h, w, size in [(60, 90, 56), (300, 200, 224), (97, 1203, 56), (500, 333, 224)]:
+        image = make_image(h, w)
+        scale = size / min(w, h)
+        whole = image.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BILINEAR)
+        left, top = (whole.width - size) // 2, (whole.height - size) // 2
+        reference = np.asarray(whole.crop((left, top, left + size, top + size)), np.float32) / 255
+        ours = center_crop_pixels(image, size, (0, 0, 0), (1, 1, 1))
+        assert np.abs(ours - reference).max() <= 1 / 255 + 1e-6  # one uint8 step at most

@@ -26,7 +26,8 @@ from mlx_vlm_native.server import Limits, make_server
 
 CONTEXT = 512
 LIMITS = Limits(max_request_bytes=1_000_000, max_image_bytes=200_000, max_image_pixels=1_000_000,
-                image_timeout=5.0, default_max_tokens=8)
+                image_timeout=5.0, default_max_tokens=8, max_images=12, max_request_pixels=2_000_000)
+SERVERS = {}  # the module's server, for tests that look at its service
 QUESTION = "What is shown in this image?"
 
 
@@ -56,6 +57,7 @@ def start_in_thread(server: ThreadingHTTPServer) -> str:
 def server(loaded):
     model, processor = loaded
     httpd = make_server(model, processor, "tiny-llava", "127.0.0.1", 0, LIMITS)
+    SERVERS["main"] = httpd
     yield start_in_thread(httpd)
     httpd.shutdown()
     httpd.server_close()
@@ -72,8 +74,22 @@ class ImageHost(BaseHTTPRequestHandler):
     """A second local server: an image, a text file and an endless download."""
 
     files: dict = {}
+    hits = 0
 
     def do_GET(self):
+        ImageHost.hits += 1
+        if self.path == "/trickle":  # one byte at a time: every read is short, the whole is not
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.send_header("Content-Length", "1000")
+            self.end_headers()
+            try:
+                for _ in range(1000):
+                    self.wfile.write(b"\0")
+                    self.wfile.flush()
+                    time.sleep(0.5)
+            except OSError:
+                return
         if self.path == "/endless":  # no Content-Length: the reader must stop by itself
             self.send_response(200)
             self.send_header("Content-Type", "image/png")
@@ -332,3 +348,232 @@ def test_serve_command(model_dir):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+# ------------------------------------------------------------- hostile input
+
+
+def raw_exchange(base: str, data: bytes, timeout: float = 30) -> bytes:
+    """Send raw bytes and read the whole reply (the server closes after it)."""
+    import socket
+
+    host, port = base.split("//")[1].split(":")
+    with socket.create_connection((host, int(port)), timeout=timeout) as sock:
+        sock.sendall(data)
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+    return reply
+
+
+def hello(**fields) -> bytes:
+    return json.dumps({"messages": [{"role": "user", "content": "hi"}], **fields}).encode()
+
+
+@pytest.mark.parametrize("payload, words", [
+    (hello(temperature=-0.5), "temperature must be a finite number >= 0 and <= 2"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "temperature": 1e400}',
+     "temperature must be a finite number"),  # parses as inf
+    (b'{"messages": [{"role": "user", "content": "hi"}], "temperature": NaN}', "NaN is not a JSON number"),
+    (hello(top_p=5), "top_p must be a finite number >= 0 and <= 1"),
+    (hello(max_tokens=-1), "max_tokens must be an integer >= 1"),
+    (hello(max_completion_tokens=-1), "max_completion_tokens must be an integer >= 1"),
+    (hello(max_tokens=2.5), "max_tokens must be an integer"),
+    (hello(seed=-1), "seed must be an integer >= 0"),
+    (hello(seed=2**70), "seed must be an integer >= 0 and <= 18446744073709551615"),
+    (hello(seed=True), "seed must be an integer"),
+    (hello(repetition_penalty=0), "repetition_penalty must be a finite number > 0"),
+    (hello(stream="no"), "stream must be true or false, got 'no'"),
+    (hello(stream=True, stream_options="x"), "stream_options must be an object"),
+    (hello(stream=True, stream_options={"include_usage": "yes"}), "include_usage must be true or false"),
+    (hello(stream_options={"include_usage": True}), "only allowed with stream: true"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": ' + b"9" * 5000 + b"}", "not valid JSON"),
+    (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+    (b'{"messages": "\xff\xfe"}', "not UTF-8"),
+    (json.dumps({"messages": [{"role": ["user"], "content": "hi"}]}).encode(), "role must be one of"),
+    (json.dumps({"messages": [{"role": "user", "content": [{"type": {"a": 1}}]}]}).encode(),
+     "unsupported content part type"),
+])
+def test_bad_values_get_400_naming_the_field(server, payload, words):
+    assert_error(*request(server, "/v1/chat/completions", raw=payload), 400, words)
+
+
+def test_a_huge_integer_in_range_is_still_checked(server):
+    # 4000 digits parse as JSON (Python's limit is 4300); the range check must not choke on it
+    payload = b'{"messages": [{"role": "user", "content": "hi"}], "seed": ' + b"9" * 4000 + b"}"
+    assert_error(*request(server, "/v1/chat/completions", raw=payload), 400, "seed must be an integer")
+
+
+@pytest.mark.parametrize("length", ["\xb2", "-1", "1e3", "0x10", " ", "9" * 30])
+def test_bad_content_length_gets_400(server, length):
+    head = f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {length}\r\n\r\n"
+    reply = raw_exchange(server, head.encode("latin-1") + b"{}")
+    assert reply.startswith(b"HTTP/1.0 400"), reply[:200]
+    assert b"bad Content-Length" in reply and b"Traceback" not in reply
+
+
+def test_short_body_and_chunked_body_are_refused(server):
+    import socket
+
+    host, port = server.split("//")[1].split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{}")
+        sock.shutdown(socket.SHUT_WR)
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+    assert reply.startswith(b"HTTP/1.0 400") and b"ended after 2 of 100 bytes" in reply, reply
+    reply = raw_exchange(server, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked"
+                         b"\r\n\r\n2\r\n{}\r\n0\r\n\r\n")
+    assert reply.startswith(b"HTTP/1.0 411") and b"chunked" in reply
+
+
+def test_too_many_images_are_refused_before_any_fetch(server, image_host):
+    hits_before = ImageHost.hits
+    parts = [{"type": "image_url", "image_url": {"url": image_host + "/a.png"}}] * (LIMITS.max_images + 1)
+    status, body = complete(server, messages=[{"role": "user", "content": parts + [{"type": "text", "text": "?"}]}])
+    assert_error(status, body, 400, f"at most {LIMITS.max_images} are allowed")
+    assert ImageHost.hits == hits_before
+
+
+def test_request_pixel_budget_is_checked_from_headers(server, monkeypatch):
+    from mlx_vlm_native import server as server_module
+
+    decoded = []
+    monkeypatch.setattr(server_module.RequestImage, "decode", lambda self, limits: decoded.append(self))
+    big = data_url(png_bytes(Image.new("RGB", (900, 1000), "white")))  # 0.9 MP each, small files
+    parts = [{"type": "image_url", "image_url": {"url": big}}] * 3  # 2.7 MP > the 2 MP budget
+    status, body = complete(server, messages=[{"role": "user", "content": parts}])
+    assert_error(status, body, 413, "over 2000000 pixels in all")
+    assert decoded == []
+
+
+def test_prompt_budget_is_checked_before_decoding(server, monkeypatch):
+    from mlx_vlm_native import server as server_module
+
+    decoded = []
+    original = server_module.RequestImage.decode
+    monkeypatch.setattr(server_module.RequestImage, "decode",
+                        lambda self, limits: decoded.append(self) or original(self, limits))
+    small = data_url(png_bytes(make_image(60, 90)))
+    parts = [{"type": "image_url", "image_url": {"url": small}}] * 12  # 12 x 17 tokens + the text > 512
+    text = {"type": "text", "text": "What " * 300}
+    status, body = complete(server, messages=[{"role": "user", "content": parts + [text]}])
+    assert_error(status, body, 400, "context is 512 tokens")
+    assert body["error"]["code"] == "context_length_exceeded" and decoded == []
+
+
+def test_the_estimate_equals_the_processed_prompt(loaded, image_png):
+    from mlx_vlm_native.generate import format_chat
+
+    model, processor = loaded
+    for n in (1, 3):
+        messages = [{"role": "user", "content": [{"type": "image"}] * n + [{"type": "text", "text": QUESTION}]}]
+        image = Image.open(image_png)
+        text = format_chat(processor, messages)
+        assert processor.num_prompt_tokens(text, [image.size] * n) == len(processor(text, [image] * n).input_ids)
+
+
+def test_a_trickling_image_host_is_cut_at_the_deadline(server, image_host):
+    tic = time.monotonic()
+    status, body = complete(server, messages=image_message(image_host + "/trickle"))
+    elapsed = time.monotonic() - tic
+    assert_error(status, body, 400, f"not downloaded within {LIMITS.image_timeout:g} s")
+    assert elapsed < LIMITS.image_timeout + 3, elapsed
+
+
+def counting_stream_chat(monkeypatch, seconds_per_token: float = 0.02) -> list:
+    """Patch the generation thread's stream_chat to count the tokens it makes,
+    slowed down so that an answer takes longer than the client stays."""
+    generate_module = sys.modules["mlx_vlm_native.generate"]
+
+    counts, original = [], generate_module.stream_chat
+
+    def counting(*args, **kwargs):
+        counts.append(0)
+        for r in original(*args, **kwargs):
+            counts[-1] += 1
+            time.sleep(seconds_per_token)
+            yield r
+
+    monkeypatch.setattr(generate_module, "stream_chat", counting)
+    return counts
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_client_that_leaves_stops_its_generation(server, monkeypatch, stream):
+    counts = counting_stream_chat(monkeypatch)
+    host, port = server.split("//")[1].split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    conn.request("POST", "/v1/chat/completions", json.dumps(
+        {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 480, "stream": stream}))
+    deadline = time.monotonic() + 30
+    while (not counts or counts[-1] < 2) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    conn.close()  # mid-answer
+    time.sleep(1.0)
+    made = counts[-1]
+    time.sleep(1.0)
+    assert counts[-1] == made < 480  # nothing more is generated after it left
+    status, _ = complete(server, messages=[{"role": "user", "content": "Hello"}], max_tokens=2)
+    assert status == 200
+
+
+def test_memory_is_released_after_a_request(server, loaded):
+    import mlx.core as mx
+
+    image = data_url(png_bytes(make_image(200, 200)))
+    assert complete(server, messages=image_message(image), max_tokens=2)[0] == 200
+    assert SERVERS["main"].service.idle.wait(30)
+    assert mx.get_cache_memory() == 0
+
+
+def test_concurrent_clients_wait_their_turn(server):
+    results = []
+
+    def ask():
+        try:
+            results.append(complete(server, messages=[{"role": "user", "content": "Hello"}], max_tokens=1)[0])
+        except OSError as e:  # a reset would show here
+            results.append(repr(e))
+
+    threads = [threading.Thread(target=ask) for _ in range(24)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert results == [200] * 24
+
+
+def test_a_full_queue_answers_503(loaded, monkeypatch):
+    counting_stream_chat(monkeypatch)
+    model, processor = loaded
+    httpd = make_server(model, processor, "tiny", "127.0.0.1", 0,
+                        Limits(**{**LIMITS.__dict__, "max_queued": 1}))
+    base = start_in_thread(httpd)
+    host, port = base.split("//")[1].split(":")
+    try:
+        running = http.client.HTTPConnection(host, int(port), timeout=60)
+        running.request("POST", "/v1/chat/completions", hello(max_tokens=480, stream=True))
+        streamed = running.getresponse()
+        assert streamed.readline().startswith(b"data: ")  # the generation thread is busy
+        waiting = http.client.HTTPConnection(host, int(port), timeout=60)
+        waiting.request("POST", "/v1/chat/completions", hello(max_tokens=1))
+        deadline = time.monotonic() + 10
+        while httpd.service.jobs.qsize() < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        status, body = request(base, "/v1/chat/completions", raw=hello(max_tokens=1))
+        assert_error(status, body, 503, "requests are waiting")
+        streamed.close()  # the stream stops, the waiting request is served
+        running.close()
+        assert waiting.getresponse().status == 200
+        waiting.close()
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def test_listen_backlog_fits_the_use():
+    from mlx_vlm_native.server import ChatServer
+
+    assert ChatServer.request_queue_size >= 64

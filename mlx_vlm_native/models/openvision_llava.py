@@ -186,6 +186,11 @@ class Processor(ChatTemplateMessages):
                 ids.extend(self.tokenizer.encode(piece, add_special_tokens=False))
         return ids
 
+    def num_prompt_tokens(self, text: str, image_sizes: Sequence[Tuple[int, int]]) -> int:
+        """The prompt's length with images of these sizes (all are fitted to one square)."""
+        counts = [self.num_image_tokens] * len(image_sizes)
+        return len(expand_placeholders(self.tokenize(text), {self.image_token_id: ("image", counts)}))
+
     def __call__(self, text: str, images: Optional[Sequence[ImageInput]] = None, videos=None) -> ProcessedInputs:
         if videos:
             raise ValueError("this model takes images, not videos")

@@ -255,6 +255,11 @@ class EVEProcessor:
             out.extend([t] * next(n) if t == self.image_token_index else [t])
         return np.array(out, dtype=np.int32)
 
+    def num_prompt_tokens(self, text: str, image_sizes: Sequence[Tuple[int, int]]) -> int:
+        """The prompt's length with images of these (width, height), before any is decoded."""
+        grids = [self.image_processor.grid(size) for size in image_sizes]
+        return len(self.expand(self.tokenize(text), grids))
+
     def __call__(self, text: str, images: Optional[Sequence[ImageInput]] = None, videos=None) -> ProcessedInputs:
         if videos:
             raise ValueError("EVE does not take videos")

@@ -6,12 +6,18 @@ float32, all channel-first.
 """
 
 import base64
+import binascii
+import http.client
 import io
+import socket
+import threading
+import time
 from pathlib import Path
 from typing import Sequence, Tuple, Union
+from urllib.parse import urljoin, urlsplit
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -19,59 +25,224 @@ OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # Decoding is refused above this many pixels (a 16k x 12k photo); Pillow's own
 # bomb check would otherwise only warn below 179 MP.
 MAX_IMAGE_PIXELS = 200_000_000
+MAX_FETCH_BYTES = 50_000_000  # an image URL's body
+FETCH_TIMEOUT = 30.0  # seconds for a whole image download, redirects included
+MAX_REDIRECTS = 5
 
-ImageInput = Union[str, Path, Image.Image, np.ndarray]
+ImageInput = Union[str, Path, Image.Image, np.ndarray, bytes]
 
 
 class ImageError(ValueError):
     pass
 
 
-def _open_source(source: Union[str, Path]) -> Image.Image:
-    s = str(source)
-    if s.startswith(("http://", "https://")):
-        import urllib.request
+class ImageTooLargeError(ImageError):
+    """Over a byte or pixel limit (the server answers 413)."""
 
-        with urllib.request.urlopen(s, timeout=30) as r:
-            return Image.open(io.BytesIO(r.read()))
-    if s.startswith("data:image"):
-        return Image.open(io.BytesIO(base64.b64decode(s.split(",", 1)[1])))
-    if not Path(s).exists():
+
+def short(url: str) -> str:
+    return url if len(url) <= 80 else url[:77] + "..."
+
+
+# ---------------------------------------------------------------- bytes in
+
+
+def read_data_url(url: str, max_bytes: int = MAX_FETCH_BYTES) -> bytes:
+    """The image bytes of a data:image/...;base64, URL; the size is checked before decoding."""
+    header, comma, payload = url.partition(",")
+    media_type = header[len("data:"):].split(";")[0]
+    if not comma or not media_type.startswith("image/") or ";base64" not in header:
+        raise ImageError(f"data URLs must be data:image/...;base64,<data>; got {short(url)!r}")
+    if len(payload) * 3 // 4 > max_bytes + 3:
+        raise ImageTooLargeError(f"the data URL image is {len(payload) * 3 // 4} bytes, over the limit of "
+                                 f"{max_bytes} bytes")
+    try:
+        data = base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise ImageError(f"the data URL image is not valid base64: {e}")
+    if len(data) > max_bytes:
+        raise ImageTooLargeError(f"the data URL image is {len(data)} bytes, over the limit of {max_bytes} bytes")
+    return data
+
+
+def _abort(sock: socket.socket) -> None:
+    """Unblock a read in progress on `sock` (the download's deadline has passed)."""
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
+def fetch_url(url: str, max_bytes: int = MAX_FETCH_BYTES, timeout: float = FETCH_TIMEOUT) -> bytes:
+    """The body of an http(s) URL, redirects followed (to http(s) only).
+
+    `timeout` is a wall-clock deadline for the whole download: a watchdog shuts
+    the socket down when it passes, so a host that trickles bytes cannot hold a
+    read open. At most `max_bytes` are read (a declared Content-Length over it
+    is refused before the body is read)."""
+    deadline = time.monotonic() + timeout
+    for _ in range(MAX_REDIRECTS + 1):
+        parts = urlsplit(url)
+        scheme = parts.scheme.lower()
+        if scheme not in ("http", "https"):
+            raise ImageError(f"image URLs must be http:// or https://; got {short(url)!r}")
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            break
+        kind = http.client.HTTPSConnection if scheme == "https" else http.client.HTTPConnection
+        try:
+            connection = kind(parts.hostname or "", parts.port, timeout=remaining)
+            connection.connect()  # the response may take the socket over: keep it for the watchdog
+        except (ValueError, http.client.InvalidURL, OSError) as e:
+            if time.monotonic() >= deadline:
+                break
+            raise ImageError(f"cannot fetch the image at {short(url)}: {e}")
+        watchdog = threading.Timer(max(deadline - time.monotonic(), 0), _abort, (connection.sock,))
+        watchdog.daemon = True
+        watchdog.start()
+        response = None
+        try:
+            target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+            connection.request("GET", target, headers={"User-Agent": "mlx-vlm-native", "Accept": "image/*"})
+            response = connection.getresponse()
+            if response.status in (301, 302, 303, 307, 308) and response.getheader("Location"):
+                url = urljoin(url, response.getheader("Location"))
+                continue
+            if response.status != 200:
+                raise ImageError(f"cannot fetch the image at {short(url)}: HTTP Error {response.status}: "
+                                 f"{response.reason}")
+            declared = response.getheader("Content-Length") or ""
+            if declared.isascii() and declared.isdigit() and int(declared) > max_bytes:
+                raise ImageTooLargeError(f"the image at {short(url)} is {int(declared)} bytes, over the limit "
+                                         f"of {max_bytes} bytes")
+            chunks, size = [], 0
+            while chunk := response.read1(min(65536, max_bytes + 1 - size)):
+                chunks.append(chunk)
+                size += len(chunk)
+                if size > max_bytes:
+                    raise ImageTooLargeError(f"the image at {short(url)} is over the limit of {max_bytes} bytes")
+            if time.monotonic() >= deadline:  # the watchdog cut it short
+                break
+            return b"".join(chunks)
+        except (OSError, http.client.HTTPException, ValueError) as e:
+            if isinstance(e, ImageError):
+                raise
+            if time.monotonic() >= deadline:
+                break
+            raise ImageError(f"cannot fetch the image at {short(url)}: {e}")
+        finally:
+            watchdog.cancel()
+            if response is not None:
+                response.close()
+            connection.close()
+    else:
+        raise ImageError(f"the image at {short(url)} redirected more than {MAX_REDIRECTS} times")
+    raise ImageError(f"the image at {short(url)} was not downloaded within {timeout:g} s")
+
+
+def open_source(source: Union[str, Path]) -> Image.Image:
+    """The header of an image path, http(s) URL or data URL (URLs bounded by
+    the default byte cap and deadline; a local file is read lazily)."""
+    s = str(source)
+    scheme = urlsplit(s).scheme.lower() if ("://" in s or s.startswith("data:")) else ""
+    if scheme in ("http", "https"):
+        return open_image(fetch_url(s), f"the image at {short(s)}")
+    if scheme == "data":
+        return open_image(read_data_url(s), "the data URL image")
+    if not Path(s).is_file():
         raise ImageError(f"image not found: {s}")
-    return Image.open(s)
+    try:
+        return Image.open(s)
+    except Image.DecompressionBombError as e:
+        raise ImageTooLargeError(f"{s}: {e}") from e
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise ImageError(f"{s} is not a readable image: {e}") from e
+
+
+# ---------------------------------------------------------------- decoding
+
+
+def open_image(data: bytes, name: str = "<image>") -> Image.Image:
+    """The image's header only (nothing decoded yet): size and mode are known."""
+    try:
+        return Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as e:
+        raise ImageTooLargeError(f"{name}: {e}") from e
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise ImageError(f"{name} is not a readable image: {e}") from e
+
+
+def oriented_size(image: Image.Image) -> Tuple[int, int]:
+    """(width, height) as displayed: EXIF orientations 5-8 swap the sides."""
+    w, h = image.size
+    try:
+        orientation = image.getexif().get(0x0112, 1)
+    except Exception:  # a broken EXIF block: decoding will tell
+        orientation = 1
+    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+
+
+def check_pixels(image: Image.Image, name: str, max_pixels: int) -> Tuple[int, int]:
+    w, h = image.size
+    if w == 0 or h == 0:
+        raise ImageError(f"{name} is empty ({w}x{h})")
+    if w * h > max_pixels:
+        raise ImageTooLargeError(f"{name} is {w}x{h} = {w * h} pixels, over the limit of {max_pixels} pixels; "
+                                 "downscale it first")
+    return w, h
+
+
+def _to_8bit(image: Image.Image, name: str) -> Image.Image:
+    """16- and 32-bit integer grayscale as 8-bit L, scaled (not clipped)."""
+    if image.mode.startswith("I;16"):
+        a = np.asarray(image).astype(np.uint32)
+        return Image.fromarray(((a * 255 + 32767) // 65535).astype(np.uint8), "L")
+    if image.mode == "I":  # Pillow's 32-bit integer mode: 16-bit PNG/TIFF data in older Pillows
+        a = np.asarray(image)
+        if a.size and (a.min() < 0 or a.max() > 65535):
+            raise ImageError(f"{name}: 32-bit integer pixels outside 0..65535 are not supported; "
+                             "save it as 8- or 16-bit")
+        return Image.fromarray(((a.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8), "L")
+    if image.mode == "F":
+        raise ImageError(f"{name}: floating-point images (mode F) are not supported; save it as 8- or 16-bit")
+    return image
 
 
 def load_image(source: ImageInput, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
-    """Open an image from a path, URL, data URL, array or PIL image, as RGB.
+    """Open an image from a path, URL, data URL, encoded bytes, array or PIL image, as RGB.
 
-    Transparent images are composited on white, as transformers does.
+    The size is checked from the header before decoding. EXIF orientation is
+    applied, 16-bit grayscale is scaled to 8 bits, palette and CMYK images are
+    converted, and transparent images are composited on white, as transformers
+    does; a mode that cannot be shown as RGB is refused by name.
     """
     if isinstance(source, np.ndarray):
         if source.dtype != np.uint8 or source.ndim not in (2, 3):
             raise ImageError("array images must be uint8 HxW or HxWxC")
         source = Image.fromarray(source)
-    name = "<image>" if isinstance(source, Image.Image) else str(source)[:200]
+    if isinstance(source, Image.Image):
+        name, image = "<image>", source
+    elif isinstance(source, (bytes, bytearray)):
+        name, image = "<image bytes>", open_image(bytes(source))
+    else:
+        name, image = str(source)[:200], open_source(source)
+    check_pixels(image, name, max_pixels)
     try:
-        image = source if isinstance(source, Image.Image) else _open_source(source)
-        w, h = image.size
-        if w * h > max_pixels:
-            raise ImageError(
-                f"{name} is {w}x{h} = {w * h / 1e6:.0f} MP, over the limit of "
-                f"{max_pixels / 1e6:.0f} MP; downscale it first"
-            )
-        if w == 0 or h == 0:
-            raise ImageError(f"{name} is empty ({w}x{h})")
         image.load()
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise ImageError(f"cannot read image {name}: {e}") from e
+        image = ImageOps.exif_transpose(image)
+        image = _to_8bit(image, name)
+        has_alpha = "A" in image.getbands() or "a" in image.mode or image.info.get("transparency") is not None
+        if has_alpha:
+            rgba = image.convert("RGBA")
+            white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            return Image.alpha_composite(white, rgba).convert("RGB")
+        return image if image.mode == "RGB" else image.convert("RGB")
     except Image.DecompressionBombError as e:
-        raise ImageError(f"{name}: {e}") from e
-    has_alpha = "A" in image.getbands() or image.info.get("transparency") is not None
-    if has_alpha:
-        rgba = image.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    return image.convert("RGB")
+        raise ImageTooLargeError(f"{name}: {e}") from e
+    except (UnidentifiedImageError, OSError, SyntaxError, EOFError) as e:
+        raise ImageError(f"cannot read image {name}: {e}") from e
+    except ValueError as e:  # e.g. a mode Pillow cannot convert to RGB
+        raise ImageError(f"cannot read image {name} (mode {image.mode}): {e}") from e
 
 
 def to_chw(image: Image.Image) -> np.ndarray:
@@ -124,7 +295,7 @@ def load_video_frames(source: Union[str, Path], num_frames: int = 8) -> list:
     else:
         from PIL import ImageSequence
 
-        image = _open_source(path)
+        image = open_source(path)
         frames = [load_image(f.copy()) for f in ImageSequence.Iterator(image)]
     if num_frames < 1:
         raise ImageError("num_frames must be at least 1")

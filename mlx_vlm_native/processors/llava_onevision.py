@@ -200,6 +200,13 @@ class LlavaOnevisionProcessor(ChatTemplateMessages):
             return self.side * self.side + 1
         return self.image_layout(image_size).num_tokens(self.side)
 
+    def num_prompt_tokens(self, text: str, image_sizes: Sequence[Tuple[int, int]]) -> int:
+        """The prompt's length with images of these (width, height), before any is decoded."""
+        multi = len(image_sizes) > 1
+        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        counts = [self.num_image_tokens((h, w), multi) for w, h in image_sizes]
+        return len(expand_placeholders(ids, {self.image_token_id: ("image", counts)}))
+
     def num_video_tokens(self, num_frames: int) -> int:
         pooled = math.ceil(self.side / 2)
         return num_frames * pooled * pooled + 1

@@ -124,6 +124,14 @@ class Qwen2VLProcessor(ChatTemplateMessages):
         )
         return user_turn(self.tokenizer, self.chat_template, prompt, num_images, num_videos, fallback)
 
+    def num_prompt_tokens(self, text: str, image_sizes: Sequence[Tuple[int, int]]) -> int:
+        """The prompt's length with images of these (width, height), before any is decoded."""
+        ip = self.image_processor
+        patch = ip.patch_size * ip.merge_size
+        counts = [(h * w) // patch**2 for h, w in (ip.target_size(h, w) for w, h in image_sizes)]
+        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        return len(expand_placeholders(ids, {self.image_token_id: ("image", counts)}))
+
     def __call__(
         self,
         text: str,

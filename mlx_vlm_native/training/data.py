@@ -180,21 +180,35 @@ def normalise(x: np.ndarray, mean, std) -> np.ndarray:
 
 
 def center_crop_pixels(image: Image.Image, size: int, mean, std) -> np.ndarray:
-    """Resize the short side to `size` (bilinear), center-crop, normalise: (size, size, 3)."""
+    """Resize the short side to `size` (bilinear), center-crop, normalise: (size, size, 3).
+
+    Only the crop is resampled (Pillow's `box`, the same source-to-output mapping
+    as resizing the whole image), so the memory is O(size²) whatever the aspect ratio."""
     w, h = image.size
     scale = size / min(w, h)
-    image = image.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BILINEAR)
-    w, h = image.size
-    left, top = (w - size) // 2, (h - size) // 2
-    image = image.crop((left, top, left + size, top + size))
-    x = np.asarray(image, dtype=np.float32) / 255.0
+    rw, rh = max(size, round(w * scale)), max(size, round(h * scale))
+    left, top = (rw - size) // 2, (rh - size) // 2
+    sx, sy = rw / w, rh / h
+    box = (left / sx, top / sy, (left + size) / sx, (top + size) / sy)
+    x = np.asarray(image.resize((size, size), Image.BILINEAR, box=box), dtype=np.float32) / 255.0
     return normalise(x, mean, std)
+
+
+PAD_CANVAS_FACTOR = 4  # the padded square is at most this many times the output side
 
 
 def pad_to_square_pixels(image: Image.Image, size: int, mean, std) -> np.ndarray:
     """LLaVA-1.5's "pad": centre the image on a square of the mean colour (no
-    part is lost, whatever the aspect ratio), resize to `size` (bicubic), normalise."""
+    part is lost, whatever the aspect ratio), resize to `size` (bicubic), normalise.
+
+    An image whose square would be over PAD_CANVAS_FACTOR x `size` on a side is
+    first shrunk by an integer factor (box filter), so a 200000x200 image costs
+    O(size²) memory rather than a 200000² canvas."""
     w, h = image.size
+    factor = -(-max(w, h) // (PAD_CANVAS_FACTOR * size))
+    if factor > 1:
+        image = image.reduce(factor)
+        w, h = image.size
     side = max(w, h)
     fill = tuple(int(round(255 * m)) for m in mean)
     square = Image.new("RGB", (side, side), fill)

@@ -1,0 +1,67 @@
+"""The one check of generation parameters, shared by the Python API, the CLI
+commands and the server: each value's type, finiteness and range. A bad value
+raises `GenerationParameterError` naming the parameter; nothing is clamped."""
+
+import math
+from typing import Optional
+
+MAX_SEED = 2**64 - 1  # mx.random.seed takes an unsigned 64-bit integer
+MAX_TEMPERATURE = 2.0  # OpenAI's range
+
+
+class GenerationParameterError(ValueError):
+    """A generation parameter out of its type or range; `param` names it."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(message)
+        self.param = param
+
+
+def _integer(name: str, value, low: int, high: Optional[int] = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+        bounds = f">= {low}" + (f" and <= {high}" if high is not None else "")
+        raise GenerationParameterError(name, f"{name} must be an integer {bounds}, got {_show(value)}")
+    return int(value)
+
+
+def _number(name: str, value, low: float, high: Optional[float] = None, low_open: bool = False) -> float:
+    ok = not isinstance(value, bool) and isinstance(value, (int, float))
+    if ok:
+        try:
+            value = float(value)
+        except OverflowError:  # an integer too large for a float
+            ok = False
+    ok = ok and math.isfinite(value) and (value > low if low_open else value >= low)
+    ok = ok and (high is None or value <= high)
+    if not ok:
+        bounds = (f"> {low:g}" if low_open else f">= {low:g}") + (f" and <= {high:g}" if high is not None else "")
+        raise GenerationParameterError(name, f"{name} must be a finite number {bounds}, got {_show(value)}")
+    return value
+
+
+def _show(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def check_generation_params(
+    max_tokens: int = 256,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: Optional[int] = None,
+    repetition_penalty: Optional[float] = None,
+    repetition_context_size: int = 20,
+) -> dict:
+    """The parameters, checked: max_tokens >= 1 (the model's context bounds it
+    further), 0 <= temperature <= 2, 0 <= top_p <= 1 (0 or 1: off),
+    0 <= seed < 2**64, repetition_penalty > 0 (None or 1: off),
+    repetition_context_size >= 1."""
+    return dict(
+        max_tokens=_integer("max_tokens", max_tokens, 1),
+        temperature=_number("temperature", temperature, 0.0, MAX_TEMPERATURE),
+        top_p=_number("top_p", top_p, 0.0, 1.0),
+        seed=None if seed is None else _integer("seed", seed, 0, MAX_SEED),
+        repetition_penalty=None if repetition_penalty is None
+        else _number("repetition_penalty", repetition_penalty, 0.0, low_open=True),
+        repetition_context_size=_integer("repetition_context_size", repetition_context_size, 1),
+    )
