@@ -100,7 +100,9 @@ def load_config(path: Path) -> dict:
     path = Path(path)
     if not (path / "config.json").exists() and (path / OPEN_CLIP_CONFIG).exists():
         return {"model_type": "openvision2"}
-    return json.loads((path / "config.json").read_text())
+    from .weight_files import read_json_file
+
+    return read_json_file(path / "config.json")
 
 
 def _class_names(config: dict) -> set:
@@ -146,9 +148,15 @@ def load_weights(path: Path) -> dict:
     path = Path(path)
     files = sorted(path.glob("*.safetensors"))
     if files:
+        from .weight_files import check_safetensors
+
         weights = {}
         for f in files:
-            weights.update(mx.load(str(f)))
+            check_safetensors(f)
+            try:
+                weights.update(mx.load(str(f)))
+            except (RuntimeError, ValueError) as e:
+                raise ValueError(f"cannot read {f}: {e}") from e
         return weights
     pickles = sorted(path.glob("pytorch_model*.bin")) + sorted(path.glob("*.pth")) + sorted(path.glob("*.pt"))
     if pickles:

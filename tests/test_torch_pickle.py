@@ -146,3 +146,70 @@ def test_unsupported_formats_are_clear_errors(tmp_path):
         z.writestr("readme.txt", "hi")
     with pytest.raises(ValueError, match="other.zip .*not a PyTorch checkpoint"):
         load_torch_checkpoint(other_zip)
+
+
+def strided_pickle(size: tuple, stride: tuple, numel: int) -> bytes:
+    """{'w': a FloatStorage tensor of `numel` elements viewed with `size`/`stride`}, by hand."""
+    def ints(values):
+        return b"(" + b"".join(b"J" + int(v).to_bytes(4, "little", signed=True) for v in values) + b"t"
+
+    return (
+        b"\x80\x02}X\x01\x00\x00\x00w"
+        b"ctorch._utils\n_rebuild_tensor_v2\n("
+        b"(X\x07\x00\x00\x00storagectorch\nFloatStorage\n"
+        b"X\x01\x00\x00\x000X\x03\x00\x00\x00cpuJ" + numel.to_bytes(4, "little") + b"tQ"
+        b"K\x00" + ints(size) + ints(stride) + b"\x89ccollections\nOrderedDict\n)Rt"
+        b"Rs."
+    )
+
+
+def test_stride_zero_expansion_is_refused_before_allocating(tmp_path):
+    path = tmp_path / "expand.bin"
+    raw = np.array([1.0], dtype="<f4").tobytes()
+    write_checkpoint(path, strided_pickle((4, 3), (0, 0), 1), {"0": raw})  # a small expand is fine
+    assert np.array_equal(np.array(load_torch_checkpoint(path)["w"]), np.ones((4, 3)))
+    write_checkpoint(path, strided_pickle((100_000, 100_000), (0, 0), 1), {"0": raw})  # 40 GB from 4 bytes
+    with pytest.raises(ValueError, match=r"expand\.bin: its tensors would take 40000000000 bytes from 4 bytes"):
+        load_torch_checkpoint(path)
+
+
+def test_declared_and_stored_sizes_must_agree(tmp_path):
+    path = tmp_path / "sizes.bin"
+    raw = np.zeros(4, "<f4").tobytes()
+    write_checkpoint(path, strided_pickle((4,), (1,), 1000), {"0": raw})
+    with pytest.raises(ValueError, match=r"sizes\.bin: storage '0' declares 1000 float32 elements \(4000 bytes\) "
+                                         r"but its zip entry holds 16 bytes"):
+        load_torch_checkpoint(path)
+
+
+def test_zip_bombs_are_refused_from_the_directory(tmp_path):
+    path = tmp_path / "bomb.bin"
+    numel = 16 << 20  # 64 MB of zeros deflate to about 64 kB
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as z:
+        z.writestr("archive/data.pkl", strided_pickle((numel,), (1,), numel))
+        z.writestr("archive/byteorder", "little")
+        with z.open("archive/data/0", "w", force_zip64=True) as f:
+            chunk = bytes(1 << 20)
+            for _ in range(numel * 4 >> 20):
+                f.write(chunk)
+    assert path.stat().st_size < 2_000_000
+    with pytest.raises(ValueError, match=r"bomb\.bin: zip entry archive/data/0 inflates .* refusing a possible zip bomb"):
+        load_torch_checkpoint(path)
+
+
+def test_nesting_and_shared_dicts_are_bounded(tmp_path):
+    import pickle
+
+    path = tmp_path / "deep.bin"
+    deep = b"\x80\x02" + b"}X\x01\x00\x00\x00a" * 40 + b"}" + b"s" * 40 + b"."
+    write_checkpoint(path, deep, {})
+    with pytest.raises(ValueError, match=r"deep\.bin: the state dict is nested deeper than 32 levels"):
+        load_torch_checkpoint(path)
+    # a dict referenced twice at each level would be walked 2**20 times: refused at the repeat
+    inner = {}
+    outer = inner
+    for _ in range(20):
+        outer = {"a": outer, "b": outer}
+    write_checkpoint(path, pickle.dumps(outer, protocol=2), {})
+    with pytest.raises(ValueError, match=r"deep\.bin: the dict at 'a\.a.*' appears more than once"):
+        load_torch_checkpoint(path)
