@@ -157,6 +157,11 @@ def test_labelled_files_jsonl_and_folder(tmp_path):
     lines = [{"image": f"by_class/{p.parent.name}/{p.name}", "label": p.parent.name}
              for p in sorted((tmp_path / "by_class").glob("*/*.png"))]
     (tmp_path / "labels.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    from mlx_vlm_native.train import apply_overrides, configure_parser
+
+    for path in ("by_class", "labels.jsonl"):  # `--data` takes either
+        args = configure_parser().parse_args(["--recipe", "r.json", "--data", str(tmp_path / path)])
+        assert apply_overrides({}, args)["data"] == {"folder" if path == "by_class" else "jsonl": str(tmp_path / path)}
     for data in ({"folder": str(tmp_path / "by_class")}, {"jsonl": str(tmp_path / "labels.jsonl")}):
         result = navit.run(tiny_recipe(tmp_path / "out", steps=2, data=data), progress=False)
         assert len(result["losses"]) == 2 and result["model"].args.classes == ["blue", "red"]
