@@ -3,6 +3,8 @@ optionally casting and quantizing: `mlx-vlm-native convert`."""
 
 import argparse
 import importlib
+import os
+import shutil
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -55,6 +57,27 @@ def quantize_language_model(model: nn.Module, config: dict, bits: Optional[int] 
     return quantize_model(model, config, group_size, bits, mode=mode, quant_predicate=predicate)
 
 
+def check_quantization(bits: Optional[int], group_size: Optional[int], mode: str) -> None:
+    """Refuse bits/group size that mlx cannot quantize with, before anything is loaded."""
+    if bits is None and group_size is None:
+        return
+    try:
+        g = group_size or 64
+        mx.quantize(mx.zeros((1, 4 * g)), group_size=group_size, bits=bits, mode=mode)
+    except (ValueError, RuntimeError, TypeError) as e:
+        raise ValueError(f"cannot quantize with --q-bits {bits} --q-group-size {group_size} "
+                         f"(--q-mode {mode}): {e}") from None
+
+
+def count_quantized(model: nn.Module) -> int:
+    return sum(1 for _, m in model.named_modules() if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)))
+
+
+def partial_folder(dst: Path) -> Path:
+    """Where a conversion into `dst` is written before it is renamed into place."""
+    return dst.parent / f".{dst.name}.partial"
+
+
 def language_model(model: nn.Module) -> nn.Module:
     for name in LANGUAGE_MODEL_ATTRIBUTES:
         if name in model:
@@ -74,16 +97,44 @@ def convert(
     q_mode: str = "affine",
     quant_predicate: Optional[str] = None,
 ) -> Path:
-    src = get_model_path(hf_path, revision)
+    """Write the MLX folder `mlx_path`. The folder appears only once complete:
+    the conversion is written to a hidden `.NAME.partial` beside it and renamed,
+    so a conversion killed midway leaves `mlx_path` as it was and the next run
+    starts over (removing the partial folder)."""
     dst = Path(mlx_path)
+    if dst.exists() and not dst.is_dir():
+        raise FileExistsError(f"--mlx-path {dst} is a file, not a folder; choose a folder path")
+    if dst.exists() and any(dst.iterdir()):
+        raise FileExistsError(f"{dst} exists and is not empty; choose another --mlx-path")
+    if quantize:
+        check_quantization(q_bits, q_group_size, q_mode)
+    src = get_model_path(hf_path, revision)
+    work = partial_folder(dst)
+    if work.exists():
+        print(f"[INFO] Removing {work}, left by a conversion that did not finish")
+        shutil.rmtree(work)
+    work.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        write_converted(src, work, dtype, quantize, q_bits, q_group_size, quantize_vision, q_mode, quant_predicate)
+        if dst.exists():
+            dst.rmdir()  # empty, checked above
+        os.replace(work, dst)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    print(f"[INFO] Saved MLX model to {dst}")
+    return dst
+
+
+def write_converted(src: Path, dst: Path, dtype, quantize, q_bits, q_group_size, quantize_vision, q_mode,
+                    quant_predicate) -> None:
     if (src / OPEN_CLIP_CONFIG).exists():  # an OpenVision encoder (+ caption decoder)
         if quantize:
             raise ValueError("OpenVision encoder/decoder folders convert without quantization")
         from . import openvision_checkpoint
 
-        return openvision_checkpoint.convert(src, dst, dtype)
-    if dst.exists() and any(dst.iterdir()):
-        raise FileExistsError(f"{dst} exists and is not empty; choose another --mlx-path")
+        openvision_checkpoint.convert(src, dst, dtype)
+        return
     print(f"[INFO] Loading {src}")
     model, config = load_model(src, lazy=True)
     if "quantization" in config and quantize:
@@ -100,6 +151,9 @@ def convert(
         print(f"[INFO] Quantizing ({q_mode}{', ' + quant_predicate if quant_predicate else ''})")
         model, config = quantize_language_model(model, config, q_bits, q_group_size, quantize_vision,
                                                 q_mode, quant_predicate)
+        if count_quantized(model) == 0:
+            raise ValueError(f"no layer could be quantized with group size {q_group_size}: no weight's input "
+                             "dimension is a multiple of it")
     weights = dict(tree_flatten(model.parameters()))
     layout = getattr(importlib.import_module(type(model).__module__), "mlx_vlm_layout", None)
     if layout is not None:  # the peer has this architecture: write its layout, which loads in both
@@ -107,8 +161,6 @@ def convert(
     save_weights(dst, weights)
     copy_side_files(src, dst)
     save_config(config, dst)
-    print(f"[INFO] Saved MLX model to {dst}")
-    return dst
 
 
 def configure_parser() -> argparse.ArgumentParser:

@@ -6,7 +6,6 @@ The recipe's `family` (or `task`) picks the task module in
 
 import argparse
 import importlib
-import json
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -18,7 +17,9 @@ def load_recipe(path) -> dict:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"recipe not found: {path}")
-    recipe = json.loads(path.read_text())
+    from .weight_files import read_json_file
+
+    recipe = read_json_file(path)
     family = recipe.get("family", recipe.get("task"))
     if family not in TASKS:
         raise ValueError(f"recipe family {family!r} is not supported; supported: {', '.join(TASKS)}")
@@ -64,6 +65,12 @@ def main(argv: Optional[List[str]] = None) -> None:
     except (ValueError, FileNotFoundError, KeyError) as e:
         sys.exit(f"error: {e}")
     losses = result["losses"]
+    if result.get("stopped"):
+        if family not in ("finetune", "eve"):  # those two say it themselves
+            from .training.loop import stop_message
+
+            print(stop_message(result))
+        return
     if losses:
         print(f"[INFO] step {result['step']}: loss {losses[-1]:.4f}; saved to {recipe['output']}")
 

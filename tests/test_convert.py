@@ -127,3 +127,54 @@ def test_malicious_bin_is_refused(tiny_hf_dir, tmp_path):
 def test_output_folder_not_overwritten(converted):
     with pytest.raises(FileExistsError):
         convert(str(converted), str(converted))
+
+
+def test_mlx_path_pointing_at_a_file_is_a_clear_error(tiny_hf_dir, tmp_path):
+    from mlx_vlm_native.convert import main
+
+    target = tmp_path / "model.bin"
+    target.write_bytes(b"not a folder")
+    with pytest.raises(FileExistsError, match=r"model\.bin is a file, not a folder"):
+        convert(str(tiny_hf_dir), str(target))
+    with pytest.raises(SystemExit, match="is a file, not a folder"):
+        main(["--hf-path", str(tiny_hf_dir), "--mlx-path", str(target)])
+    assert target.read_bytes() == b"not a folder"
+
+
+def test_unquantizable_settings_are_refused(tiny_hf_dir, tmp_path, monkeypatch):
+    from mlx_vlm_native import convert as convert_module
+
+    with pytest.raises(ValueError, match="cannot quantize with --q-bits 3 --q-group-size 7"):
+        convert(str(tiny_hf_dir), str(tmp_path / "q"), quantize=True, q_bits=3, q_group_size=7)
+    assert not (tmp_path / "q").exists()
+    # settings mlx accepts but that no layer's shape fits leave every layer as it was:
+    # an error, not a success doing nothing
+    monkeypatch.setattr(convert_module, "quantize_language_model", lambda model, config, *a: (model, config))
+    with pytest.raises(ValueError, match="no layer could be quantized with group size 32"):
+        convert(str(tiny_hf_dir), str(tmp_path / "q"), quantize=True, q_bits=4, q_group_size=32)
+    assert not (tmp_path / "q").exists() and not (tmp_path / ".q.partial").exists()
+
+
+def test_a_conversion_cut_short_restarts_cleanly_into_the_same_folder(tiny_hf_dir, tmp_path, monkeypatch):
+    from mlx_vlm_native import convert as convert_module
+
+    out = tmp_path / "mlx"
+    calls = []
+
+    def dies(config, path):  # as if the process were stopped after the weights were written
+        calls.append(path)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(convert_module, "save_config", dies)
+    with pytest.raises(KeyboardInterrupt):
+        convert(str(tiny_hf_dir), str(out))
+    assert calls and not out.exists() and not (tmp_path / ".mlx.partial").exists()
+    monkeypatch.undo()
+    # a SIGKILL leaves the partial folder behind: the next run removes it and converts
+    (tmp_path / ".mlx.partial").mkdir()
+    (tmp_path / ".mlx.partial" / "model.safetensors").write_bytes(b"half a file")
+    out.mkdir()  # an empty target folder is fine
+    convert(str(tiny_hf_dir), str(out))
+    assert not (tmp_path / ".mlx.partial").exists()
+    model, processor = load(str(out))
+    assert generate(model, processor, "Hi", max_tokens=2).generation_tokens > 0

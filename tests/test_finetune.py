@@ -83,8 +83,8 @@ def test_bad_data_is_reported(colour_data, tmp_path):
     }
     for name, (record, error, match) in cases.items():
         (tmp_path / name).write_text(json.dumps(record) + "\n")
-        with pytest.raises(error, match=match):
-            ConversationFile(tmp_path / name).read(0)
+        with pytest.raises(ValueError, match=rf"{name}, line 1: .*{match}"):  # when the file is opened
+            ConversationFile(tmp_path / name)
 
 
 def test_too_long_samples_skip_with_count_or_fail(colour_data, tmp_path):
@@ -240,7 +240,7 @@ def test_sigint_writes_a_checkpoint_and_resume_continues(colour_data, tmp_path):
     proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, "".join(seen)[-2000:]
-    assert "interrupted" in out
+    assert "stopped at step" in out and "checkpoint " in out and "continue with --resume" in out
     latest = (tmp_path / "run/checkpoints/latest").read_text().strip()
     state = json.loads((tmp_path / "run/checkpoints" / latest / "state.json").read_text())
     assert state["step"] >= 1
@@ -250,3 +250,65 @@ def test_sigint_writes_a_checkpoint_and_resume_continues(colour_data, tmp_path):
                            "--resume", "--no-progress"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert f"step {state['step'] + 1}" in done.stdout
+
+
+GOOD = {"images": ["a.png"], "conversations": [{"from": "human", "value": "<image>\\nQ"}, {"from": "gpt", "value": "A"}]}
+BAD_LINES = [
+    (json.dumps({"conversations": "x"}).encode(), "'conversations' must be a non-empty list"),
+    (json.dumps({"conversations": [{"from": "human", "value": 3}, {"from": "gpt", "value": "A"}]}).encode(),
+     r"conversations\[0\]\.value must be a string, got int"),
+    (b'{"conversations": [{"from": "human", "value": "\xff\xfe"}]}', "invalid UTF-8 at byte"),
+    (json.dumps({"conversations": [{"from": "gpt", "value": "A"}, {"from": "human", "value": "Q"}]}).encode(),
+     "turn 1 is 'assistant' where 'user' was due"),
+    (json.dumps({"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"},
+                              {"role": "system", "content": "S"}]}).encode(), "turn 3 is 'system'"),
+    (json.dumps({"messages": [{"role": "robot", "content": "Q"}]}).encode(), "unknown role 'robot'"),
+    (json.dumps({"messages": [{"role": "user", "content": {"text": "Q"}}]}).encode(),
+     "content must be a string or a list of parts"),
+    (json.dumps([1, 2]).encode(), "a record must be a JSON object, got list"),
+    (b"{not json", "not valid JSON"),
+]
+
+
+@pytest.mark.parametrize("line, words", BAD_LINES)
+def test_every_record_is_checked_up_front_naming_its_line(colour_data, tmp_path, line, words):
+    shutil.copy(colour_data / "img0.png", tmp_path / "a.png")
+    good = json.dumps(GOOD).encode()
+    (tmp_path / "d.jsonl").write_bytes(b"\n".join([good, b"", good, line, good]) + b"\n")
+    with pytest.raises(finetune.RecordError, match=rf"d\.jsonl, line 4: .*{words}"):
+        ConversationFile(tmp_path / "d.jsonl")
+
+
+def test_bad_records_can_be_skipped_and_counted(colour_data, tmp_path):
+    shutil.copy(colour_data / "img0.png", tmp_path / "a.png")
+    good = json.dumps(GOOD).encode()
+    (tmp_path / "d.jsonl").write_bytes(b"\n".join([good] + [line for line, _ in BAD_LINES] + [good]) + b"\n")
+    with pytest.warns(UserWarning, match=r"line \d+: .*skipped"):
+        data = ConversationFile(tmp_path / "d.jsonl", shuffle=False, on_bad_record="skip")
+    assert data.skipped == len(BAD_LINES) and len(data) == 2
+    assert data.lines.tolist() == [1, len(BAD_LINES) + 2]
+    assert data.read(1).messages[-1]["content"] == "A"
+    with pytest.raises(ValueError, match="on_bad_record must be"):
+        ConversationFile(tmp_path / "d.jsonl", on_bad_record="ignore")
+
+
+def test_a_failing_run_checkpoints_before_it_exits(colour_data, tmp_path, monkeypatch):
+    from mlx_vlm_native.training.checkpoint import latest_checkpoint
+
+    calls, original = [], finetune.tokenize
+
+    def failing(processor, conversation):
+        calls.append(1)
+        if len(calls) == 4:
+            raise RuntimeError("the disk went away")
+        return original(processor, conversation)
+
+    monkeypatch.setattr(finetune, "tokenize", failing)
+    r = recipe(colour_data, tmp_path / "run", steps=6, grad_accumulation=1, checkpoint_every=100)
+    with pytest.raises(RuntimeError, match="the disk went away"):
+        run(r, progress=False)
+    saved = latest_checkpoint(tmp_path / "run/checkpoints")
+    assert saved is not None and json.loads((saved / "state.json").read_text())["step"] == 3
+    monkeypatch.setattr(finetune, "tokenize", original)
+    resumed = run(r, resume="auto", progress=False)  # goes on from step 3
+    assert resumed["step"] == 6 and len(resumed["losses"]) == 3

@@ -377,3 +377,63 @@ def test_rank_batches_split_the_stream():
     assert [b for b, _ in openvision2.rank_batches(iter(list(stream)), 1, 2)] == [1, 3, 5, 7]
     positions = [p for _, p in openvision2.rank_batches(iter([(i, {"n": i + 1}) for i in range(8)]), 0, 2)]
     assert positions == [{"n": 2}, {"n": 4}, {"n": 6}, {"n": 8}]
+
+
+def tiny_problem():
+    import mlx.optimizers as optim
+
+    model = nn.Linear(2, 1)
+
+    def loss_fn(m, batch, key):
+        x, y = batch
+        return ((m(x) - y) ** 2).mean(), mx.array(float(x.shape[0]))
+
+    def batches():
+        i = 0
+        while True:
+            i += 1
+            yield (mx.ones((4, 2)), mx.zeros((4, 1))), {"index": i}
+
+    return model, loss_fn, optim.SGD(learning_rate=0.1), batches()
+
+
+def test_a_stop_before_any_checkpoint_does_not_claim_one(tmp_path):
+    from mlx_vlm_native.training.loop import stop_message, train
+
+    model, loss_fn, optimizer, batches = tiny_problem()
+    result = train(model, loss_fn, optimizer, batches, TrainConfig(steps=5, progress=False),
+                   should_stop=lambda: True)
+    assert result["stopped"] and result["checkpoint"] is None
+    assert stop_message(result) == "[INFO] stopped at step 1: no checkpoint was written"
+    result = train(model, loss_fn, optimizer, batches,
+                   TrainConfig(steps=5, progress=False, checkpoint_dir=str(tmp_path)), should_stop=lambda: True)
+    assert result["checkpoint"] == str(tmp_path / "step_00000001")
+    assert "checkpoint " + str(tmp_path / "step_00000001") in stop_message(result)
+
+
+def test_a_failing_step_checkpoints_the_last_completed_one(tmp_path):
+    from mlx_vlm_native.training.checkpoint import latest_checkpoint
+    from mlx_vlm_native.training.loop import train
+
+    model, loss_fn, optimizer, batches = tiny_problem()
+
+    def breaking():
+        for n, item in enumerate(batches):
+            if n == 3:
+                raise ValueError("record 4 is bad")
+            yield item
+
+    with pytest.raises(ValueError, match="record 4 is bad"):
+        train(model, loss_fn, optimizer, breaking(), TrainConfig(steps=10, progress=False, checkpoint_dir=str(tmp_path)))
+    state = json.loads((latest_checkpoint(tmp_path) / "state.json").read_text())
+    assert state["step"] == 3 and state["position"] == {"index": 3}
+
+
+def test_orphan_temporary_checkpoints_are_cleaned(tmp_path):
+    from mlx_vlm_native.training.checkpoint import save_checkpoint
+
+    model, _, optimizer, _ = tiny_problem()
+    (tmp_path / ".tmp_step_killed").mkdir()
+    (tmp_path / ".tmp_step_killed" / "weights.safetensors").write_bytes(b"half")
+    save_checkpoint(tmp_path, 1, model, optimizer, {})
+    assert not list(tmp_path.glob(".tmp_step_*")) and (tmp_path / "step_00000001" / "state.json").exists()

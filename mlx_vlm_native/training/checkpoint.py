@@ -31,6 +31,8 @@ def save_checkpoint(root, step: int, model: nn.Module, optimizer, state: dict, k
     """Write checkpoint `step` under `root` atomically; keep the newest `keep` (0: all)."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
+    for orphan in root.glob(".tmp_step_*"):  # left by a save that was killed: one writer per run folder
+        shutil.rmtree(orphan, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp_step_", dir=root))
     try:
         mx.save_safetensors(str(tmp / WEIGHTS), dict(tree_flatten(model.trainable_parameters())))

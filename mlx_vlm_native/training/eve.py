@@ -30,7 +30,7 @@ from ..processors.image import load_image
 from ..utils import copy_side_files, get_model_path, load, save_config, save_weights
 from .checkpoint import resume_state
 from .finetune import stop_on_signals
-from .loop import TrainConfig, train
+from .loop import TrainConfig, stop_message, train
 from .optim import build_optimizer, current_lr
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
@@ -186,7 +186,7 @@ def run(recipe: dict, resume: Optional[str] = None, progress: bool = True, on_st
         if log:
             log.close()
     if result["stopped"]:
-        print(f"[INFO] interrupted: checkpoint at step {result['step']} in {ckpt_dir}; continue with --resume")
+        print(stop_message(result))
     elif is_main:
         save_model(model, src, out)
     return result

@@ -11,6 +11,7 @@ byte-offset index, so the file need not fit in memory.
 """
 
 import contextlib
+import copy
 import json
 import re
 import signal
@@ -41,6 +42,16 @@ class Conversation:
     videos: List[List[str]]
 
 
+class RecordError(ValueError):
+    """A JSONL record that cannot be trained on; the message names the file and line."""
+
+
+def _text(value, where: str) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"{where} must be a string, got {type(value).__name__}")
+    return value
+
+
 def llava_content(value: str) -> list:
     """'<image>\\nWhat is it?' -> [{"type": "image"}, {"type": "text", ...}]."""
     parts = []
@@ -52,23 +63,29 @@ def llava_content(value: str) -> list:
     return parts
 
 
-def openai_content(content, root: Path, images: list, videos: list):
+def openai_content(content, root: Path, images: list, videos: list, where: str):
     if isinstance(content, str):
         return content
+    if not isinstance(content, list):
+        raise ValueError(f"{where}.content must be a string or a list of parts, got {type(content).__name__}")
     parts = []
-    for part in content:
-        kind = part.get("type")
+    for i, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        here = f"{where}.content[{i}]"
         if kind in ("image_url", "image"):
             ref = part.get("image_url", part.get("image"))
-            images.append(ref["url"] if isinstance(ref, dict) else ref)
+            images.append(_text(ref.get("url") if isinstance(ref, dict) else ref, f"{here} image"))
             parts.append({"type": "image"})
         elif kind == "video":
-            videos.append(part["video"])
+            frames = part.get("video")
+            if not (isinstance(frames, list) and frames and all(isinstance(f, str) for f in frames)):
+                raise ValueError(f"{here}.video must be a non-empty list of frame paths")
+            videos.append(frames)
             parts.append({"type": "video"})
         elif kind == "text":
-            parts.append({"type": "text", "text": part["text"]})
+            parts.append({"type": "text", "text": _text(part.get("text"), f"{here}.text")})
         else:
-            raise ValueError(f"unknown content part type {kind!r}")
+            raise ValueError(f"unknown content part type {kind!r} in {here}")
     return parts
 
 
@@ -78,25 +95,52 @@ def resolve(path: str, root: Path) -> str:
     return str(root / path)
 
 
-def parse_record(record: dict, root: Path) -> Conversation:
+def check_role_order(roles: List[str]) -> None:
+    """An optional system turn first, then user and assistant taking turns from a user."""
+    body = roles[1:] if roles and roles[0] == "system" else roles
+    for i, role in enumerate(body):
+        expected = "user" if i % 2 == 0 else "assistant"
+        if role != expected:
+            raise ValueError(f"turn {i + len(roles) - len(body) + 1} is {role!r} where {expected!r} was due "
+                             f"(roles: {', '.join(roles)}): a conversation is an optional system turn, then "
+                             "user and assistant in turn")
+
+
+def parse_record(record, root: Path) -> Conversation:
+    if not isinstance(record, dict):
+        raise ValueError(f"a record must be a JSON object, got {type(record).__name__}")
     images, videos = [], []
     if "conversations" in record:
+        turns = record["conversations"]
+        if not isinstance(turns, list) or not turns:
+            raise ValueError("'conversations' must be a non-empty list of {from, value}")
         messages = []
-        for turn in record["conversations"]:
-            role = ROLES.get(turn.get("from"))
+        for i, turn in enumerate(turns):
+            if not isinstance(turn, dict):
+                raise ValueError(f"conversations[{i}] must be an object {{from, value}}")
+            speaker = turn.get("from")
+            role = ROLES.get(speaker) if isinstance(speaker, str) else None
             if role is None:
-                raise ValueError(f"unknown speaker {turn.get('from')!r}")
-            content = llava_content(turn["value"]) if role == "user" else turn["value"]
-            messages.append({"role": role, "content": content})
-        images = list(record.get("images", [record["image"]] if "image" in record else []))
+                raise ValueError(f"conversations[{i}]: unknown speaker {speaker!r}; use one of {sorted(ROLES)}")
+            value = _text(turn.get("value"), f"conversations[{i}].value")
+            messages.append({"role": role, "content": llava_content(value) if role == "user" else value})
+        images = record.get("images", [record["image"]] if "image" in record else [])
+        if not (isinstance(images, list) and all(isinstance(i, str) for i in images)):
+            raise ValueError("'images' must be a list of paths (or 'image' one path)")
         videos = [record["video"]] if isinstance(record.get("video"), list) else []
     elif "messages" in record:
-        messages = [
-            {"role": ROLES.get(m["role"], m["role"]), "content": openai_content(m["content"], root, images, videos)}
-            for m in record["messages"]
-        ]
+        if not isinstance(record["messages"], list) or not record["messages"]:
+            raise ValueError("'messages' must be a non-empty list of {role, content}")
+        messages = []
+        for i, m in enumerate(record["messages"]):
+            role = m.get("role") if isinstance(m, dict) else None
+            if not isinstance(role, str) or role not in ROLES:
+                raise ValueError(f"messages[{i}]: unknown role {role!r}; use one of {sorted(ROLES)}")
+            content = openai_content(m.get("content"), root, images, videos, f"messages[{i}]")
+            messages.append({"role": ROLES[role], "content": content})
     else:
         raise ValueError("a record needs 'conversations' (LLaVA form) or 'messages' (OpenAI form)")
+    check_role_order([m["role"] for m in messages])
     if not any(m["role"] == "assistant" for m in messages):
         raise ValueError("a conversation needs at least one assistant turn to learn from")
     n_image_parts = sum(
@@ -112,23 +156,54 @@ def parse_record(record: dict, root: Path) -> Conversation:
     return Conversation(messages, images, videos)
 
 
+def parse_line(line: bytes, root: Path) -> Conversation:
+    """One JSONL line -> a Conversation; any problem is a ValueError or FileNotFoundError."""
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"invalid UTF-8 at byte {e.start}") from None
+    try:
+        record = json.loads(text)
+    except (ValueError, RecursionError) as e:
+        raise ValueError(f"not valid JSON: {e}") from None
+    return parse_record(record, root)
+
+
 class ConversationFile:
     """A JSONL of conversations, read line by line through byte offsets, shuffled
-    per epoch from `seed`; `iterate(position)` resumes exactly."""
+    per epoch from `seed`; `iterate(position)` resumes exactly.
 
-    def __init__(self, path, seed: int = 0, shuffle: bool = True):
+    Every record is checked when the file is opened, so a bad one stops the run
+    before its first step, with the file and line named: `on_bad_record="error"`
+    (the default) raises at the first, "skip" leaves the bad lines out and
+    counts them in `skipped` (with a warning naming each)."""
+
+    def __init__(self, path, seed: int = 0, shuffle: bool = True, on_bad_record: str = "error"):
         self.path = Path(path)
+        if on_bad_record not in ("error", "skip"):
+            raise ValueError(f"on_bad_record must be 'error' or 'skip', got {on_bad_record!r}")
         if not self.path.exists():
             raise FileNotFoundError(f"data file not found: {self.path}")
-        offsets, offset = [], 0
+        offsets, lines, offset, self.skipped = [], [], 0, 0
         with open(self.path, "rb") as f:
-            for line in f:
+            for number, line in enumerate(f, 1):
                 if line.strip():
-                    offsets.append(offset)
+                    try:
+                        parse_line(line, self.path.parent)
+                    except (ValueError, FileNotFoundError) as e:
+                        if on_bad_record == "error":
+                            raise RecordError(f"{self.path}, line {number}: {e}") from None
+                        self.skipped += 1
+                        warnings.warn(f"{self.path}, line {number}: {e}: skipped")
+                    else:
+                        offsets.append(offset)
+                        lines.append(number)
                 offset += len(line)
         self.offsets = np.array(offsets, dtype=np.int64)
+        self.lines = np.array(lines, dtype=np.int64)
         if not len(self.offsets):
-            raise ValueError(f"{self.path} has no records")
+            skipped = f" ({self.skipped} skipped)" if self.skipped else ""
+            raise ValueError(f"{self.path} has no usable records{skipped}")
         self.seed, self.shuffle = seed, shuffle
 
     def __len__(self) -> int:
@@ -139,9 +214,9 @@ class ConversationFile:
             f.seek(int(self.offsets[index]))
             line = f.readline()
         try:
-            return parse_record(json.loads(line), self.path.parent)
-        except (ValueError, KeyError, FileNotFoundError) as e:
-            raise type(e)(f"{self.path} record {index + 1}: {e}") from None
+            return parse_line(line, self.path.parent)
+        except (ValueError, FileNotFoundError) as e:  # the file changed since it was checked
+            raise RecordError(f"{self.path}, line {int(self.lines[index])}: {e}") from None
 
     def order(self, epoch: int) -> np.ndarray:
         n = len(self)
@@ -158,15 +233,18 @@ class ConversationFile:
             pos = {"epoch": pos["epoch"] + 1, "index": 0}
 
 
-def split_file(path, valid_fraction: float, seed: int):
+def split_file(path, valid_fraction: float, seed: int, on_bad_record: str = "error"):
     """Train and held-out views of one file: every record lands in exactly one."""
+    train = ConversationFile(path, seed, on_bad_record=on_bad_record)
     if valid_fraction <= 0:
-        return ConversationFile(path, seed), None
-    train, valid = ConversationFile(path, seed), ConversationFile(path, seed, shuffle=False)
+        return train, None
+    valid = copy.copy(train)
+    valid.shuffle = False
     n = len(train)
     keep = np.ones(n, bool)
     keep[np.random.default_rng(seed).permutation(n)[: max(1, int(n * valid_fraction))]] = False
-    train.offsets, valid.offsets = train.offsets[keep], valid.offsets[~keep]
+    train.offsets, valid.offsets = train.offsets[keep], train.offsets[~keep]
+    train.lines, valid.lines = train.lines[keep], train.lines[~keep]
     return train, valid
 
 
@@ -537,7 +615,7 @@ def stop_on_signals():
 def run(recipe: dict, resume: Optional[str] = None, progress: bool = True, on_step=None) -> dict:
     from ..utils import copy_side_files, get_model_path, load, save_config, save_weights
     from .checkpoint import resume_state
-    from .loop import TrainConfig, train
+    from .loop import TrainConfig, stop_message, train
 
     seed = recipe.get("seed", 0)
     mx.random.seed(seed)
@@ -555,9 +633,11 @@ def run(recipe: dict, resume: Optional[str] = None, progress: bool = True, on_st
     data = recipe["data"]
     if not (data.get("train") or data.get("jsonl")):
         raise ValueError("the recipe needs data.train (a conversations .jsonl), or pass --data")
-    train_data, valid_data = split_file(data.get("train") or data["jsonl"], data.get("valid_fraction", 0.0), seed)
+    on_bad = data.get("on_bad_record", "error")
+    train_data, valid_data = split_file(data.get("train") or data["jsonl"], data.get("valid_fraction", 0.0), seed,
+                                        on_bad)
     if data.get("valid"):
-        valid_data = ConversationFile(data["valid"], seed, shuffle=False)
+        valid_data = ConversationFile(data["valid"], seed, shuffle=False, on_bad_record=on_bad)
     steps = recipe["steps"]
     optimizer = build_optimizer(model, recipe["optim"], steps)
     out = Path(recipe["output"])
@@ -596,8 +676,8 @@ def run(recipe: dict, resume: Optional[str] = None, progress: bool = True, on_st
                        rng_key=rng_key, seed=seed, on_step=after_step, should_stop=stop_requested)
     model.eval()
     if result["stopped"]:
-        print(f"[INFO] interrupted: checkpoint at step {result['step']} in {ckpt_dir}; continue with --resume")
-        return {**result, "evals": evals, "skipped": stats.get("skipped", 0)}
+        print(stop_message(result))
+        return {**result, "evals": evals, "skipped": stats.get("skipped", 0), "bad_records": train_data.skipped}
     if mx.distributed.init().rank() == 0:
         if method == "full":
             save_weights(out / "model", model)
@@ -605,4 +685,4 @@ def run(recipe: dict, resume: Optional[str] = None, progress: bool = True, on_st
             save_config(json.loads((model_path / "config.json").read_text()), out / "model")
         else:
             save_adapters(out / "adapters", model, adapters)
-    return {**result, "evals": evals, "skipped": stats.get("skipped", 0)}
+    return {**result, "evals": evals, "skipped": stats.get("skipped", 0), "bad_records": train_data.skipped}

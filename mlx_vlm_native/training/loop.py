@@ -9,6 +9,7 @@ summed as `grad * weight`, summed across processes with
 `mx.distributed.all_sum`, then divided by the total weight.
 """
 
+import sys
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional, Sequence
@@ -105,6 +106,13 @@ def make_step(model: nn.Module, loss_fn: Callable, optimizer, config: TrainConfi
     return step
 
 
+def stop_message(result: dict) -> str:
+    """What a stopped run says: where its checkpoint is, or that none was written."""
+    saved = result.get("checkpoint")
+    where = f"checkpoint {saved}; continue with --resume" if saved else "no checkpoint was written"
+    return f"[INFO] stopped at step {result['step']}: {where}"
+
+
 def train(
     model: nn.Module,
     loss_fn: Callable,
@@ -126,8 +134,11 @@ def train(
     of each step is stored in checkpoints so a resumed run reads on from there,
     as is the RNG key (`rng_key`, from a checkpoint's state; else from `seed`).
     When `should_stop()` turns true (e.g. on SIGINT/SIGTERM) the loop writes a
-    checkpoint after the current step and returns with "stopped": True.
-    Returns {"losses": [...], "step": last step, "position": data position}."""
+    checkpoint after the current step and returns with "stopped": True. When a
+    step fails (bad data, out of memory, a bug), the last completed step is
+    checkpointed, if it is not already, before the error goes on.
+    Returns {"losses": [...], "step": last step, "position": data position,
+    "stopped", "checkpoint": the last checkpoint written by this call or None}."""
     if config.grad_checkpoint:
         enable_grad_checkpoint(checkpoint_layers)
     model.train()
@@ -138,33 +149,55 @@ def train(
                desc="train", unit="step")
     key = mx.array(rng_key, dtype=mx.uint32) if rng_key is not None else mx.random.key(seed)
     losses, position, step = [], None, start_step
-    for step in range(start_step + 1, config.steps + 1):
-        tic = time.perf_counter()
-        micro, images = [], 0
-        for _ in range(config.grad_accumulation):
-            batch, position = next(batches)
-            micro.append(batch)
-            images += batch_size_of(batch)
-        key, step_key = mx.random.split(key)
-        loss = step_fn(micro, step_key)
-        lr = current_lr(optimizer)
-        losses.append(loss)
-        seconds = time.perf_counter() - tic
-        if step % max(config.log_every, 1) == 0:
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}",
-                            **{f"{config.rate_unit}_s": f"{images * group.size() / seconds:.1f}"},
-                            mem=f"{mx.get_peak_memory() / 1e9:.2f}GB")
-        bar.update(1)
-        last = step == config.steps
-        due = config.checkpoint_every and step % config.checkpoint_every == 0
-        stop = should_stop is not None and should_stop()
-        if config.checkpoint_dir and is_main and (due or last or stop):
-            save_checkpoint(config.checkpoint_dir, step, model, optimizer,
-                            {"position": position, "rng_key": key.tolist(), **(extra_state or {})},
-                            keep=config.keep_checkpoints)
-        if on_step is not None:
-            on_step(step, loss)
-        if stop:
-            break
-    bar.close()
-    return {"losses": losses, "step": step, "position": position, "stopped": bool(should_stop and should_stop())}
+    done = {"step": start_step, "position": None, "key": key, "saved": None}  # the last completed step
+
+    def save(step, position, key):
+        done["saved"] = save_checkpoint(config.checkpoint_dir, step, model, optimizer,
+                                        {"position": position, "rng_key": key.tolist(), **(extra_state or {})},
+                                        keep=config.keep_checkpoints)
+        done["saved_step"] = step
+
+    try:
+        for step in range(start_step + 1, config.steps + 1):
+            tic = time.perf_counter()
+            micro, images = [], 0
+            for _ in range(config.grad_accumulation):
+                batch, position = next(batches)
+                micro.append(batch)
+                images += batch_size_of(batch)
+            key, step_key = mx.random.split(key)
+            loss = step_fn(micro, step_key)
+            done.update(step=step, position=position, key=key)
+            lr = current_lr(optimizer)
+            losses.append(loss)
+            seconds = time.perf_counter() - tic
+            if step % max(config.log_every, 1) == 0:
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}",
+                                **{f"{config.rate_unit}_s": f"{images * group.size() / seconds:.1f}"},
+                                mem=f"{mx.get_peak_memory() / 1e9:.2f}GB")
+            bar.update(1)
+            last = step == config.steps
+            due = config.checkpoint_every and step % config.checkpoint_every == 0
+            stop = should_stop is not None and should_stop()
+            if config.checkpoint_dir and is_main and (due or last or stop):
+                save(step, position, key)
+            if on_step is not None:
+                on_step(step, loss)
+            if stop:
+                break
+    except Exception:
+        if (config.checkpoint_dir and is_main and done["step"] > start_step
+                and done.get("saved_step") != done["step"]):
+            try:
+                save(done["step"], done["position"], done["key"])
+                print(f"[INFO] the run failed after step {done['step']}: checkpoint {done['saved']}",
+                      file=sys.stderr)
+            except Exception as e:  # the state itself may be what failed: the error below matters more
+                print(f"[INFO] the run failed after step {done['step']} and could not checkpoint: {e}",
+                      file=sys.stderr)
+        raise
+    finally:
+        bar.close()
+    saved = str(done["saved"]) if done["saved"] else None
+    return {"losses": losses, "step": step, "position": done["position"],
+            "stopped": bool(should_stop and should_stop()), "checkpoint": saved}
