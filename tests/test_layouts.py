@@ -121,7 +121,14 @@ def folders(request, tmp_path_factory):
         (hub / "config.json").write_text(json.dumps(hub_release_config(json.loads((v5 / "config.json").read_text()))))
     else:
         llava_hub_release(v5, hub)
-    return {"hf": hf, "root": root, "hub": hub, "transformers5": v5}
+    # transformers 5's in-memory names (a `state_dict()` saved as is, e.g. by a training script)
+    in_memory = root / "transformers5_state_dict"
+    shutil.copytree(v5, in_memory)
+    state = {k: v.detach().numpy() for k, v in hf.state_dict().items()}
+    from safetensors.numpy import save_file
+
+    save_file(state, str(in_memory / "model.safetensors"), metadata={"format": "pt"})
+    return {"hf": hf, "root": root, "hub": hub, "transformers5": v5, "transformers5_state_dict": in_memory}
 
 
 def peer_folder(folders, name: str) -> Path:
@@ -191,7 +198,7 @@ def ours_greedy(model, processor, inputs, n: int = GREEDY_TOKENS):
         processor.tokenizer.eos_token_ids = eos
 
 
-@pytest.mark.parametrize("layout", ["hub", "transformers5", "mlx_vlm_plain"])
+@pytest.mark.parametrize("layout", ["hub", "transformers5", "transformers5_state_dict", "mlx_vlm_plain"])
 def test_float_layouts_match_transformers(folders, layout):
     folder = peer_folder(folders, "plain") if layout == "mlx_vlm_plain" else folders[layout]
     model, processor = load(str(folder))
@@ -202,12 +209,14 @@ def test_float_layouts_match_transformers(folders, layout):
 
 
 def test_mlx_vlm_folder_has_the_peer_layout(folders):
-    """What makes these folders different from the Hub's (the reason they failed)."""
-    if not is_qwen(folders):
-        pytest.skip("mlx-vlm keeps LLaVA-OneVision's Hub key names")
+    """What makes these folders different from the Hub's (the reason Qwen's failed):
+    MLX-layout convolution weights, and for Qwen `vision_tower.*` names."""
     weights = mx.load(str(peer_folder(folders, "plain") / "model.safetensors"))
-    assert not any(k.startswith("visual.") for k in weights)
-    assert weights["vision_tower.patch_embed.proj.weight"].shape == (32, 2, 14, 14, 3)
+    if is_qwen(folders):
+        assert not any(k.startswith("visual.") for k in weights)
+        assert weights["vision_tower.patch_embed.proj.weight"].shape == (32, 2, 14, 14, 3)
+    else:
+        assert weights["vision_tower.vision_model.embeddings.patch_embedding.weight"].shape == (32, 14, 14, 3)
 
 
 @pytest.mark.parametrize("name", list(QUANTIZED))
@@ -264,17 +273,17 @@ def test_our_quantized_folder_loads_in_mlx_vlm(folders, name, tmp_path):
 
 
 def test_unknown_layout_names_layouts_and_unexpected_keys(folders, tmp_path):
-    if not is_qwen(folders):
-        pytest.skip("one family is enough for the message")
     bad = tmp_path / "bad"
     shutil.copytree(folders["hub"], bad)
     weights = mx.load(str(bad / "model.safetensors"))
-    weights = {k.replace("visual.", "vision_encoder_v9.", 1): v for k, v in weights.items()}
+    tower = "visual." if is_qwen(folders) else "vision_tower.vision_model."
+    weights = {k.replace(tower, "vision_encoder_v9.", 1): v for k, v in weights.items()}
     mx.save_safetensors(str(bad / "model.safetensors"), weights)
     with pytest.raises(ValueError) as e:
         load(str(bad))
     message = str(e.value)
-    assert "missing" in message and "'visual.blocks.0.attn.proj.bias'" in message
+    first_missing = "'visual.blocks.0.attn.proj.bias'" if is_qwen(folders) else "'vision_tower.embeddings."
+    assert "missing" in message and first_missing in message
     assert "unexpected" in message and "vision_encoder_v9." in message
     assert "layouts tried" in message and "mlx-vlm" in message and "Hub release" in message
 
