@@ -4,8 +4,8 @@ import importlib
 import json
 import logging
 import shutil
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional, Tuple
 
 import mlx.core as mx
@@ -13,7 +13,6 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .models.base import check_weights
-
 
 
 @dataclass(frozen=True)

@@ -272,6 +272,22 @@ def test_our_quantized_folder_loads_in_mlx_vlm(folders, name, tmp_path):
     assert ours == theirs
 
 
+def test_family_from_weight_names_alone(folders, tmp_path):
+    """A config.json with neither model_type nor architectures still loads:
+    the weight names tell the family."""
+    folder = tmp_path / "anonymous"
+    shutil.copytree(folders["hub"], folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    for key in ("model_type", "architectures"):
+        cfg.pop(key, None)
+    (folder / "config.json").write_text(json.dumps(cfg))
+    model, processor = load(str(folder))
+    reference, _ = load(str(folders["hub"]))
+    inputs = image_inputs(processor, seed=5)
+    assert type(model) is type(reference)
+    assert np.array_equal(ours_logits(model, inputs), ours_logits(reference, inputs))
+
+
 def test_unknown_layout_names_layouts_and_unexpected_keys(folders, tmp_path):
     bad = tmp_path / "bad"
     shutil.copytree(folders["hub"], bad)
