@@ -87,6 +87,9 @@ def get_model_path(path_or_repo: str, revision: Optional[str] = None) -> Path:
 
     try:
         patterns = hub_patterns(list_repo_files(path_or_repo, revision=revision))
+    except Exception:  # offline (HF_HUB_OFFLINE): the cached snapshot, whichever weights it holds
+        patterns = SAFETENSORS_PATTERNS + TORCH_BIN_PATTERNS + SIDE_FILE_PATTERNS
+    try:
         return Path(snapshot_download(path_or_repo, revision=revision, allow_patterns=patterns))
     except Exception as e:
         raise FileNotFoundError(

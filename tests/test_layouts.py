@@ -450,3 +450,26 @@ def test_unknown_family_names_what_was_read(tmp_path):
     mx.save_safetensors(str(tmp_path / "model.safetensors"), {"foo.weight": mx.zeros((2,))})
     with pytest.raises(ValueError, match=r"model_type None is not supported \(architectures/auto_map: \['FooVLM'\]"):
         load(str(tmp_path))
+
+
+def test_offline_hub_id_uses_the_cached_snapshot(tmp_path, monkeypatch):
+    """Without the Hub (HF_HUB_OFFLINE) the listing fails; the download then asks
+    the cache for every weight format rather than giving up."""
+    import huggingface_hub
+
+    from mlx_vlm_native.utils import get_model_path
+
+    asked = []
+
+    def offline(*_, **__):
+        raise OSError("offline")
+
+    def cached(repo_id, revision=None, allow_patterns=None, **_):
+        asked.extend(allow_patterns)
+        return str(tmp_path)
+
+    monkeypatch.setattr(huggingface_hub, "list_repo_files", offline)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", cached)
+    assert get_model_path("BAAI/EVE-7B-v1.0") == tmp_path
+    assert {"*.safetensors", "pytorch_model*.bin", "pytorch_model.bin.index.json"} <= set(asked)
+    assert not any(p.endswith(".py") for p in asked)
