@@ -3,8 +3,9 @@
 q, k, v are (T, H, D) with `cu_seqlens` (S+1,) segment boundaries. Paths:
 - "dense": one `scaled_dot_product_attention` with a (T, T) block-diagonal mask;
   simple, but its cost and memory follow T^2;
-- "segmented": segments grouped by length, one batched SDPA per distinct length;
-  no T x T mask, cost follows the sum of L_i^2;
+- "segmented": one batched attention per run of consecutive equal-length
+  segments (no gather, no T x T mask; cost follows the sum of L_i^2), the
+  softmax by NumPy on the CPU (`host_ops`: MLX's CPU `exp` is the bottleneck);
 - "kernel": the native varlen kernels (`mlx_vlm_native.native`, Metal or CUDA),
   differentiable through their own backward; "auto" picks them on a GPU.
 """
@@ -15,7 +16,7 @@ from typing import Optional
 import mlx.core as mx
 import numpy as np
 
-from . import native
+from . import host_ops, native
 from .packing import segment_ids
 
 PATHS = ("dense", "segmented", "kernel")
@@ -34,23 +35,33 @@ def dense_attention(q, k, v, cu_seqlens, scale: float) -> mx.array:
     return o[0].transpose(1, 0, 2)
 
 
-def segmented_attention(q, k, v, cu_seqlens, scale: float) -> mx.array:
+def equal_length_runs(cu_seqlens):
+    """(start, segment length, count) of each run of consecutive segments of
+    one length: such a run is a contiguous (count * length) block of tokens."""
     cu = np.asarray(cu_seqlens).tolist()
-    starts, lengths = cu[:-1], np.diff(cu).tolist()
-    by_length = {}
-    for i, n in enumerate(lengths):
-        by_length.setdefault(n, []).append(i)
-    outputs = [None] * len(lengths)
-    for n, idx in by_length.items():
-        take = mx.array(np.concatenate([np.arange(starts[i], starts[i] + n) for i in idx]))
+    runs = []
+    for a, b in zip(cu[:-1], cu[1:]):
+        if runs and runs[-1][1] == b - a:
+            runs[-1][2] += 1
+        else:
+            runs.append([a, b - a, 1])
+    return [tuple(r) for r in runs]
 
-        def batch(x):  # (len(idx), H, n, D)
-            return x[take].reshape(len(idx), n, *x.shape[1:]).transpose(0, 2, 1, 3)
 
-        o = mx.fast.scaled_dot_product_attention(batch(q), batch(k), batch(v), scale=scale)
-        o = o.transpose(0, 2, 1, 3)
-        for j, i in enumerate(idx):
-            outputs[i] = o[j]
+def segmented_attention(q, k, v, cu_seqlens, scale: float) -> mx.array:
+    """Each run of consecutive equal-length segments (frames of a video,
+    same-size images, Qwen2.5-VL windows) is one batch, reshaped in place (no
+    gather); the softmax of all of them in one `host_ops.softmax_rows` call."""
+    T, H, D = q.shape
+    runs = equal_length_runs(cu_seqlens)
+
+    def batch(x, a, n, m):  # tokens a .. a + n*m -> (m, H, n, D)
+        return x[a : a + n * m].reshape(m, n, H, -1).transpose(0, 2, 1, 3)
+
+    scores = [(batch(q, a, n, m) * scale) @ batch(k, a, n, m).swapaxes(-1, -2) for a, n, m in runs]
+    probs = host_ops.softmax_rows(*scores)
+    outputs = [(p @ batch(v, a, n, m)).transpose(0, 2, 1, 3).reshape(n * m, H, -1)
+               for p, (a, n, m) in zip(probs, runs)]
     return mx.concatenate(outputs) if len(outputs) > 1 else outputs[0]
 
 

@@ -12,13 +12,14 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from .. import host_ops
 from ..packed_attention import packed_attention
 from ..packing import Pack
 from .base import BaseModelArgs
 
-ACTIVATIONS = {
-    "quick_gelu": nn.gelu_fast_approx, "gelu": nn.gelu,
-    "gelu_pytorch_tanh": nn.gelu_approx, "silu": nn.silu,
+ACTIVATIONS = {  # the sigmoid-based ones through host_ops: MLX's CPU exp is slow
+    "quick_gelu": host_ops.quick_gelu, "gelu": nn.gelu,
+    "gelu_pytorch_tanh": nn.gelu_approx, "silu": host_ops.silu,
 }
 
 

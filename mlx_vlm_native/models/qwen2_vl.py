@@ -144,6 +144,7 @@ class MRoPE(nn.Module):
         None for plain text."""
         self._positions = None if positions is None else mx.array(positions)
         self._delta = delta
+        self._tables = {}  # (offset, length, dtype) -> cos, sin: built once per forward, not per layer
 
     @property
     def delta(self):
@@ -157,12 +158,15 @@ class MRoPE(nn.Module):
             # past the prompt all three positions are equal
             return mx.fast.rope(x, self.head_dim, traditional=False, base=self.base,
                                 scale=1.0, offset=offset + self._delta)
-        prompt_len = self._positions.shape[-1]
-        pos = self._positions[..., offset : offset + L]
-        if pos.shape[-1] < L:
-            tail = mx.arange(prompt_len, offset + L) + self._delta
-            pos = mx.concatenate([pos, mx.broadcast_to(tail, (*pos.shape[:-1], tail.size))], axis=-1)
-        cos, sin = self.tables(pos, x.dtype)
+        key = (offset, L, x.dtype)
+        if key not in self._tables:
+            prompt_len = self._positions.shape[-1]
+            pos = self._positions[..., offset : offset + L]
+            if pos.shape[-1] < L:
+                tail = mx.arange(prompt_len, offset + L) + self._delta
+                pos = mx.concatenate([pos, mx.broadcast_to(tail, (*pos.shape[:-1], tail.size))], axis=-1)
+            self._tables = {key: self.tables(pos, x.dtype)}
+        cos, sin = self._tables[key]
         half = x.shape[-1] // 2
         rotated = mx.concatenate([-x[..., half:], x[..., :half]], axis=-1)
         return x * cos + rotated * sin

@@ -1,0 +1,331 @@
+"""Speed of this project against mlx-vlm on the same random Qwen2-VL folder,
+as ratios (ours / mlx-vlm, higher is better); see benchmarks/README.md.
+
+    python benchmarks/bench_speed.py --mlx-vlm-python /work/venv-mlxvlm/bin/python
+        [--rounds 3] [--out results.json] [--only tower,decode,batch,server,cache]
+
+One folder (hub layout, which both load) is written once; then, per round,
+each project runs every measurement in its own subprocess, the order of the
+two flipped every round. Reported: each project's median and the median of
+the per-round ratios. The machine is shared, so single figures are noisy;
+the per-round ratio is what the table shows.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+PRESET = "qwen2-vl-bench"
+# ~110M parameters: a 6-block 512-wide tower and a 12-layer 768-wide decoder
+PRESET_SPEC = dict(
+    family="qwen2_vl",
+    vision=dict(depth=6, embed_dim=512, num_heads=8, mlp_ratio=4, hidden_act="quick_gelu"),
+    text=dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
+              num_attention_heads=12, num_key_value_heads=2),
+    mrope_section=[8, 12, 12], tie_word_embeddings=False,
+)
+MIXED = [(20, 30), (44, 24), (16, 16), (36, 36), (12, 52), (28, 28), (40, 20), (24, 48)]  # patch grids
+
+
+def small_grids(n=32, seed=0):
+    """n grids of 64-256 patches (8x8 .. 16x16, even sides)."""
+    rng = np.random.default_rng(seed)
+    return [(int(2 * rng.integers(4, 9)), int(2 * rng.integers(4, 9))) for _ in range(n)]
+
+
+def build(folder: Path) -> Path:
+    """The random checkpoint in the hub's flat config layout (mlx-vlm reads only that)."""
+    from mlx_vlm_native import random_checkpoint
+
+    random_checkpoint.PRESETS[PRESET] = PRESET_SPEC
+    path = random_checkpoint.write_checkpoint(folder, PRESET)
+    config = json.loads((path / "config.json").read_text())
+    text = config.pop("text_config")
+    rope = text.pop("rope_parameters")
+    config.update({k: v for k, v in text.items() if k != "model_type"})
+    config["rope_theta"] = rope["rope_theta"]
+    config["rope_scaling"] = {"type": "mrope", "mrope_section": rope["mrope_section"]}
+    config["vision_config"]["model_type"] = "qwen2_vl"
+    config["vision_config"]["in_chans"] = 3
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    return path
+
+
+def grid_patches(grids, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal((h * w, 3 * 2 * 14 * 14)).astype(np.float32) for h, w in grids]
+
+
+def timed(fn, repeats: int):
+    """Median (wall, CPU) seconds of `repeats` calls after one warm-up. CPU
+    time (all threads of the process) is far steadier than wall time on a
+    shared machine."""
+    fn()
+    wall, cpu = [], []
+    for _ in range(repeats):
+        tic, cpu_tic = time.perf_counter(), time.process_time()
+        fn()
+        wall.append(time.perf_counter() - tic)
+        cpu.append(time.process_time() - cpu_tic)
+    return statistics.median(wall), statistics.median(cpu)
+
+
+# ------------------------------------------------------------------ workers
+
+
+PROMPT = "Describe this image in detail."
+IMAGE_SIZE = (224, 336)  # 16 x 24 patches -> 96 merged tokens
+DECODE = 32
+
+
+def image(seed=0):
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    h, w = IMAGE_SIZE
+    y, x = np.mgrid[0:h, 0:w]
+    base = np.stack([x * 255 / (w - 1), y * 255 / (h - 1), (x + y) % 256], -1)
+    return Image.fromarray(np.clip(base + rng.normal(0, 20, (h, w, 3)), 0, 255).astype(np.uint8))
+
+
+def stream_timing(steps):
+    """(seconds to the first token, tokens/s of the rest) of a token stream."""
+    tic = time.perf_counter()
+    it = iter(steps)
+    next(it)
+    first = time.perf_counter()
+    rest = sum(1 for _ in it)
+    return first - tic, rest / (time.perf_counter() - first)
+
+
+class Ours:
+    name = "mlx-vlm-native"
+
+    def __init__(self, folder):
+        import mlx_vlm_native
+
+        self.model, self.processor = mlx_vlm_native.load(folder)
+
+    def tower(self, grids):
+        import mlx.core as mx
+
+        from mlx_vlm_native.packing import pack
+
+        p = pack([(x, (1, h, w)) for x, (h, w) in zip(grid_patches(grids), grids)])
+        return lambda: mx.eval(self.model.visual(p))
+
+    def generate(self):
+        """(prompt tokens, TTFT s, decode tok/s) of one image prompt, greedy."""
+        import mlx.core as mx
+        from mlx_lm.generate import generate_step
+
+        inputs = self.processor(self.processor.format_prompt(PROMPT, 1), images=[image()])
+
+        def run():
+            embeds = self.model.get_input_embeddings(inputs)[0]
+            return stream_timing(generate_step(mx.array(inputs.input_ids), self.model,
+                                               max_tokens=DECODE + 1, input_embeddings=embeds))
+        return len(inputs.input_ids), run
+
+    def batch(self, n):
+        """Aggregate decode tok/s of n prompts (one image each) decoded together."""
+        from mlx_vlm_native import batch_generate
+
+        images = [[image(i)] for i in range(n)]
+        results = batch_generate(self.model, self.processor, [PROMPT] * n, images=images,
+                                 max_tokens=DECODE + 1)
+        decoded = [r.generation_tokens - 1 for r in results]
+        seconds = max(d / r.generation_tps for d, r in zip(decoded, results) if r.generation_tps)
+        return sum(decoded) / seconds
+
+
+class MlxVlm:
+    name = "mlx-vlm"
+
+    def __init__(self, folder):
+        import mlx_vlm
+
+        self.model, self.processor = mlx_vlm.load(folder)
+        self.folder = folder
+
+    def tower(self, grids):
+        import mlx.core as mx
+
+        x = mx.array(np.concatenate(grid_patches(grids)))
+        thw = mx.array([(1, h, w) for h, w in grids])
+        return lambda: mx.eval(self.model.vision_tower(x, thw))
+
+    def prompt(self):
+        from mlx_vlm.prompt_utils import apply_chat_template
+
+        return apply_chat_template(self.processor, self.model.config, PROMPT, num_images=1)
+
+    def generate(self):
+        from mlx_vlm.generate.ar import generate_step
+        from mlx_vlm.utils import prepare_inputs
+
+        inputs = prepare_inputs(self.processor, images=[image()], prompts=self.prompt(),
+                                image_token_index=self.model.config.image_token_id)
+        extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "pixel_values", "attention_mask")}
+
+        def run():
+            return stream_timing(generate_step(inputs["input_ids"], self.model, inputs["pixel_values"],
+                                               inputs["attention_mask"], max_tokens=DECODE + 1,
+                                               temperature=0.0, **extra))
+        return inputs["input_ids"].shape[1], run
+
+    def batch(self, n):
+        from mlx_vlm import batch_generate
+
+        r = batch_generate(self.model, self.processor, images=[image(i) for i in range(n)],
+                           prompts=[PROMPT] * n, max_tokens=DECODE + 1)
+        return r.stats.generation_tps
+
+
+def worker(project: str, folder: str, tasks, repeats: int) -> dict:
+    impl = (Ours if project == Ours.name else MlxVlm)(folder)
+    out = {}
+    if "tower" in tasks:
+        for name, grids in (("mixed", MIXED), ("small", small_grids())):
+            out[f"tower_{name}_s"], out[f"tower_{name}_cpu_s"] = timed(impl.tower(grids), repeats)
+    if "generate" in tasks:
+        n_prompt, run = impl.generate()
+        run()  # warm-up
+        runs = [run() for _ in range(repeats)]
+        out["prompt_tokens"] = n_prompt
+        out["prefill_tps"] = statistics.median(n_prompt / t for t, _ in runs)
+        out["decode_tps"] = statistics.median(d for _, d in runs)
+    if "batch" in tasks:
+        impl.batch(2)  # warm-up
+        for n in (1, 4, 8):
+            out[f"batch{n}_decode_tps"] = impl.batch(n)
+    return out
+
+
+def bf16_copy(src: Path, dst: Path) -> Path:
+    import shutil
+
+    import mlx.core as mx
+
+    dst.mkdir(exist_ok=True)
+    for f in src.iterdir():
+        if f.suffix != ".safetensors":
+            shutil.copy(f, dst / f.name)
+    weights = mx.load(str(src / "model.safetensors"))
+    mx.save_safetensors(str(dst / "model.safetensors"), {k: v.astype(mx.bfloat16) for k, v in weights.items()},
+                        metadata={"format": "pt"})
+    return dst
+
+
+# (metric, label, higher is better, tasks, folder)
+METRICS = [
+    ("tower_mixed_cpu_s", "vision tower, 8 mixed images (6,568 patches), CPU s", False),
+    ("tower_mixed_s", "vision tower, 8 mixed images, wall s", False),
+    ("tower_small_cpu_s", "vision tower, 32 small images (64-256 patches each), CPU s", False),
+    ("tower_small_s", "vision tower, 32 small images, wall s", False),
+    ("prefill_tps", "prefill fp32 (tokens/s, TTFT incl. vision)", True),
+    ("decode_tps", "decode fp32 (tokens/s)", True),
+    ("bf16_prefill_tps", "prefill bf16 (tokens/s)", True),
+    ("bf16_decode_tps", "decode bf16 (tokens/s)", True),
+    ("batch1_decode_tps", "batch_generate, 1 sequence: decode tokens/s", True),
+    ("batch4_decode_tps", "batch_generate, 4 sequences: aggregate decode tokens/s", True),
+    ("batch8_decode_tps", "batch_generate, 8 sequences: aggregate decode tokens/s", True),
+]
+
+
+def run_worker(python, project, folder, tasks, repeats, prefix=""):
+    from mlx_vlm_native.cli import find_openblas
+
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    if find_openblas():
+        env["LD_PRELOAD"] = find_openblas()
+    cmd = [python, __file__, "--worker", project, "--folder", str(folder), "--tasks", ",".join(tasks),
+           "--repeats", str(repeats)]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    lines = [line for line in r.stdout.splitlines() if line.startswith("RESULT ")]
+    if r.returncode or not lines:
+        print(f"{project} {tasks}: failed (exit {r.returncode})\n{r.stderr[-3000:]}", file=sys.stderr)
+        return {}
+    return {prefix + k: v for k, v in json.loads(lines[-1][len("RESULT "):]).items()}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--mlx-vlm-python", required=False, help="python of a venv with mlx-vlm 0.7.10")
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=1, help="timed calls per measurement and round")
+    p.add_argument("--only", default="tower,generate,batch")
+    p.add_argument("--out", help="write all figures as JSON here")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--folder", help=argparse.SUPPRESS)
+    p.add_argument("--tasks", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        print("RESULT " + json.dumps(worker(args.worker, args.folder, args.tasks.split(","), args.repeats)))
+        return
+    tasks = args.only.split(",")
+    projects = [(Ours.name, sys.executable)]
+    if args.mlx_vlm_python:
+        projects.append((MlxVlm.name, args.mlx_vlm_python))
+    with tempfile.TemporaryDirectory() as tmp:
+        fp32 = build(Path(tmp) / "fp32")
+        bf16 = bf16_copy(fp32, Path(tmp) / "bf16")
+        rounds = []
+        for r in range(args.rounds):
+            order = projects if r % 2 == 0 else projects[::-1]
+            results = {}
+            for name, python in order:
+                print(f"round {r + 1}: {name} ...", flush=True)
+                res = run_worker(python, name, fp32, tasks, args.repeats)
+                if "generate" in tasks:
+                    res.update(run_worker(python, name, bf16, ["generate"], args.repeats, "bf16_"))
+                results[name] = res
+            rounds.append(results)
+    report(rounds, [n for n, _ in projects], args)
+
+
+def report(rounds, names, args):
+    def med(values):
+        values = [v for v in values if v is not None]
+        return statistics.median(values) if values else None
+
+    print(f"\n{len(rounds)} rounds, order flipped each round; the machine is shared ({os.cpu_count()} cores, "
+          f"load average {os.getloadavg()[0]:.1f} at the end), so single figures are noisy.\n")
+    head = "| metric | " + " | ".join(names) + (" | ratio (ours / mlx-vlm, median of rounds) |" if len(names) > 1 else " |")
+    print(head)
+    print("|---" * (head.count("|") - 1) + "|")
+    table = {}
+    for key, label, higher in METRICS:
+        values = {n: med(r[n].get(key) for r in rounds) for n in names}
+        if all(v is None for v in values.values()):
+            continue
+        row = [f"{values[n]:.2f}" if values[n] is not None else "n/a" for n in names]
+        ratio = None
+        if len(names) > 1:
+            per_round = []
+            for r in rounds:
+                a, b = r[names[0]].get(key), r[names[1]].get(key)
+                if a and b:
+                    per_round.append(a / b if higher else b / a)
+            ratio = med(per_round)
+            row.append(f"**{ratio:.2f}**" if ratio is not None else "n/a")
+        table[key] = dict(values=values, ratio=ratio)
+        print(f"| {label} | " + " | ".join(row) + " |")
+    for n in names:
+        one, eight = med(r[n].get("batch1_decode_tps") for r in rounds), med(r[n].get("batch8_decode_tps") for r in rounds)
+        if one and eight:
+            print(f"\n{n}: batched decode of 8 / 1 sequence = {eight / one:.2f}x")
+    if args.out:
+        Path(args.out).write_text(json.dumps(dict(rounds=rounds, table=table), indent=2))
+
+
+if __name__ == "__main__":
+    main()
