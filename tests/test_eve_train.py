@@ -473,6 +473,7 @@ with open({out!r} + f"/rank{{group.rank()}}.txt", "w") as f:
 """
 
 
+@pytest.mark.slow
 def test_two_process_training_keeps_replicas_in_sync(eve_mlx_dir, teacher_dir, tmp_path):
     """The aligner's random init is broadcast from rank 0 and gradients are
     averaged over `mx.distributed`: two ranks fed different batches end with
