@@ -437,3 +437,12 @@ def test_orphan_temporary_checkpoints_are_cleaned(tmp_path):
     (tmp_path / ".tmp_step_killed" / "weights.safetensors").write_bytes(b"half")
     save_checkpoint(tmp_path, 1, model, optimizer, {})
     assert not list(tmp_path.glob(".tmp_step_*")) and (tmp_path / "step_00000001" / "state.json").exists()
+
+
+def test_caption_folder_names_the_bad_line(tmp_path):
+    (tmp_path / "d.jsonl").write_bytes(b'{"image": "a.png", "caption": "x"}\n{"image": 3, "caption": "y"}\n')
+    with pytest.raises(ValueError, match=r"d\.jsonl, line 2: each line needs an 'image' path"):
+        tdata.CaptionFolder(tmp_path / "d.jsonl")
+    (tmp_path / "d.jsonl").write_bytes(b'{"image": "a.png", "caption": "\xff"}\n')
+    with pytest.raises(ValueError, match=r"d\.jsonl, line 1: not a valid UTF-8 JSON record"):
+        tdata.CaptionFolder(tmp_path / "d.jsonl")

@@ -11,7 +11,6 @@ are with a small JSON-able `position`; `iterate(position)` continues exactly
 from there.
 """
 
-import io
 import json
 import tarfile
 from dataclasses import dataclass
@@ -20,6 +19,8 @@ from typing import Callable, Iterator, List, Optional, Sequence
 
 import numpy as np
 from PIL import Image
+
+from ..processors.image import load_image
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp")
 
@@ -36,12 +37,15 @@ class CaptionFolder:
         jsonl = Path(jsonl)
         self.root = Path(image_root) if image_root else jsonl.parent
         self.records = []
-        for n, line in enumerate(jsonl.read_text().splitlines(), 1):
+        for n, line in enumerate(jsonl.read_bytes().splitlines(), 1):
             if not line.strip():
                 continue
-            rec = json.loads(line)
-            if "image" not in rec or "caption" not in rec:
-                raise ValueError(f"{jsonl}:{n}: each line needs 'image' and 'caption'")
+            try:
+                rec = json.loads(line.decode("utf-8"))
+            except (UnicodeDecodeError, ValueError, RecursionError) as e:
+                raise ValueError(f"{jsonl}, line {n}: not a valid UTF-8 JSON record: {e}") from None
+            if not (isinstance(rec, dict) and isinstance(rec.get("image"), str) and isinstance(rec.get("caption"), str)):
+                raise ValueError(f"{jsonl}, line {n}: each line needs an 'image' path and a 'caption' string")
             self.records.append((rec["image"], rec["caption"]))
         if not self.records:
             raise ValueError(f"{jsonl} has no records")
@@ -64,7 +68,7 @@ class CaptionFolder:
             order = self.order(epoch)
             for i in range(index, len(order)):
                 path, caption = self.records[order[i]]
-                image = Image.open(self.root / path).convert("RGB")
+                image = load_image(self.root / path)
                 yield Sample(image, caption, (epoch, i)), {"epoch": epoch, "index": i + 1}
             epoch, index = epoch + 1, 0
 
@@ -102,7 +106,7 @@ def to_sample(key: str, parts: dict) -> Optional[Sample]:
         caption = json.loads(parts["json"])["caption"]
     else:
         return None
-    return Sample(Image.open(io.BytesIO(image)).convert("RGB"), caption)
+    return Sample(load_image(image), caption)
 
 
 class CaptionShards:
