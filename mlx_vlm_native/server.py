@@ -470,7 +470,8 @@ class Handler(BaseHTTPRequestHandler):
     def dispatch(self, method: str) -> None:
         self.tic, self.logged = time.perf_counter(), False
         self.status, self.note, self.replied = None, "", False
-        self.unread_body = (self.headers.get("Content-Length") or "0").strip() != "0"  # until read_body reads it
+        self.unread_body = ((self.headers.get("Content-Length") or "0").strip() != "0"  # until read_body reads it
+                            or self.headers.get("Transfer-Encoding") is not None)
         path = urlsplit(self.path).path.rstrip("/") or "/"
         try:
             if path not in self.ROUTES:
