@@ -172,14 +172,19 @@ def open_image(data: bytes, name: str = "<image>") -> Image.Image:
         raise ImageError(f"{name} is not a readable image: {e}") from e
 
 
+def orientation(image: Image.Image) -> int:
+    """The EXIF orientation (1: as stored); a broken EXIF block counts as none."""
+    try:
+        value = image.getexif().get(0x0112, 1)
+    except Exception:  # EXIF parsing raises a variety of errors on junk
+        return 1
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
+
+
 def oriented_size(image: Image.Image) -> Tuple[int, int]:
     """(width, height) as displayed: EXIF orientations 5-8 swap the sides."""
     w, h = image.size
-    try:
-        orientation = image.getexif().get(0x0112, 1)
-    except Exception:  # a broken EXIF block: decoding will tell
-        orientation = 1
-    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+    return (h, w) if orientation(image) in (5, 6, 7, 8) else (w, h)
 
 
 def check_pixels(image: Image.Image, name: str, max_pixels: int) -> Tuple[int, int]:
@@ -229,7 +234,8 @@ def load_image(source: ImageInput, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.
     check_pixels(image, name, max_pixels)
     try:
         image.load()
-        image = ImageOps.exif_transpose(image)
+        if orientation(image) != 1:  # exif_transpose copies even when there is nothing to do
+            image = ImageOps.exif_transpose(image)
         image = _to_8bit(image, name)
         has_alpha = "A" in image.getbands() or "a" in image.mode or image.info.get("transparency") is not None
         if has_alpha:
