@@ -29,9 +29,10 @@ class Conversation:
     placeholders always go into its first user turn. `cache` holds what the
     model has already read of it, so a new question costs only its own tokens."""
 
-    def __init__(self, images: Iterable = ()):
+    def __init__(self, images: Iterable = (), system_prompt: Optional[str] = None):
         from .generate import PromptCache
 
+        self.system_prompt = system_prompt
         self.images = list(images)
         self.turns: List[dict] = []  # {"role": "user" | "assistant", "content": str}
         self.cache = PromptCache()
@@ -61,6 +62,8 @@ class Conversation:
         if messages and self.images:
             parts = [{"type": "image"} for _ in self.images]
             messages[0]["content"] = parts + [{"type": "text", "text": messages[0]["content"]}]
+        if self.system_prompt is not None:
+            messages.insert(0, {"role": "system", "content": self.system_prompt})
         return messages
 
     def drop_oldest_exchange(self) -> bool:
@@ -176,7 +179,7 @@ def read_lines(prompt: str) -> Iterator[str]:
 
 
 def setup_arg_parser() -> argparse.ArgumentParser:
-    from .generate import add_model_argument
+    from .generate import add_model_argument, add_runtime_arguments
 
     p = argparse.ArgumentParser(description="Chat about images in the terminal (/help for commands).")
     add_model_argument(p)
@@ -189,6 +192,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
                    help="penalty for repeating tokens (> 0; 1 or unset: none)")
     p.add_argument("--repetition-context-size", type=int, default=20)
     p.add_argument("--verbose", action="store_true", help="print tokens/s after each answer")
+    add_runtime_arguments(p)
     return p
 
 
@@ -200,9 +204,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     args = setup_arg_parser().parse_args(argv)
     try:
         sampling = sampling_from_args(args)
-        conversation = Conversation(load_images(args.image))
+        conversation = Conversation(load_images(args.image), args.system_prompt)
         print(f"loading {args.model or DEFAULT_MODEL_NAME} ...", file=sys.stderr, flush=True)
-        model, processor = load(args.model)
+        model, processor = load(args.model, adapter_path=args.adapter_path)
     except (ImageError, ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     print("ready: ask about the image(s); /help lists the commands", file=sys.stderr, flush=True)

@@ -8,10 +8,10 @@ from typing import Generator, List, Optional, Sequence
 
 import mlx.core as mx
 from mlx_lm.generate import generate_step
-from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
+from mlx_lm.models.cache import RotatingKVCache, can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
-from .params import check_generation_params
+from .params import GenerationParameterError, check_cache_params, check_generation_params
 
 DEFAULT_MODEL_NAME = "mlx-vlm-native-default"  # how the embedded model is named (server, logs)
 
@@ -62,12 +62,39 @@ def check_chat_length(model, processor, messages: list, image_sizes: Sequence) -
         check_prompt_length(model, count(format_chat(processor, messages), list(image_sizes)))
 
 
-def prepare_inputs(model, processor, prompt: str, images=(), videos=(), apply_chat_template=True):
-    """Prompt + media -> processed inputs, checked against the model's context."""
+def prepare_inputs(model, processor, prompt: str, images=(), videos=(), apply_chat_template=True,
+                   system_prompt: Optional[str] = None):
+    """Prompt + media -> processed inputs, checked against the model's context.
+    A `system_prompt` goes first, as the conversation's system message."""
     images, videos = list(images or []), list(videos or [])
-    if apply_chat_template:
+    if system_prompt is not None:
+        if not apply_chat_template:
+            raise ValueError("a system prompt needs the chat template (drop --no-chat-template)")
+        content = [{"type": "image"}] * len(images) + [{"type": "video"}] * len(videos)
+        messages = [{"role": "system", "content": system_prompt},
+                    {"role": "user", "content": content + [{"type": "text", "text": prompt}]}]
+        prompt = format_chat(processor, messages)
+    elif apply_chat_template:
         prompt = processor.format_prompt(prompt, len(images), len(videos))
     return process_checked(model, processor, prompt, images, videos)
+
+
+def check_kv_group_size(model, kv_bits: Optional[int], kv_group_size: int) -> None:
+    """A quantized KV cache groups along the head dim, which the group size must divide."""
+    t = model.args.text_config
+    head_dim = getattr(t, "head_dim", None) or t.hidden_size // t.num_attention_heads
+    if kv_bits is not None and head_dim % kv_group_size:
+        raise GenerationParameterError(
+            "kv_group_size", f"kv_group_size {kv_group_size} must divide the model's attention head "
+            f"dim {head_dim} to quantize the KV cache")
+
+
+def new_cache(model, max_kv_size: Optional[int] = None) -> list:
+    """The model's KV cache, or with `max_kv_size` mlx-lm's rotating one (the
+    first 4 tokens kept)."""
+    if max_kv_size is None:
+        return make_prompt_cache(model)
+    return [RotatingKVCache(max_size=max_kv_size, keep=4) for _ in model.layers]
 
 
 def format_chat(processor, messages: list) -> str:
@@ -139,14 +166,22 @@ def stream_generate(
     apply_chat_template: bool = True,
     repetition_penalty: Optional[float] = None,
     repetition_context_size: int = 20,
+    system_prompt: Optional[str] = None,
+    kv_bits: Optional[int] = None,
+    kv_group_size: int = 64,
+    quantized_kv_start: int = 5000,
+    max_kv_size: Optional[int] = None,
 ) -> Generator[GenerationResponse, None, None]:
     """Yield the answer piece by piece; the last response carries the stats.
     A bad sampling parameter raises `GenerationParameterError` (a ValueError)
-    at the first `next()`, before any image is processed."""
+    at the first `next()`, before any image is processed. The KV-cache
+    options are mlx-lm's (`check_cache_params`)."""
     tic = time.perf_counter()
     sampling = check_generation_params(max_tokens, temperature, top_p, seed, repetition_penalty,
                                        repetition_context_size)
-    inputs = prepare_inputs(model, processor, prompt, images, videos, apply_chat_template)
+    sampling.update(check_cache_params(kv_bits, kv_group_size, quantized_kv_start, max_kv_size))
+    check_kv_group_size(model, kv_bits, kv_group_size)
+    inputs = prepare_inputs(model, processor, prompt, images, videos, apply_chat_template, system_prompt)
     yield from stream_from_inputs(model, processor, inputs, tic, **sampling)
 
 
@@ -162,6 +197,10 @@ def stream_chat(
     prompt_cache: Optional[PromptCache] = None,
     repetition_penalty: Optional[float] = None,
     repetition_context_size: int = 20,
+    kv_bits: Optional[int] = None,
+    kv_group_size: int = 64,
+    quantized_kv_start: int = 5000,
+    max_kv_size: Optional[int] = None,
 ) -> Generator[GenerationResponse, None, None]:
     """`stream_generate` for a conversation: `messages` as in `prepare_chat_inputs`.
     With a `prompt_cache` kept across the turns of one conversation, each turn
@@ -170,6 +209,8 @@ def stream_chat(
     tic = time.perf_counter()
     sampling = check_generation_params(max_tokens, temperature, top_p, seed, repetition_penalty,
                                        repetition_context_size)
+    sampling.update(check_cache_params(kv_bits, kv_group_size, quantized_kv_start, max_kv_size))
+    check_kv_group_size(model, kv_bits, kv_group_size)
     inputs = prepare_chat_inputs(model, processor, messages, images)
     if prompt_cache is None:
         yield from stream_from_inputs(model, processor, inputs, tic, **sampling)
@@ -191,7 +232,8 @@ def stream_from_inputs(model, processor, inputs, tic, **sampling):
 
 def stream_from_embeddings(model, tokenizer, input_ids, embeddings, tic, max_tokens=256,
                            temperature=0.0, top_p=1.0, seed=None, kv_cache=None, cached=0,
-                           repetition_penalty=None, repetition_context_size=20):
+                           repetition_penalty=None, repetition_context_size=20, kv_bits=None,
+                           kv_group_size=64, quantized_kv_start=5000, max_kv_size=None):
     """Generate after the prompt `input_ids` / `embeddings`, of which the first
     `cached` tokens are already in `kv_cache`. The sampling parameters are
     those `check_generation_params` passed."""
@@ -208,7 +250,10 @@ def stream_from_embeddings(model, tokenizer, input_ids, embeddings, tic, max_tok
         max_tokens=max_tokens,
         sampler=sampler,
         logits_processors=make_logits_processors(None, repetition_penalty, repetition_context_size),
-        prompt_cache=kv_cache,
+        prompt_cache=kv_cache if kv_cache is not None else new_cache(model, max_kv_size),
+        kv_bits=kv_bits,
+        kv_group_size=kv_group_size,
+        quantized_kv_start=quantized_kv_start,
         input_embeddings=embeddings[cached:],
     )
     n, token = 0, None
@@ -404,9 +449,27 @@ def add_model_argument(p: argparse.ArgumentParser) -> None:
 
 
 def sampling_from_args(args: argparse.Namespace) -> dict:
-    """The sampling flags every command shares, checked before any model loads."""
-    return check_generation_params(args.max_tokens, args.temperature, args.top_p, args.seed,
-                                   args.repetition_penalty, args.repetition_context_size)
+    """The sampling and KV-cache flags every command shares, checked before any model loads."""
+    checked = check_generation_params(args.max_tokens, args.temperature, args.top_p, args.seed,
+                                      args.repetition_penalty, args.repetition_context_size)
+    checked.update(check_cache_params(args.kv_bits, args.kv_group_size, args.quantized_kv_start,
+                                      args.max_kv_size))
+    return checked
+
+
+def add_runtime_arguments(p: argparse.ArgumentParser) -> None:
+    """mlx-lm's flags for adapters, the system prompt and the KV cache, as
+    generate, chat and serve take them."""
+    p.add_argument("--adapter-path", default=None,
+                   help="a folder of LoRA/DoRA adapters (adapters.safetensors + adapter_config.json)")
+    p.add_argument("--system-prompt", default=None, help="a system message before the conversation")
+    p.add_argument("--kv-bits", type=int, default=None,
+                   help="quantize the KV cache to this many bits (default: no quantization)")
+    p.add_argument("--kv-group-size", type=int, default=64, help="group size of the KV-cache quantization")
+    p.add_argument("--quantized-kv-start", type=int, default=5000,
+                   help="quantize the KV cache once it holds this many tokens (with --kv-bits)")
+    p.add_argument("--max-kv-size", type=int, default=None,
+                   help="most tokens the KV cache holds (a rotating cache; default: unbounded)")
 
 
 def setup_arg_parser() -> argparse.ArgumentParser:
@@ -427,6 +490,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
                    help="how many recent tokens the repetition penalty looks at")
     p.add_argument("--no-chat-template", action="store_true",
                    help="use --prompt as the full prompt (it must contain the placeholders)")
+    add_runtime_arguments(p)
     return p
 
 
@@ -438,10 +502,11 @@ def main(argv: Optional[List[str]] = None) -> None:
     try:
         sampling = sampling_from_args(args)
         videos = [load_video_frames(args.video, args.video_frames)] if args.video else []
-        model, processor = load(args.model)
+        model, processor = load(args.model, adapter_path=args.adapter_path)
         generate(
             model, processor, args.prompt, images=args.image, videos=videos,
-            apply_chat_template=not args.no_chat_template, verbose=True, **sampling,
+            apply_chat_template=not args.no_chat_template, system_prompt=args.system_prompt,
+            verbose=True, **sampling,
         )
     except (ImageError, ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")

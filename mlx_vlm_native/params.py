@@ -65,3 +65,29 @@ def check_generation_params(
         else _number("repetition_penalty", repetition_penalty, 0.0, low_open=True),
         repetition_context_size=_integer("repetition_context_size", repetition_context_size, 1),
     )
+
+
+KV_BITS = (2, 3, 4, 5, 6, 8)  # what mx.quantize takes
+KV_GROUP_SIZES = (32, 64, 128)
+
+
+def check_cache_params(kv_bits: Optional[int] = None, kv_group_size: int = 64,
+                       quantized_kv_start: int = 5000, max_kv_size: Optional[int] = None) -> dict:
+    """mlx-lm's KV-cache options, checked: kv_bits (None: full precision) and
+    kv_group_size quantize the cache once it holds quantized_kv_start tokens;
+    max_kv_size bounds it (a rotating cache that keeps the first 4 tokens).
+    The two cannot be combined (mlx-lm cannot quantize a rotating cache)."""
+    if kv_bits is not None and kv_bits not in KV_BITS:
+        raise GenerationParameterError("kv_bits", f"kv_bits must be one of {list(KV_BITS)}, got {_show(kv_bits)}")
+    if kv_group_size not in KV_GROUP_SIZES:
+        raise GenerationParameterError(
+            "kv_group_size", f"kv_group_size must be one of {list(KV_GROUP_SIZES)}, got {_show(kv_group_size)}")
+    checked = dict(
+        kv_bits=kv_bits, kv_group_size=kv_group_size,
+        quantized_kv_start=_integer("quantized_kv_start", quantized_kv_start, 0),
+        max_kv_size=None if max_kv_size is None else _integer("max_kv_size", max_kv_size, 8),
+    )
+    if kv_bits is not None and max_kv_size is not None:
+        raise GenerationParameterError("max_kv_size", "max_kv_size cannot be combined with kv_bits "
+                                       "(a rotating KV cache is not quantized)")
+    return checked

@@ -315,8 +315,11 @@ class ChatService:
     worker threads behind. Images are decoded by this thread when their job's
     turn comes, so a waiting request holds only its encoded bytes."""
 
-    def __init__(self, model, processor, model_id: str, limits: Limits = Limits()):
+    def __init__(self, model, processor, model_id: str, limits: Limits = Limits(),
+                 system_prompt: Optional[str] = None, cache_options: Optional[dict] = None):
         self.model, self.processor, self.model_id, self.limits = model, processor, model_id, limits
+        self.system_prompt = system_prompt  # for requests that bring no system message
+        self.cache_options = cache_options or {}  # KV-cache options (check_cache_params) for every answer
         self.created = int(time.time())
         self.jobs: queue.Queue = queue.Queue(maxsize=limits.max_queued)
         self.stopping = False
@@ -345,9 +348,13 @@ class ChatService:
     def run(self, job: Job) -> None:
         from .generate import check_chat_length, stream_chat
 
-        check_chat_length(self.model, self.processor, job.messages, [i.size for i in job.images])
+        messages = job.messages
+        if self.system_prompt is not None and not any(m["role"] == "system" for m in messages):
+            messages = [{"role": "system", "content": self.system_prompt}] + messages
+        check_chat_length(self.model, self.processor, messages, [i.size for i in job.images])
         images = [image.decode(self.limits) for image in job.images]
-        for response in stream_chat(self.model, self.processor, job.messages, images, **job.options):
+        options = {**job.options, **self.cache_options}
+        for response in stream_chat(self.model, self.processor, messages, images, **options):
             if self.stopping:
                 raise APIError(503, "the server stopped during the answer", "server_stopping")
             if job.cancelled:
@@ -658,13 +665,15 @@ class Handler(BaseHTTPRequestHandler):
 
 
 def make_server(model, processor, model_id: str, host: str = "127.0.0.1", port: int = 8080,
-                limits: Limits = Limits()) -> ChatServer:
+                limits: Limits = Limits(), system_prompt: Optional[str] = None,
+                cache_options: Optional[dict] = None) -> ChatServer:
     """A server ready for `serve_forever()`; port 0 picks a free port (`server.server_address`)."""
-    return ChatServer((host, port), ChatService(model, processor, model_id, limits))
+    service = ChatService(model, processor, model_id, limits, system_prompt, cache_options)
+    return ChatServer((host, port), service)
 
 
 def setup_arg_parser() -> argparse.ArgumentParser:
-    from .generate import add_model_argument
+    from .generate import add_model_argument, add_runtime_arguments
 
     d = Limits()
     p = argparse.ArgumentParser(description="OpenAI-compatible chat completions server (/v1/chat/completions).")
@@ -684,11 +693,13 @@ def setup_arg_parser() -> argparse.ArgumentParser:
                    help="most pixels of all the images of one request together")
     p.add_argument("--max-queued", type=int, default=d.max_queued,
                    help="requests that may wait for their turn; more are answered 503")
+    add_runtime_arguments(p)
     return p
 
 
 def main(argv: Optional[List[str]] = None) -> None:
     from .generate import DEFAULT_MODEL_NAME
+    from .params import check_cache_params
     from .utils import load
 
     args = setup_arg_parser().parse_args(argv)
@@ -704,9 +715,12 @@ def main(argv: Optional[List[str]] = None) -> None:
         sys.exit(f"error: --image-timeout must be a positive number of seconds, got {args.image_timeout}")
     model_id = args.model or DEFAULT_MODEL_NAME
     try:
+        cache_options = check_cache_params(args.kv_bits, args.kv_group_size, args.quantized_kv_start,
+                                           args.max_kv_size)
         print(f"loading {model_id} ...", file=sys.stderr, flush=True)
-        model, processor = load(args.model)
-        server = make_server(model, processor, model_id, args.host, args.port, limits)
+        model, processor = load(args.model, adapter_path=args.adapter_path)
+        server = make_server(model, processor, model_id, args.host, args.port, limits,
+                             args.system_prompt, cache_options)
     except (ValueError, FileNotFoundError, OSError) as e:
         sys.exit(f"error: {e}")
     host, port = server.server_address[:2]
