@@ -235,6 +235,8 @@ METRICS = [
     ("decode_tps", "decode fp32 (tokens/s)", True),
     ("bf16_prefill_tps", "prefill bf16 (tokens/s)", True),
     ("bf16_decode_tps", "decode bf16 (tokens/s)", True),
+    ("q4_prefill_tps", "prefill 4-bit (tokens/s)", True),
+    ("q4_decode_tps", "decode 4-bit (tokens/s)", True),
     ("batch1_decode_tps", "batch_generate, 1 sequence: decode tokens/s", True),
     ("batch4_decode_tps", "batch_generate, 4 sequences: aggregate decode tokens/s", True),
     ("batch8_decode_tps", "batch_generate, 8 sequences: aggregate decode tokens/s", True),
@@ -262,7 +264,8 @@ def main():
     p.add_argument("--mlx-vlm-python", required=False, help="python of a venv with mlx-vlm 0.7.10")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--repeats", type=int, default=1, help="timed calls per measurement and round")
-    p.add_argument("--only", default="tower,generate,batch")
+    p.add_argument("--only", default="tower,generate,batch,q4",
+                   help="comma-separated: tower, generate (fp32 and bf16), q4 (4-bit generate), batch")
     p.add_argument("--out", help="write all figures as JSON here")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--folder", help=argparse.SUPPRESS)
@@ -278,15 +281,22 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         fp32 = build(Path(tmp) / "fp32")
         bf16 = bf16_copy(fp32, Path(tmp) / "bf16")
+        q4 = None
+        if "q4" in tasks:  # this project's converter; mlx-vlm loads its folders (README, layouts)
+            from mlx_vlm_native.convert import convert
+
+            q4 = convert(str(fp32), str(Path(tmp) / "q4"), quantize=True, q_bits=4, q_group_size=64)
         rounds = []
         for r in range(args.rounds):
             order = projects if r % 2 == 0 else projects[::-1]
             results = {}
             for name, python in order:
                 print(f"round {r + 1}: {name} ...", flush=True)
-                res = run_worker(python, name, fp32, tasks, args.repeats)
+                res = run_worker(python, name, fp32, [t for t in tasks if t != "q4"], args.repeats)
                 if "generate" in tasks:
                     res.update(run_worker(python, name, bf16, ["generate"], args.repeats, "bf16_"))
+                if q4 is not None:
+                    res.update(run_worker(python, name, q4, ["generate"], args.repeats, "q4_"))
                 results[name] = res
             rounds.append(results)
     report(rounds, [n for n, _ in projects], args)
