@@ -20,6 +20,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+# Each colour's reference RGB (what the tests and examples draw with)...
 COLOURS: Dict[str, Tuple[int, int, int]] = {
     "red": (215, 35, 35),
     "orange": (245, 135, 20),
@@ -30,6 +31,18 @@ COLOURS: Dict[str, Tuple[int, int, int]] = {
     "black": (15, 15, 15),
     "white": (250, 250, 250),
 }
+# ... and the shades a picture may use for it: the generator mixes two of these,
+# so both its own tones and a paint program's pure ones (255, 0, 0) are seen.
+SHADES: Dict[str, List[Tuple[int, int, int]]] = {
+    "red": [(215, 35, 35), (255, 0, 0), (190, 10, 20), (235, 50, 60)],
+    "orange": [(245, 135, 20), (255, 165, 0), (255, 120, 0), (230, 110, 30)],
+    "yellow": [(245, 215, 30), (255, 255, 0), (255, 230, 0), (240, 200, 50)],
+    "green": [(30, 160, 55), (0, 255, 0), (0, 128, 0), (34, 139, 34), (60, 200, 60)],
+    "blue": [(35, 75, 215), (0, 0, 255), (0, 0, 180), (30, 100, 230)],
+    "purple": [(135, 50, 180), (128, 0, 128), (160, 32, 240), (110, 40, 150)],
+    "black": [(15, 15, 15), (0, 0, 0), (40, 40, 40)],
+    "white": [(250, 250, 250), (255, 255, 255), (235, 235, 235)],
+}
 SHAPES = ("circle", "square", "triangle", "star", "diamond", "cross")
 SIZES = ("small", "large")
 POSITIONS = ("top left", "top", "top right", "left", "centre", "right", "bottom left", "bottom", "bottom right")
@@ -37,6 +50,9 @@ WORDS = ("cat", "dog", "sun", "fish", "bird", "moon", "book", "cake", "lamp", "s
          "frog", "king", "box", "cup", "hat", "key", "map", "pen", "owl", "fox", "bee", "egg",
          "tea", "car", "bus", "jam", "mlx", "art")
 NUMBERS = ("zero", "one", "two", "three", "four", "five")
+# plain mid-tones, gradient and noise; and the flat backgrounds people draw on
+BACKGROUNDS = {"plain": 0.22, "gradient": 0.2, "noise": 0.2, "white": 0.14, "black": 0.08, "light": 0.08, "dark": 0.08}
+HIDDEN_ON = {"white": {"white"}, "light": {"white"}, "black": {"black"}, "dark": {"black"}}  # colours a background hides
 QUESTION_TYPES = ("colour", "shape", "count", "position", "word", "caption", "multi_image")
 MAX_OBJECTS = 5
 
@@ -47,6 +63,8 @@ class Item:
     colour: str
     size: str
     cell: int  # 0..8, row-major in the 3x3 layout
+    extent: Optional[float] = None  # radius as a fraction of the short side (lone shapes); None: from the cell
+    box: Optional[Tuple[float, float, float]] = field(default=None, compare=False)  # (cx, cy, r) once drawn
 
     @property
     def position(self) -> str:
@@ -64,6 +82,8 @@ class Scene:
     items: List[Item] = field(default_factory=list)
     word: Optional[str] = None
     word_cell: Optional[int] = None  # the row (0..2) the word is centred on
+    antialias: bool = False  # shapes drawn at 2x and downsampled
+    word_box: Optional[Tuple[float, float, float, float]] = field(default=None, compare=False)  # once drawn
 
 
 def position_phrase(position: str) -> str:
@@ -71,34 +91,66 @@ def position_phrase(position: str) -> str:
         f"on the {position}" if position in ("left", "right") else f"at the {position}")
 
 
-def random_scene(rng: np.random.Generator, with_word: Optional[bool] = None, min_items: int = 0) -> Scene:
-    """Random size and aspect ratio (1:2 .. 2:1), 0-5 objects in distinct cells,
-    and in about a third of the scenes a word across one row."""
+def random_scene(rng: np.random.Generator, with_word: Optional[bool] = None, min_items: int = 0,
+                 max_items: int = MAX_OBJECTS, lone: Optional[bool] = None) -> Scene:
+    """Random size and aspect ratio (1:2 .. 2:1) and background; 0-5 objects in
+    distinct cells, and in about a third of the scenes a word across one row.
+    About a quarter (`lone`) hold one shape of any size from 10% to 60% of the
+    short side, as a person draws one."""
     aspect = float(np.exp(rng.uniform(np.log(0.5), np.log(2.0))))
     area = rng.uniform(140, 260) ** 2
     width, height = int(np.sqrt(area * aspect)), int(np.sqrt(area / aspect))
+    kinds, weights = list(BACKGROUNDS), np.array(list(BACKGROUNDS.values()))
+    scene = Scene(width, height, kinds[rng.choice(len(kinds), p=weights / weights.sum())])
+    scene.antialias = bool(rng.random() < 0.5)
+    colours = [c for c in COLOURS if c not in HIDDEN_ON.get(scene.background, ())]
+    if lone is None:
+        lone = with_word is not True and rng.random() < 0.25
+    if lone:
+        extent = float(rng.uniform(0.05, 0.3))
+        r = extent * min(width, height)
+        cells = [c for c in range(9) if centre_range(scene, c, r) is not None]
+        scene.items.append(Item(str(rng.choice(SHAPES)), str(rng.choice(colours)),
+                                "large" if extent > 0.15 else "small", int(rng.choice(cells)), extent))
+        return scene
     if with_word is None:
         with_word = rng.random() < 0.33
-    scene = Scene(width, height, str(rng.choice(["plain", "gradient", "noise"])))
     cells = list(range(9))
     if with_word:
         scene.word = str(rng.choice(WORDS))
         scene.word_cell = int(rng.integers(0, 3))
         cells = [c for c in cells if c // 3 != scene.word_cell]
-    count = int(rng.integers(max(min_items, 0 if with_word else 1), (2 if with_word else MAX_OBJECTS) + 1))
+    top = min(2 if with_word else MAX_OBJECTS, max_items)
+    count = int(rng.integers(min(max(min_items, 0 if with_word else 1), top), top + 1))
     for cell in rng.choice(cells, size=count, replace=False):
-        scene.items.append(Item(str(rng.choice(SHAPES)), str(rng.choice(list(COLOURS))),
+        scene.items.append(Item(str(rng.choice(SHAPES)), str(rng.choice(colours)),
                                 str(rng.choice(SIZES)), int(cell)))
     return scene
+
+
+def centre_range(scene: "Scene", cell: int, r: float):
+    """Where the centre of a shape of radius r may go so that it lies well inside
+    `cell` and the shape inside the picture: ((x0, x1), (y0, y1)), or None."""
+    x0, y0, x1, y1 = cell_box(scene, cell)
+    mx_, my_ = (x1 - x0) * 0.2, (y1 - y0) * 0.2
+    xs = (max(x0 + mx_, r), min(x1 - mx_, scene.width - r))
+    ys = (max(y0 + my_, r), min(y1 - my_, scene.height - r))
+    return (xs, ys) if xs[0] <= xs[1] and ys[0] <= ys[1] else None
 
 
 # ---------------------------------------------------------------- drawing
 
 
 def background(scene: Scene, rng: np.random.Generator) -> Image.Image:
-    """Mid-tone, low-saturation backgrounds, so black, white and every colour show."""
-    base = rng.uniform(85, 175) + rng.uniform(-25, 25, size=3)
+    """Mid-tone, low-saturation backgrounds (plain, gradient, noise), so black,
+    white and every colour show; or flat white, black, light or dark grey."""
     h, w = scene.height, scene.width
+    flat = {"white": (255, 255), "black": (0, 0), "light": (195, 240), "dark": (15, 70)}
+    if scene.background in flat:
+        lo, hi = flat[scene.background]
+        tone = rng.uniform(lo, hi) + (rng.uniform(-8, 8, size=3) if hi > lo else 0)
+        return Image.new("RGB", (w, h), tuple(int(v) for v in np.clip(np.broadcast_to(tone, 3), 0, 255)))
+    base = rng.uniform(85, 175) + rng.uniform(-25, 25, size=3)
     if scene.background == "gradient":
         other = rng.uniform(85, 175) + rng.uniform(-25, 25, size=3)
         t = np.linspace(0, 1, w if rng.random() < 0.5 else h)
@@ -134,13 +186,31 @@ def polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> list:
              cy - radii[i % len(radii)] * np.cos(angle + 2 * np.pi * i / k)) for i in range(k)]
 
 
-def draw_item(draw: ImageDraw.ImageDraw, scene: Scene, item: Item, rng: np.random.Generator, box=None) -> None:
+def shade(colour: str, rng: np.random.Generator) -> Tuple[int, ...]:
+    """A random tone of a colour: a mix of two of its SHADES, jittered."""
+    shades = SHADES[colour]
+    a, b = (np.array(shades[int(i)], float) for i in rng.integers(len(shades), size=2))
+    t = rng.uniform()
+    return tuple(int(np.clip(v + rng.integers(-10, 11), 0, 255)) for v in a * (1 - t) + b * t)
+
+
+def draw_item(draw: ImageDraw.ImageDraw, scene: Scene, item: Item, rng: np.random.Generator, box=None,
+              scale: float = 1.0) -> None:
+    """Draw `item` in its cell (or in `box`), coordinates times `scale` (for
+    supersampled drawing), and record where it went in `item.box`."""
     x0, y0, x1, y1 = box or cell_box(scene, item.cell)
-    side = min(x1 - x0, y1 - y0)
-    r = side / 2 * (rng.uniform(0.72, 0.9) if item.size == "large" else rng.uniform(0.38, 0.5))
-    cx = rng.uniform(x0 + r, x1 - r) if x1 - x0 > 2 * r else (x0 + x1) / 2
-    cy = rng.uniform(y0 + r, y1 - r) if y1 - y0 > 2 * r else (y0 + y1) / 2
-    fill = tuple(int(np.clip(c + rng.integers(-12, 13), 0, 255)) for c in COLOURS[item.colour])
+    if item.extent is not None:
+        r = item.extent * min(scene.width, scene.height)
+        (ax, bx), (ay, by) = centre_range(scene, item.cell, r) or (((x0 + x1) / 2,) * 2, ((y0 + y1) / 2,) * 2)
+        cx, cy = rng.uniform(ax, bx), rng.uniform(ay, by)
+    else:
+        side = min(x1 - x0, y1 - y0)
+        r = side / 2 * (rng.uniform(0.72, 0.9) if item.size == "large" else rng.uniform(0.38, 0.5))
+        cx = rng.uniform(x0 + r, x1 - r) if x1 - x0 > 2 * r else (x0 + x1) / 2
+        cy = rng.uniform(y0 + r, y1 - r) if y1 - y0 > 2 * r else (y0 + y1) / 2
+    item.box = (float(cx), float(cy), float(r))
+    fill = shade(item.colour, rng)
+    cx, cy, r = cx * scale, cy * scale, r * scale
     if item.shape == "circle":
         draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
     else:
@@ -157,15 +227,23 @@ def draw_word(image: Image.Image, scene: Scene, rng: np.random.Generator) -> Non
     tw, th = right - left, bottom - top
     x = rng.uniform(0, max(scene.width - tw, 0)) - left
     y = scene.word_cell * row_h + (row_h - th) / 2 - top
+    scene.word_box = (x + left, y + top, x + right, y + bottom)
     mean = np.asarray(image.crop((0, int(scene.word_cell * row_h), scene.width, int((scene.word_cell + 1) * row_h)))).mean()
     draw.text((x, y), scene.word, fill=(10, 10, 10) if mean > 128 else (250, 250, 250), font=font)
 
 
 def render(scene: Scene, rng: np.random.Generator) -> Image.Image:
     image = background(scene, rng)
-    draw = ImageDraw.Draw(image)
-    for item in scene.items:
-        draw_item(draw, scene, item, rng)
+    if scene.antialias:  # shapes drawn at twice the size, then averaged down: soft edges
+        big = image.resize((2 * scene.width, 2 * scene.height), Image.NEAREST)
+        draw = ImageDraw.Draw(big)
+        for item in scene.items:
+            draw_item(draw, scene, item, rng, scale=2.0)
+        image = big.resize((scene.width, scene.height), Image.BOX)
+    else:
+        draw = ImageDraw.Draw(image)
+        for item in scene.items:
+            draw_item(draw, scene, item, rng)
     if scene.word:
         draw_word(image, scene, rng)
     return image
@@ -177,7 +255,8 @@ def lone_shape(rng: np.random.Generator) -> Tuple[Image.Image, Item]:
     whose label (`item.shape`, `item.colour`) is exact."""
     probe = random_scene(rng, with_word=False)
     scene = Scene(probe.width, probe.height, probe.background)
-    item = Item(str(rng.choice(SHAPES)), str(rng.choice(list(COLOURS))), str(rng.choice(SIZES)), 4)
+    colours = [c for c in COLOURS if c not in HIDDEN_ON.get(scene.background, ())]
+    item = Item(str(rng.choice(SHAPES)), str(rng.choice(colours)), str(rng.choice(SIZES)), 4)
     image = background(scene, rng)
     draw_item(ImageDraw.Draw(image), scene, item, rng, box=(0, 0, scene.width, scene.height))
     return image, item
@@ -219,13 +298,16 @@ def ask(scene: Scene, kind: str, rng: np.random.Generator, other: Optional[Scene
         if not items:
             return None
         item = pick(items)
+    lone = len(scene.items) == 1
     if kind == "colour":
         q = pick([f"What colour is the {item.shape}?", f"What color is the {item.shape}?",
-                  f"Which colour is the {item.shape}?"])
+                  f"Which colour is the {item.shape}?"]
+                 + (["What colour is the shape?", "What color is the shape?", "What colour is it?"] if lone else []))
         return q, f"The {item.shape} is {item.colour}.", item.colour
     if kind == "shape":
         q = pick([f"What shape is the {item.colour} object?", f"Which shape is {item.colour}?",
-                  f"What is the {item.colour} shape?"])
+                  f"What is the {item.colour} shape?"]
+                 + (["What shape is this?", "What shape is it?", "What shape is in the image?"] if lone else []))
         return q, f"The {item.colour} shape is a {item.shape}.", item.shape
     if kind == "count":
         n = len(scene.items)
@@ -233,7 +315,7 @@ def ask(scene: Scene, kind: str, rng: np.random.Generator, other: Optional[Scene
         return q, f"There {'is' if n == 1 else 'are'} {NUMBERS[n]} {plural('shape', n)}.", NUMBERS[n]
     if kind == "position":
         name = f"{item.colour} {item.shape}"
-        q = pick([f"Where is the {name}?", f"Where is the {name} in the image?"])
+        q = pick([f"Where is the {name}?", f"Where is the {name} in the image?"] + (["Where is the shape?"] if lone else []))
         return q, f"The {name} is {position_phrase(item.position)}.", item.position
     if kind == "size":  # not in the default model's training mix: the LoRA example teaches it
         return f"What size is the {item.shape}?", f"The {item.shape} is {item.size}.", item.size
@@ -243,7 +325,7 @@ def ask(scene: Scene, kind: str, rng: np.random.Generator, other: Optional[Scene
         q = pick(["What word is written in the image?", "What does the text say?", "Read the word in the image."])
         return q, f'The word is "{scene.word}".', scene.word
     if kind == "caption":
-        q = pick(["Describe the image.", "What is in this image?", "Describe the picture."])
+        q = pick(["Describe the image.", "What is in this image?", "Describe the picture.", "What is in the image?"])
         text = caption(scene)
         return q, text, text
     if kind == "multi_image":
@@ -395,7 +477,7 @@ def held_out_questions(per_type: int, seed: int, kinds: Sequence[str] = QUESTION
 
 def evaluate(model, processor, questions: Sequence[Question], max_tokens: int = 48, progress: bool = False) -> dict:
     """Greedy answers to held-out questions, scored by the value they name:
-    {type: {"accuracy", "correct", "total", "examples"}} (captions: exact match)."""
+    {type: {"accuracy", "correct", "total", "examples", "failures"}} (captions: exact match)."""
     from tqdm import tqdm
 
     from .generate import generate as run
@@ -405,11 +487,14 @@ def evaluate(model, processor, questions: Sequence[Question], max_tokens: int = 
         text = run(model, processor, q.question, images=q.images, max_tokens=max_tokens).text
         value = answer_value(q.kind, text)
         expected = answer_value(q.kind, q.expected) if q.kind == "caption" else q.expected
-        s = scores.setdefault(q.kind, {"correct": 0, "total": 0, "examples": []})
+        s = scores.setdefault(q.kind, {"correct": 0, "total": 0, "examples": [], "failures": []})
         s["correct"] += int(value == expected)
         s["total"] += 1
+        example = {"question": q.question, "expected": q.answer, "answer": text}
         if len(s["examples"]) < 3:
-            s["examples"].append({"question": q.question, "expected": q.answer, "answer": text})
+            s["examples"].append(example)
+        if value != expected and len(s["failures"]) < 3:
+            s["failures"].append(example)
     for s in scores.values():
         s["accuracy"] = s["correct"] / s["total"]
     return scores
@@ -428,3 +513,89 @@ def lone_colour_accuracy(model, processor, count: int, seed: int) -> float:
                      max_tokens=12).text
         right += answer_value("colour", answer) == item.colour
     return right / count
+
+
+# ---------------------------------------------------------------- pictures people draw
+
+
+PAINT_COLOURS = {  # a paint program's palette, not the generator's tones
+    "red": (255, 0, 0), "green": (0, 160, 0), "blue": (0, 0, 255), "yellow": (255, 255, 0),
+    "orange": (255, 140, 0), "purple": (128, 0, 160), "black": (0, 0, 0), "white": (255, 255, 255),
+}
+PAINT_BACKGROUNDS = {"white": (255, 255, 255), "black": (0, 0, 0), "light grey": (220, 220, 220),
+                     "dark grey": (50, 50, 50), "cream": (250, 245, 225), "pale blue": (225, 235, 250)}
+
+
+def drawn_picture(shape: str, colour: str, rng: np.random.Generator):
+    """One shape drawn with plain PIL primitives (ellipse, rectangle, regular
+    polygon, polygon) on a flat background, as a person makes a test picture:
+    (image, cell of its centre). Independent of `render`: any aspect ratio,
+    100-400 px, the shape 10-60% of the short side, aliased or anti-aliased."""
+    width = int(rng.integers(100, 401))
+    height = int(np.clip(width * np.exp(rng.uniform(np.log(0.5), np.log(2.0))), 100, 400))
+    backgrounds = [b for b, rgb in PAINT_BACKGROUNDS.items()
+                   if np.abs(np.subtract(rgb, PAINT_COLOURS[colour])).sum() > 120]
+    fill_bg = PAINT_BACKGROUNDS[backgrounds[int(rng.integers(len(backgrounds)))]]
+    r = rng.uniform(0.05, 0.3) * min(width, height)
+    cell = int(rng.integers(9))
+    col, row = cell % 3, cell // 3
+    lo_x, hi_x = max(width * (col + 0.3) / 3, r), min(width * (col + 0.7) / 3, width - r)
+    lo_y, hi_y = max(height * (row + 0.3) / 3, r), min(height * (row + 0.7) / 3, height - r)
+    if lo_x > hi_x or lo_y > hi_y:  # too big for that cell: centre it
+        cell, lo_x, hi_x, lo_y, hi_y = 4, width / 2, width / 2, height / 2, height / 2
+    cx, cy = rng.uniform(lo_x, hi_x), rng.uniform(lo_y, hi_y)
+    k = 4 if rng.random() < 0.5 else 1  # supersampling factor: 4 = anti-aliased edges
+    image = Image.new("RGB", (width * k, height * k), fill_bg)
+    draw, fill = ImageDraw.Draw(image), PAINT_COLOURS[colour]
+    cx, cy, r = cx * k, cy * k, r * k
+    if shape == "circle":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    elif shape == "square":
+        h = r * 0.85
+        draw.rectangle([cx - h, cy - h, cx + h, cy + h], fill=fill)
+    elif shape == "triangle":
+        draw.regular_polygon((cx, cy, r), 3, fill=fill)
+    elif shape == "diamond":
+        draw.polygon([(cx, cy - r), (cx + r * 0.8, cy), (cx, cy + r), (cx - r * 0.8, cy)], fill=fill)
+    elif shape == "cross":
+        a = r * 0.3
+        draw.rectangle([cx - a, cy - r, cx + a, cy + r], fill=fill)
+        draw.rectangle([cx - r, cy - a, cx + r, cy + a], fill=fill)
+    elif shape == "star":
+        points = [(cx + (r if i % 2 == 0 else r * 0.4) * np.cos(np.pi / 5 * i - np.pi / 2),
+                   cy + (r if i % 2 == 0 else r * 0.4) * np.sin(np.pi / 5 * i - np.pi / 2)) for i in range(10)]
+        draw.polygon(points, fill=fill)
+    else:
+        raise ValueError(f"unknown shape {shape!r}; known: {', '.join(SHAPES)}")
+    if k > 1:
+        image = image.resize((width, height), Image.LANCZOS)
+    return image, cell
+
+
+def drawn_questions(per_type: int, seed: int, kinds: Sequence[str] = ("colour", "shape", "count", "position"),
+                    shape_names: Sequence[str] = SHAPES) -> List[Question]:
+    """Questions about single-shape pictures from `drawn_picture`, in the plain
+    forms a new user types ("What colour is the shape?", "What shape is this?")."""
+    rng = np.random.default_rng(seed)
+    pick = lambda options: options[int(rng.integers(len(options)))]  # noqa: E731
+    out = []
+    for kind in kinds:
+        for _ in range(per_type):
+            shape, colour = pick(list(shape_names)), pick(list(PAINT_COLOURS))
+            image, cell = drawn_picture(shape, colour, rng)
+            if kind == "colour":
+                q, a, value = pick(["What colour is the shape?", f"What colour is the {shape}?",
+                                    "What color is it?"]), f"The {shape} is {colour}.", colour
+            elif kind == "shape":
+                q, a, value = pick(["What shape is this?", f"What shape is the {colour} object?",
+                                    "What shape is in the image?"]), f"The {colour} shape is a {shape}.", shape
+            elif kind == "count":
+                q, a, value = pick(["How many shapes are there?", "How many objects are in the image?"]), \
+                    "There is one shape.", "one"
+            elif kind == "position":
+                q, a, value = f"Where is the {colour} {shape}?", \
+                    f"The {colour} {shape} is {position_phrase(POSITIONS[cell])}.", POSITIONS[cell]
+            else:
+                raise ValueError(f"drawn pictures have no {kind!r} questions")
+            out.append(Question(kind, q, a, value, [image]))
+    return out

@@ -35,9 +35,14 @@ def test_object_colour_is_drawn_in_its_cell():
                                               shapes.Item("circle", "blue", "large", 8)])
     x = np.asarray(shapes.render(scene, np.random.default_rng(0))).astype(int)
     top_left, bottom_right = x[:50, :100].reshape(-1, 3), x[100:, 200:].reshape(-1, 3)
-    near = lambda px, c: (np.abs(px - np.array(c)).max(axis=1) < 20).mean()  # noqa: E731
-    assert near(top_left, shapes.COLOURS["red"]) > 0.1 and near(top_left, shapes.COLOURS["blue"]) == 0
-    assert near(bottom_right, shapes.COLOURS["blue"]) > 0.1 and near(bottom_right, shapes.COLOURS["red"]) == 0
+    names, refs = list(shapes.COLOURS), np.array(list(shapes.COLOURS.values()))
+
+    def near(px, colour):  # the share of pixels whose nearest named colour is `colour`, within 60
+        d = np.abs(px[:, None] - refs[None]).sum(-1)
+        return ((d.argmin(1) == names.index(colour)) & (d.min(1) < 60)).mean()
+
+    assert near(top_left, "red") > 0.1 and near(top_left, "blue") == 0
+    assert near(bottom_right, "blue") > 0.1 and near(bottom_right, "red") == 0
 
 
 def test_questions_are_unambiguous_or_refused():
@@ -115,3 +120,47 @@ def test_later_turns_cannot_copy_an_earlier_answer():
         assert len(shapes.conversation(one, "x.png", rng, turns=2, mix=mix)["messages"]) == 2
         answers = [m["content"] for m in shapes.conversation(two, "x.png", rng, turns=2, mix=mix)["messages"][1::2]]
         assert len(answers) == 2 and shapes.words(answers[1]) not in shapes.words(answers[0])
+
+
+def test_backgrounds_lone_shapes_and_drawn_geometry():
+    """Every background kind occurs, a lone shape spans 10-60% of the short side
+    and sits inside its cell, and the drawn box and word box are recorded."""
+    rng = np.random.default_rng(3)
+    seen, extents = set(), []
+    for _ in range(300):
+        scene = shapes.random_scene(rng)
+        shapes.render(scene, rng)
+        seen.add(scene.background)
+        for item in scene.items:
+            assert item.colour not in shapes.HIDDEN_ON.get(scene.background, ())
+            cx, cy, r = item.box
+            x0, y0, x1, y1 = shapes.cell_box(scene, item.cell)
+            assert x0 <= cx <= x1 and y0 <= cy <= y1
+            if item.extent is not None:
+                extents.append(2 * r / min(scene.width, scene.height))
+        if scene.word:
+            assert scene.word_box[2] > scene.word_box[0]
+    assert seen == set(shapes.BACKGROUNDS)
+    assert 0.1 <= min(extents) < 0.2 and 0.5 < max(extents) <= 0.6
+
+
+def test_lone_shape_questions_take_the_plain_forms():
+    rng = np.random.default_rng(0)
+    one = shapes.Scene(200, 200, "white", [shapes.Item("star", "red", "large", 4)])
+    asked = {shapes.ask(one, kind, rng)[0] for kind in ("colour", "shape") for _ in range(60)}
+    assert {"What colour is the shape?", "What shape is this?"} <= asked
+    two = shapes.Scene(200, 200, "white", [shapes.Item("star", "red", "large", 4), shapes.Item("circle", "blue", "small", 0)])
+    assert not {shapes.ask(two, "colour", rng)[0] for _ in range(30)} & {"What colour is the shape?", "What colour is it?"}
+
+
+def test_drawn_pictures_are_deterministic_and_show_their_colour():
+    a = shapes.drawn_questions(3, seed=4)
+    b = shapes.drawn_questions(3, seed=4)
+    assert [q.question for q in a] == [q.question for q in b]
+    assert all(np.array_equal(np.asarray(x.images[0]), np.asarray(y.images[0])) for x, y in zip(a, b))
+    for q in a:
+        w, h = q.images[0].size
+        assert 100 <= min(w, h) and max(w, h) <= 400 and max(w, h) / min(w, h) <= 2.01
+        if q.kind == "colour":
+            px = np.asarray(q.images[0]).reshape(-1, 3).astype(int)
+            assert (np.abs(px - shapes.PAINT_COLOURS[q.expected]).max(axis=1) < 8).sum() > 20

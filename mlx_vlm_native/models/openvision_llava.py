@@ -3,7 +3,8 @@ ViT patch tokens -> 2-layer GELU projector -> an mlx-lm language model, the
 setting the OpenVision 2 paper evaluates its encoders in.
 
 Each image is one square view (short side resized and centre crop, or with
-`image_aspect_ratio: "pad"` padded to a square; ImageNet mean/std) giving
+`image_aspect_ratio: "pad"` padded to a square, or with "resize" stretched to
+one; ImageNet mean/std) giving
 (image_size / patch_size)^2 tokens at the image placeholder.
 """
 
@@ -34,7 +35,8 @@ class ModelArgs(BaseModelArgs):
     image_mean: Tuple[float, ...] = IMAGENET_MEAN
     image_std: Tuple[float, ...] = IMAGENET_STD
     image_token_id: Optional[int] = None
-    image_aspect_ratio: str = "crop"  # "crop": short side + centre crop; "pad": LLaVA-1.5's pad to square
+    # "crop": short side + centre crop; "pad": LLaVA-1.5's pad to square; "resize": stretch to the square
+    image_aspect_ratio: str = "crop"
 
     def __post_init__(self):
         if isinstance(self.vision_config, dict):
@@ -47,8 +49,8 @@ class ModelArgs(BaseModelArgs):
             self.image_token_index = self.image_token_id
         if self.projector_hidden_act != "gelu":
             raise ValueError(f"unsupported projector_hidden_act {self.projector_hidden_act!r}")
-        if self.image_aspect_ratio not in ("crop", "pad"):
-            raise ValueError(f"unsupported image_aspect_ratio {self.image_aspect_ratio!r}; use 'crop' or 'pad'")
+        if self.image_aspect_ratio not in ("crop", "pad", "resize"):
+            raise ValueError(f"unsupported image_aspect_ratio {self.image_aspect_ratio!r}; use 'crop', 'pad' or 'resize'")
         layers = self.vision_config.layers
         if not -layers <= self.vision_feature_layer < layers:
             raise ValueError(f"vision_feature_layer {self.vision_feature_layer} is outside the {layers} ViT blocks")
