@@ -177,7 +177,7 @@ nothing else; do not expect it to describe photos.
 - Stage 1, the encoder alone: {info['encoder_steps']} steps x {info['encoder_batch']} freshly generated pictures;
   each token is taught the colour, shape and layout cell of the object drawn over it, the word
   printed over it, and the mean token the object count (linear heads, dropped afterwards).
-  The first fifth of the steps show at most two objects.
+  The first fifth of the steps show at most two objects.{info.get('encoder_history', '')}
 - Stage 2: the ViT frozen; projector and decoder trained from scratch on {info['stage2_steps']} x
   {info['stage2_batch']} conversations (up to 3 questions each) about {info['train_images']} generated pictures,
   loss on the answer tokens only.
@@ -339,6 +339,8 @@ def main(argv=None) -> None:
             "probe_train": a.probe_pictures, "probe_test": max(a.probe_pictures // 3, 1),
             "stage2_steps": a.stage2_steps or r2["steps"], "stage2_batch": r2["micro_batch_size"],
             "train_images": a.images, "timings": json.loads((out / "timings.json").read_text()),
+            "encoder_history": (f" This build: {(enc / 'history.txt').read_text().strip()}."
+                                if (enc / "history.txt").exists() else ""),
             "machine": "2 shared CPU cores (MLX CPU backend + OpenBLAS)",
         }
         print(f"installed in {install(model_dir, scores, probe, info)}")

@@ -33,18 +33,39 @@ VISION = {"image_size": 128, "patch_size": 16, "width": 128, "layers": 4, "head_
           "stem_channels": [16, 32, 64, 128]}
 COLOURS, SHAPES, WORDS = list(shapes.COLOURS), list(shapes.SHAPES), list(shapes.WORDS)
 HEADS = {"colour": len(COLOURS) + 1, "shape": len(SHAPES) + 1, "cell": 10, "word": len(WORDS) + 1}
-WEIGHTS = {"colour": 1.0, "shape": 2.0, "cell": 1.0, "word": 1.0}  # shape is the slowest to learn
+WEIGHTS = {"colour": 1.0, "shape": 1.0, "cell": 1.0, "word": 1.0, "object_shape": 2.0}  # shape: the slowest
+
+
+def object_region(scene: shapes.Scene, item: shapes.Item, grid: int) -> np.ndarray:
+    """The tokens (of a grid x grid picture stretched to a square) an object covers:
+    those whose centre is inside its box, and always the one holding its centre."""
+    ys, xs = (np.mgrid[:grid, :grid] + 0.5) / grid
+    tx, ty = xs.ravel() * scene.width, ys.ravel() * scene.height
+    cx, cy, r = item.box
+    cover = (np.abs(tx - cx) <= r) & (np.abs(ty - cy) <= r)
+    cover[int(min(cy / scene.height, 0.999) * grid) * grid + int(min(cx / scene.width, 0.999) * grid)] = True
+    return cover
+
+
+def object_pooling(scene: shapes.Scene, grid: int) -> np.ndarray:
+    """(MAX_OBJECTS, grid*grid) weights averaging each object's tokens (zero rows pad)."""
+    out = np.zeros((shapes.MAX_OBJECTS, grid * grid), np.float32)
+    for n, item in enumerate(scene.items):
+        cover = object_region(scene, item, grid)
+        out[n, cover] = 1.0 / cover.sum()
+    return out
 
 
 def token_labels(scene: shapes.Scene, grid: int) -> dict:
-    """Per-token targets (0 = none) for a picture stretched to a grid x grid square."""
+    """Per-token targets (0 = none) for a picture stretched to a grid x grid square,
+    and per-object shape targets (-1 = no object) for the object-pooled head."""
     ys, xs = (np.mgrid[:grid, :grid] + 0.5) / grid
     tx, ty = xs.ravel() * scene.width, ys.ravel() * scene.height
     out = {k: np.zeros(grid * grid, np.int32) for k in HEADS}
-    for item in scene.items:
-        cx, cy, r = item.box
-        cover = (np.abs(tx - cx) <= r) & (np.abs(ty - cy) <= r)
-        cover[int(min(cy / scene.height, 0.999) * grid) * grid + int(min(cx / scene.width, 0.999) * grid)] = True
+    out["object_shape"] = np.full(shapes.MAX_OBJECTS, -1, np.int32)
+    for n, item in enumerate(scene.items):
+        cover = object_region(scene, item, grid)
+        out["object_shape"][n] = SHAPES.index(item.shape)
         out["colour"][cover] = COLOURS.index(item.colour) + 1
         out["shape"][cover] = SHAPES.index(item.shape) + 1
         out["cell"][cover] = item.cell + 1
@@ -58,7 +79,7 @@ def token_labels(scene: shapes.Scene, grid: int) -> dict:
 
 def make_batch(seed: int, size: int, image_size: int, grid: int, max_items: int):
     rng = np.random.default_rng(seed)
-    pixels, labels, counts = [], {k: [] for k in HEADS}, []
+    pixels, labels, counts, pools = [], {k: [] for k in list(HEADS) + ["object_shape"]}, [], []
     for _ in range(size):
         scene = shapes.random_scene(rng, max_items=max_items)
         image = shapes.render(scene, rng)
@@ -66,8 +87,9 @@ def make_batch(seed: int, size: int, image_size: int, grid: int, max_items: int)
         for k, v in token_labels(scene, grid).items():
             labels[k].append(v)
         counts.append(len(scene.items))
+        pools.append(object_pooling(scene, grid))
     return (mx.array(np.stack(pixels)), {k: mx.array(np.stack(v)) for k, v in labels.items()},
-            mx.array(np.array(counts, np.int32)))
+            mx.array(np.array(counts, np.int32)), mx.array(np.stack(pools)))
 
 
 class Dense(nn.Module):
@@ -78,18 +100,28 @@ class Dense(nn.Module):
         self.vit = VisionTransformer(config)
         self.heads = {k: nn.Linear(config.width, n) for k, n in HEADS.items()}
         self.count = nn.Linear(config.width, shapes.MAX_OBJECTS + 1)
+        self.object_shape = nn.Linear(config.width, len(SHAPES))
 
-    def __call__(self, pixels):
+    def __call__(self, pixels, pools):
         tokens = self.vit(pixels)["tokens"]
-        return {k: h(tokens) for k, h in self.heads.items()}, self.count(tokens.mean(axis=1))
+        logits = {k: h(tokens) for k, h in self.heads.items()}
+        logits["object_shape"] = self.object_shape(pools @ tokens)  # each object's mean token
+        return logits, self.count(tokens.mean(axis=1))
 
 
-def loss_fn(model, pixels, labels, counts):
-    logits, count_logits = model(pixels)
+def loss_fn(model, pixels, labels, counts, pools):
+    """Per-token colour/shape/cell/word (object tokens weighted 3x), each object's
+    shape from its mean token, and the count from the mean of all tokens."""
+    logits, count_logits = model(pixels, pools)
     total = 0.0
-    for k, y in labels.items():
+    for k in HEADS:
+        y = labels[k]
         w = mx.where(y > 0, 3.0, 1.0)
         total = total + WEIGHTS[k] * (nn.losses.cross_entropy(logits[k], y) * w).sum() / w.sum()
+    y = labels["object_shape"]
+    valid = y >= 0
+    ce = nn.losses.cross_entropy(logits["object_shape"], mx.maximum(y, 0)) * valid
+    total = total + WEIGHTS["object_shape"] * ce.sum() / mx.maximum(valid.sum(), 1)
     return total + nn.losses.cross_entropy(count_logits, counts).mean()
 
 
@@ -116,10 +148,12 @@ def build_model(vision: dict) -> Dense:
 
 
 def train(out: Path, steps: int, batch: int = 32, lr: float = 2e-3, seed: int = 0, vision: dict = VISION,
-          log_every: int = 25) -> Dense:
+          log_every: int = 25, init: Path = None) -> Dense:
     out.mkdir(parents=True, exist_ok=True)
     mx.random.seed(seed)
     model = build_model(vision)
+    if init is not None and not (out / "checkpoint").exists():  # warm start (heads it lacks stay fresh)
+        model.load_weights(str(init), strict=False)
     config = model.vit.config
     warmup = min(50, max(steps // 10, 1))
     schedule = optim.join_schedules([optim.linear_schedule(lr / 20, lr, warmup),
@@ -138,9 +172,8 @@ def train(out: Path, steps: int, batch: int = 32, lr: float = 2e-3, seed: int = 
     tic, recent = time.time(), []
     for step in range(start, steps):
         curriculum = 2 if step < steps // 5 else shapes.MAX_OBJECTS
-        pixels, labels, counts = make_batch(seed * 1_000_003 + step, batch, config.image_size, config.grid,
-                                            curriculum)
-        loss, grads = step_fn(model, pixels, labels, counts)
+        loss, grads = step_fn(model, *make_batch(seed * 1_000_003 + step, batch, config.image_size, config.grid,
+                                                 curriculum))
         opt.update(model, grads)
         mx.eval(model.parameters(), opt.state, loss)
         recent.append(loss.item())
@@ -162,10 +195,12 @@ def train(out: Path, steps: int, batch: int = 32, lr: float = 2e-3, seed: int = 
 
 
 def tokens_and_targets(vit: VisionTransformer, seed: int, pictures: int, batch: int = 64):
-    """Frozen tokens of fresh pictures, and per-object / per-picture targets."""
+    """Frozen tokens of fresh pictures: per object (its centre token, the mean of
+    the tokens it covers, colour, shape, cell, lone?), per word and per picture."""
     config = vit.config
     rng = np.random.default_rng(seed)
-    toks, objects, words, counts = [], [], [], []
+    centre, region, objects, pooled, words, counts = [], [], [], [], [], []
+    g = config.grid
     for start in range(0, pictures, batch):
         pixels, scenes = [], []
         for _ in range(min(batch, pictures - start)):
@@ -175,19 +210,19 @@ def tokens_and_targets(vit: VisionTransformer, seed: int, pictures: int, batch: 
         t = vit(mx.array(np.stack(pixels)))["tokens"]
         mx.eval(t)
         t = np.array(t)
-        g = config.grid
         for n, scene in enumerate(scenes):
-            index = len(toks) + n
             for item in scene.items:
                 cx, cy, _ = item.box
                 tok = int(min(cy / scene.height, 0.999) * g) * g + int(min(cx / scene.width, 0.999) * g)
-                objects.append((index, tok, COLOURS.index(item.colour), SHAPES.index(item.shape), item.cell,
+                centre.append(t[n, tok])
+                region.append(t[n, object_region(scene, item, g)].mean(0))
+                objects.append((COLOURS.index(item.colour), SHAPES.index(item.shape), item.cell,
                                 item.extent is not None))
             if scene.word:
-                words.append((index, WORDS.index(scene.word)))
+                words.append((len(pooled), WORDS.index(scene.word)))
+            pooled.append(np.concatenate([t[n].mean(0), t[n].max(0)]))
             counts.append(len(scene.items))
-        toks.extend(t)
-    return np.stack(toks), objects, words, np.array(counts)
+    return np.stack(centre), np.stack(region), np.array(objects), np.stack(pooled), np.array(words), np.array(counts)
 
 
 def fit_linear(x: np.ndarray, y: np.ndarray, classes: int, steps: int = 300, lr: float = 0.05):
@@ -207,33 +242,30 @@ def fit_linear(x: np.ndarray, y: np.ndarray, classes: int, steps: int = 300, lr:
 
 def probe(vit: VisionTransformer, train_pictures: int = 1500, test_pictures: int = 500, seed: int = 4242) -> dict:
     """Linear probes on the frozen tokens, fitted on one set of fresh pictures and
-    scored on another: each object's colour, shape and cell read from the token at
-    its centre; the word from the mean of all tokens... and the object count from it."""
+    scored on another: each object's colour, shape and cell from the mean of the
+    tokens it covers (an attention probe with the object's region as its mask),
+    and from the single token at its centre (`*_centre`); the word and the
+    object count from the tokens' mean and max."""
     vit.eval()
-    results = {}
-    fitted = {}
+    results, fitted = {}, {}
     for split, n, s in (("train", train_pictures, seed), ("test", test_pictures, seed + 1)):
-        toks, objects, words, counts = tokens_and_targets(vit, s, n)
-        obj = np.array(objects)
-        feats = toks[obj[:, 0], obj[:, 1]]
-        # the word and the count read from the tokens' mean and max (a linear read-out of pooled tokens)
-        pooled = np.concatenate([toks.mean(1), toks.max(1)], axis=1)
-        w = np.array(words)
-        targets = {"colour": (feats, obj[:, 2], len(COLOURS)), "shape": (feats, obj[:, 3], len(SHAPES)),
-                   "cell": (feats, obj[:, 4], 9), "word": (pooled[w[:, 0]], w[:, 1], len(WORDS)),
+        centre, region, obj, pooled, words, counts = tokens_and_targets(vit, s, n)
+        targets = {"colour": (region, obj[:, 0], len(COLOURS)), "shape": (region, obj[:, 1], len(SHAPES)),
+                   "cell": (region, obj[:, 2], 9), "colour_centre": (centre, obj[:, 0], len(COLOURS)),
+                   "shape_centre": (centre, obj[:, 1], len(SHAPES)),
+                   "word": (pooled[words[:, 0]], words[:, 1], len(WORDS)),
                    "count": (pooled, counts, shapes.MAX_OBJECTS + 1)}
         if split == "train":
             fitted = {k: fit_linear(x, y, c) for k, (x, y, c) in targets.items()}
-        else:
-            for k, (x, y, c) in targets.items():
-                pred = fitted[k](x)
-                results[k] = float((pred == y).mean())
-            lone = obj[:, 5].astype(bool)
-            for k, col in (("colour", 2), ("shape", 3)):
-                pred = fitted[k](feats)
-                results[f"{k}_lone"] = float((pred[lone] == obj[lone, col]).mean())
-                results[f"{k}_scenes"] = float((pred[~lone] == obj[~lone, col]).mean())
-            results["objects"] = int(len(obj))
+            continue
+        for k, (x, y, c) in targets.items():
+            results[k] = float((fitted[k](x) == y).mean())
+        lone = obj[:, 3].astype(bool)
+        for k, col in (("colour", 0), ("shape", 1)):
+            pred = fitted[k](region)
+            results[f"{k}_lone"] = float((pred[lone] == obj[lone, col]).mean())
+            results[f"{k}_scenes"] = float((pred[~lone] == obj[~lone, col]).mean())
+        results["objects"] = int(len(obj))
     return results
 
 
@@ -250,11 +282,12 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--probe-only", action="store_true")
+    p.add_argument("--init", default=None, help="warm-start weights (a checkpoint's model.safetensors)")
     p.add_argument("--probe-pictures", type=int, default=1500)
     a = p.parse_args(argv)
     out = Path(a.out)
     if not a.probe_only and not (out / "done").exists():
-        train(out, a.steps, a.batch, a.lr)
+        train(out, a.steps, a.batch, a.lr, init=a.init and Path(a.init))
     tic = time.time()
     results = probe(load_vit(out), a.probe_pictures, a.probe_pictures // 3)
     results["seconds"] = time.time() - tic
