@@ -190,14 +190,15 @@ nothing else; do not expect it to describe photos.
 
 Linear probes (logistic regression) fitted on the frozen tokens of {info['probe_train']} fresh
 pictures and scored on {probe['objects']} objects in {info['probe_test']} others: each object's
-colour, shape and cell from the token at its centre; the word and the count from the
-tokens' mean and max.
+colour, shape and cell from the mean of the tokens it covers (`*_centre`: from the one token
+at its centre; `*_lone` / `*_scenes`: one-shape pictures / scenes); the word and the count
+from the tokens' mean and max. Target: colour and shape >= {PROBE_TARGET:.0%}.
 
 | read-out | accuracy |
 |---|---|
 """ + "\n".join(f"| {k} | {probe[k]:.1%} |" for k in
-               ("colour", "shape", "cell", "word", "count", "colour_lone", "shape_lone", "colour_scenes",
-                "shape_scenes")) + f"""
+               ("colour", "shape", "cell", "word", "count", "colour_centre", "shape_centre", "colour_lone",
+                "shape_lone", "colour_scenes", "shape_scenes")) + f"""
 
 ## Accuracy of the whole model
 
