@@ -18,6 +18,7 @@ stopped. Every bad request gets an error in OpenAI's shape, {"error":
 import argparse
 import contextlib
 import ctypes
+import hashlib
 import itertools
 import json
 import queue
@@ -320,6 +321,9 @@ class ChatService:
         self.model, self.processor, self.model_id, self.limits = model, processor, model_id, limits
         self.system_prompt = system_prompt  # for requests that bring no system message
         self.cache_options = cache_options or {}  # KV-cache options (check_cache_params) for every answer
+        # the last answer's KV cache and image features, reused by a request with the same images:
+        # its images are not encoded again and the prefix it shares is not prefilled again
+        self.prompt_cache, self.prompt_cache_images = None, None
         self.created = int(time.time())
         self.jobs: queue.Queue = queue.Queue(maxsize=limits.max_queued)
         self.stopping = False
@@ -346,7 +350,7 @@ class ChatService:
                 release_memory()
 
     def run(self, job: Job) -> None:
-        from .generate import check_chat_length, stream_chat
+        from .generate import PromptCache, check_chat_length, stream_chat
 
         messages = job.messages
         if self.system_prompt is not None and not any(m["role"] == "system" for m in messages):
@@ -354,12 +358,19 @@ class ChatService:
         check_chat_length(self.model, self.processor, messages, [i.size for i in job.images])
         images = [image.decode(self.limits) for image in job.images]
         options = {**job.options, **self.cache_options}
-        for response in stream_chat(self.model, self.processor, messages, images, **options):
+        key = [hashlib.sha256(image.data).digest() for image in job.images]
+        if self.prompt_cache is None or key != self.prompt_cache_images:
+            self.prompt_cache = PromptCache()
+        self.prompt_cache_images = None  # until this answer ends well (a failure may leave it half-written)
+        cache = None if options.get("max_kv_size") else self.prompt_cache  # a rotating cache is not reused
+        for response in stream_chat(self.model, self.processor, messages, images, prompt_cache=cache, **options):
             if self.stopping:
                 raise APIError(503, "the server stopped during the answer", "server_stopping")
             if job.cancelled:
+                self.prompt_cache_images = key  # stopped between tokens: the cache is consistent
                 return
             job.responses.put(response)
+        self.prompt_cache_images = key
 
     def answer(self, messages: list, images: List[RequestImage], options: dict,
                client_gone: Callable[[], bool] = lambda: False) -> Iterator:

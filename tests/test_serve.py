@@ -577,3 +577,22 @@ def test_listen_backlog_fits_the_use():
     from mlx_vlm_native.server import ChatServer
 
     assert ChatServer.request_queue_size >= 64
+
+
+def test_same_image_twice_reuses_the_prompt_cache(server, image_png):
+    """The second request with the same image reads the first one's KV cache:
+    only the tokens after the shared prefix are prefilled, and the answer is the same."""
+    service = SERVERS["main"].service
+    messages = image_message(data_url(image_png.read_bytes()))
+    _, first = complete(server, messages=messages, max_tokens=4, temperature=0)
+    seen = []
+    original = service.prompt_cache.reuse
+
+    def reuse(model, ids):
+        seen.append(original(model, ids))
+        return seen[-1]
+
+    service.prompt_cache.reuse = reuse
+    _, second = complete(server, messages=messages, max_tokens=4, temperature=0)
+    assert second["choices"][0]["message"]["content"] == first["choices"][0]["message"]["content"]
+    assert seen and seen[0] == second["usage"]["prompt_tokens"] - 1  # all but the last prompt token
