@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from bench_llava_onevision import make_image, time_stream  # this folder's shared helpers
 
 PRESET = "qwen2-vl-bench"
 # ~110M parameters: a 6-block 512-wide tower and a 12-layer 768-wide decoder
@@ -87,23 +88,7 @@ DECODE = 32
 
 
 def image(seed=0):
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    h, w = IMAGE_SIZE
-    y, x = np.mgrid[0:h, 0:w]
-    base = np.stack([x * 255 / (w - 1), y * 255 / (h - 1), (x + y) % 256], -1)
-    return Image.fromarray(np.clip(base + rng.normal(0, 20, (h, w, 3)), 0, 255).astype(np.uint8))
-
-
-def stream_timing(steps):
-    """(seconds to the first token, tokens/s of the rest) of a token stream."""
-    tic = time.perf_counter()
-    it = iter(steps)
-    next(it)
-    first = time.perf_counter()
-    rest = sum(1 for _ in it)
-    return first - tic, rest / (time.perf_counter() - first)
+    return make_image(*IMAGE_SIZE, seed)
 
 
 class Ours:
@@ -131,7 +116,7 @@ class Ours:
 
         def run():
             embeds = self.model.get_input_embeddings(inputs)[0]
-            return stream_timing(generate_step(mx.array(inputs.input_ids), self.model,
+            return time_stream(generate_step(mx.array(inputs.input_ids), self.model,
                                                max_tokens=DECODE + 1, input_embeddings=embeds))
         return len(inputs.input_ids), run
 
@@ -177,7 +162,7 @@ class MlxVlm:
         extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "pixel_values", "attention_mask")}
 
         def run():
-            return stream_timing(generate_step(inputs["input_ids"], self.model, inputs["pixel_values"],
+            return time_stream(generate_step(inputs["input_ids"], self.model, inputs["pixel_values"],
                                                inputs["attention_mask"], max_tokens=DECODE + 1,
                                                temperature=0.0, **extra))
         return inputs["input_ids"].shape[1], run
