@@ -45,17 +45,11 @@ def small_grids(n=32, seed=0):
 def build(folder: Path) -> Path:
     """The random checkpoint in the hub's flat config layout (mlx-vlm reads only that)."""
     from mlx_vlm_native import random_checkpoint
+    from mlx_vlm_native.models.qwen2_vl import flat_config
 
     random_checkpoint.PRESETS[PRESET] = PRESET_SPEC
     path = random_checkpoint.write_checkpoint(folder, PRESET)
-    config = json.loads((path / "config.json").read_text())
-    text = config.pop("text_config")
-    rope = text.pop("rope_parameters")
-    config.update({k: v for k, v in text.items() if k != "model_type"})
-    config["rope_theta"] = rope["rope_theta"]
-    config["rope_scaling"] = {"type": "mrope", "mrope_section": rope["mrope_section"]}
-    config["vision_config"]["model_type"] = "qwen2_vl"
-    config["vision_config"]["in_chans"] = 3
+    config = flat_config(json.loads((path / "config.json").read_text()))
     (path / "config.json").write_text(json.dumps(config, indent=2))
     return path
 
