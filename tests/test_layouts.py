@@ -157,7 +157,7 @@ def ours_logits(model, inputs) -> np.ndarray:
 def hf_logits(hf, inputs) -> np.ndarray:
     ids = torch.from_numpy(inputs.input_ids.astype(np.int64))[None]
     with torch.inference_mode():
-        if hasattr(inputs, "pack"):
+        if inputs.pack is not None:
             return hf(
                 input_ids=ids, mm_token_type_ids=torch.from_numpy(inputs.token_types.astype(np.int64))[None],
                 pixel_values=torch.from_numpy(inputs.pack.patches), image_grid_thw=torch.tensor(inputs.image_grids),
@@ -183,7 +183,7 @@ def peer_media(peer, inputs):
     form, the pixels in the checkpoint's dtype as we (and transformers) feed the
     tower: mlx-vlm's LLaVA-OneVision would otherwise run its bf16 tower in fp32."""
     dtype = peer.language_model.model.norm.weight.dtype
-    if hasattr(inputs, "pack"):
+    if inputs.pack is not None:
         pixels = mx.array(inputs.pack.patches).astype(dtype)
         return pixels, {"image_grid_thw": mx.array(np.asarray(inputs.image_grids))}
     return mx.array(inputs.pixel_values[0]).astype(dtype), {"image_sizes": [list(inputs.image_sizes[0])]}

@@ -1,9 +1,14 @@
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import List, Optional, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+
+from ..packing import Pack
+
+TEXT, IMAGE, VIDEO = 0, 1, 2  # the values of `ProcessedInputs.token_types`
 
 
 @dataclass
@@ -12,6 +17,28 @@ class BaseModelArgs:
     def from_dict(cls, params: dict):
         fields = inspect.signature(cls).parameters
         return cls(**{k: v for k, v in params.items() if k in fields})
+
+
+@dataclass
+class ProcessedInputs:
+    """One prompt and its media as every family's processor hands them to the
+    model; each family fills the fields its vision path reads."""
+
+    input_ids: np.ndarray  # (L,) int32, each image/video placeholder expanded to its tokens
+    pixel_values: List[np.ndarray] = field(default_factory=list)  # per image, in the family's layout
+    image_sizes: List[Tuple[int, int]] = field(default_factory=list)  # per image: (height, width)
+    multi_image: bool = False  # several images, one square view each (LLaVA-OneVision)
+    video_frames: List[np.ndarray] = field(default_factory=list)  # per video: (frames, 3, S, S)
+    image_grids: List[tuple] = field(default_factory=list)  # per image: patch grid, EVE (h, w), Qwen2-VL (t, h, w)
+    video_grids: List[tuple] = field(default_factory=list)  # per video: (t, h, w)
+    video_seconds_per_grid: List[float] = field(default_factory=list)
+    token_types: Optional[np.ndarray] = None  # (L,) TEXT, IMAGE or VIDEO (packed families)
+    pack: Optional[Pack] = None  # the patches of all images, then all videos (packed families)
+
+    @property
+    def vision_tokens(self) -> int:
+        """Image and video placeholder tokens of a packed family's prompt."""
+        return 0 if self.token_types is None else int(np.count_nonzero(self.token_types))
 
 
 def _first(keys, n: int = 5) -> str:

@@ -19,7 +19,7 @@ import numpy as np
 
 from ..processors.image import ImageInput, load_image
 from ..processors.prompt import ChatTemplateMessages, expand_placeholders, load_chat_template, user_turn
-from .base import BaseModelArgs, MLPProjector, scatter_features, text_config_for_mlx_lm
+from .base import BaseModelArgs, MLPProjector, ProcessedInputs, scatter_features, text_config_for_mlx_lm
 from .openvision import IMAGENET_MEAN, IMAGENET_STD, VisionConfig, VisionTransformer
 
 
@@ -140,15 +140,6 @@ class Model(nn.Module):
         return rest
 
 
-@dataclass
-class ProcessedInputs:
-    input_ids: np.ndarray  # (L,) int32
-    pixel_values: List[np.ndarray]  # per image: (1, 3, S, S)
-    image_sizes: List[Tuple[int, int]]
-    multi_image: bool
-    video_frames: List[np.ndarray]
-
-
 class Processor(ChatTemplateMessages):
     """Prompt + images -> token ids (placeholders expanded) and pixels."""
 
@@ -201,4 +192,5 @@ class Processor(ChatTemplateMessages):
         counts = [self.num_image_tokens] * len(images)
         ids = expand_placeholders(self.tokenize(text), {self.image_token_id: ("image", counts)})
         sizes = [(self.image_size, self.image_size)] * len(images)
-        return ProcessedInputs(ids, pixels, sizes, len(images) > 1, [])
+        # pixel_values per image: (1, 3, S, S)
+        return ProcessedInputs(ids, pixel_values=pixels, image_sizes=sizes, multi_image=len(images) > 1)

@@ -18,10 +18,9 @@ from mlx_lm.models import qwen2
 from mlx_lm.models.cache import BatchKVCache, KVCache
 
 from ..packing import pack_of_packs, split_by_prompt
-from .base import BaseModelArgs, scatter_features, text_config_for_mlx_lm
+from .base import IMAGE, TEXT, VIDEO, BaseModelArgs, scatter_features, text_config_for_mlx_lm
 from .qwen2_vision import VisionConfig, VisionModel
 
-TEXT, IMAGE, VIDEO = 0, 1, 2
 LAYOUTS = (
     "Hub release (model.*, visual.*, torch Conv3d)",
     "transformers 5 (model.language_model.*, model.visual.*)",
@@ -254,7 +253,7 @@ class Model(nn.Module):
         if inputs.pack is not None:
             if vision_features is None:
                 vision_features = self.encode_vision([inputs])[0]
-            n_image = inputs.image_tokens
+            n_image = int(np.count_nonzero(inputs.token_types == IMAGE))
             for kind, features in ((IMAGE, vision_features[:n_image]), (VIDEO, vision_features[n_image:])):
                 mask = inputs.token_types == kind
                 if mask.any() or features.shape[0]:

@@ -14,13 +14,14 @@ with both sides rounded up to multiples of 32 (`patch_stride * dense_stride`).
 import json
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image
 
+from ..models.base import ProcessedInputs
 from .image import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageInput, load_image, rescale_and_normalize
 
 IMAGE_TOKEN = "<image>"
@@ -188,14 +189,6 @@ class EVEv2ImageProcessor:
         return rescale_and_normalize(np.asarray(resized).transpose(2, 0, 1), 1 / 255, self.image_mean, self.image_std)
 
 
-@dataclass
-class ProcessedInputs:
-    input_ids: np.ndarray  # (L,) int32, -200 at the image positions
-    pixel_values: List[np.ndarray]  # per image: (4, S, S) RGB + mask (v1), (3, H, W) (v2)
-    image_grids: List[Tuple[int, int]]
-    video_frames: list = field(default_factory=list)
-
-
 class EVEProcessor:
     def __init__(self, image_processor, tokenizer, config=None):
         self.image_processor = image_processor
@@ -266,7 +259,8 @@ class EVEProcessor:
         images = [load_image(i) for i in images or []]
         pixels = [self.image_processor(i) for i in images]
         grids = [self.image_processor.grid(i.size) for i in images]
-        return ProcessedInputs(self.expand(self.tokenize(text), grids), pixels, grids)
+        # -200 at the image positions; pixel_values per image: (4, S, S) RGB + mask (v1), (3, H, W) (v2)
+        return ProcessedInputs(self.expand(self.tokenize(text), grids), pixel_values=pixels, image_grids=grids)
 
 
 Processor = EVEProcessor

@@ -8,10 +8,11 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 
+from ..models.base import ProcessedInputs
 from .image import (
     OPENAI_CLIP_MEAN,
     OPENAI_CLIP_STD,
@@ -153,15 +154,6 @@ class LlavaOnevisionImageProcessor:
         return np.stack([self._finish(to_chw(load_image(f))) for f in frames])
 
 
-@dataclass
-class ProcessedInputs:
-    input_ids: np.ndarray  # (L,) int32
-    pixel_values: List[np.ndarray]  # per image: (tiles, 3, S, S)
-    image_sizes: List[Tuple[int, int]]
-    multi_image: bool
-    video_frames: List[np.ndarray]  # per video: (frames, 3, S, S)
-
-
 class LlavaOnevisionProcessor(ChatTemplateMessages):
     """Images/video + text -> token ids with placeholders expanded, and pixels."""
 
@@ -236,7 +228,9 @@ class LlavaOnevisionProcessor(ChatTemplateMessages):
             self.image_token_id: ("image", [self.num_image_tokens(s, multi) for s in sizes]),
             self.video_token_id: ("video", [self.num_video_tokens(len(f)) for f in frames]),
         }
-        return ProcessedInputs(expand_placeholders(ids, expansions), pixels, sizes, multi, frames)
+        # pixel_values per image: (tiles, 3, S, S), the base view first
+        return ProcessedInputs(expand_placeholders(ids, expansions), pixel_values=pixels, image_sizes=sizes,
+                               multi_image=multi, video_frames=frames)
 
 
 Processor = LlavaOnevisionProcessor

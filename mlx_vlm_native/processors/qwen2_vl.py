@@ -5,17 +5,16 @@ native resolution, patchified and packed into one sequence, with
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..packing import Pack, pack, patchify, smart_resize
+from ..models.base import IMAGE, TEXT, VIDEO, ProcessedInputs
+from ..packing import pack, patchify, smart_resize
 from .image import (
     OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageInput, load_image, rescale_and_normalize, resize, to_chw,
 )
 from .prompt import ChatTemplateMessages, expand_placeholders, load_chat_template, user_turn
-
-TEXT, IMAGE, VIDEO = 0, 1, 2
 
 
 @dataclass
@@ -67,28 +66,6 @@ class Qwen2VLImageProcessor:
         return self.frames(chws, self.target_size(*chws[0].shape[1:]))
 
 
-@dataclass
-class Qwen2VLInputs:
-    input_ids: np.ndarray  # (L,) int32
-    token_types: np.ndarray  # (L,) 0 text, 1 image, 2 video
-    pack: Optional[Pack]  # images first, then videos
-    image_grids: List[Tuple[int, int, int]]
-    video_grids: List[Tuple[int, int, int]]
-    video_seconds_per_grid: List[float]
-    merge_size: int = 2
-
-    def _tokens(self, grids) -> int:
-        return sum(t * h * w for t, h, w in grids) // self.merge_size**2
-
-    @property
-    def image_tokens(self) -> int:
-        return self._tokens(self.image_grids)
-
-    @property
-    def vision_tokens(self) -> int:
-        return self._tokens(self.image_grids + self.video_grids)
-
-
 class Qwen2VLProcessor(ChatTemplateMessages):
     image_pad = "<|image_pad|>"
     video_pad = "<|video_pad|>"
@@ -137,7 +114,7 @@ class Qwen2VLProcessor(ChatTemplateMessages):
         text: str,
         images: Optional[Sequence[ImageInput]] = None,
         videos: Optional[Sequence[Sequence[ImageInput]]] = None,
-    ) -> Qwen2VLInputs:
+    ) -> ProcessedInputs:
         ip = self.image_processor
         items = [ip.image(i) for i in images or []]
         n_images = len(items)
@@ -150,10 +127,10 @@ class Qwen2VLProcessor(ChatTemplateMessages):
             self.video_token_id: ("video", [int(np.prod(g)) // merge2 for g in grids[n_images:]]),
         })
         types = np.where(ids == self.image_token_id, IMAGE, np.where(ids == self.video_token_id, VIDEO, TEXT))
-        return Qwen2VLInputs(
-            ids, types.astype(np.int32), pack(items, ip.merge_size) if items else None,
-            grids[:n_images], grids[n_images:],
-            [ip.temporal_patch_size / self.fps] * (len(items) - n_images), ip.merge_size,
+        return ProcessedInputs(
+            ids, token_types=types.astype(np.int32), pack=pack(items, ip.merge_size) if items else None,
+            image_grids=grids[:n_images], video_grids=grids[n_images:],
+            video_seconds_per_grid=[ip.temporal_patch_size / self.fps] * (len(items) - n_images),
         )
 
 
