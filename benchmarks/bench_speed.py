@@ -169,7 +169,132 @@ class MlxVlm:
         return r.stats.generation_tps
 
 
+
+# ------------------------------------------------------------------ servers
+
+
+SERVE_COMMANDS = {  # how each project serves a folder on a port
+    "mlx-vlm-native": lambda folder, port: ["-m", "mlx_vlm_native.cli", "serve", "--model", folder,
+                                            "--port", str(port), "--max-tokens", str(DECODE + 1)],
+    "mlx-vlm": lambda folder, port: ["-m", "mlx_vlm.server", "--model", folder, "--host", "127.0.0.1",
+                                     "--port", str(port)],
+}
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(project: str, folder: str):
+    """The project's server on a free loopback port, once /health answers."""
+    import urllib.request
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable] + SERVE_COMMANDS[project](folder, port),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the {project} server exited during start-up")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
+                if r.status == 200:
+                    return proc, port
+        except OSError:
+            time.sleep(0.5)
+    proc.kill()
+    raise RuntimeError(f"the {project} server did not start within 300 s")
+
+
+def data_url(img) -> str:
+    import base64
+    import io
+
+    buffer = io.BytesIO()
+    img.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def stream_times(port: int, folder: str, img, max_tokens: int) -> tuple:
+    """(send time, arrival time of every streamed content chunk) of one greedy request."""
+    import http.client
+
+    body = {"model": folder, "max_tokens": max_tokens, "temperature": 0.0, "stream": True,
+            "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(img)}},
+                                                      {"type": "text", "text": PROMPT}]}]}
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+    sent = time.perf_counter()
+    conn.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
+    response = conn.getresponse()
+    if response.status != 200:
+        raise RuntimeError(f"HTTP {response.status}: {response.read()[:300]}")
+    arrivals = []
+    for line in response:
+        line = line.strip()
+        if not line.startswith(b"data: ") or line == b"data: [DONE]":
+            continue
+        chunk = json.loads(line[len(b"data: "):])
+        if chunk.get("choices") and chunk["choices"][0].get("delta", {}).get("content"):
+            arrivals.append(time.perf_counter())
+    conn.close()
+    return sent, arrivals
+
+
+def concurrent_decode(port: int, folder: str, n: int) -> tuple:
+    """n clients at once, each with its own image: (aggregate decode tokens/s
+    while all n are in the batch, end-to-end tokens/s). The first is measured
+    from the last client's first token to the first client's last one."""
+    import threading
+
+    results = [None] * n
+    barrier = threading.Barrier(n)
+
+    def client(i):
+        barrier.wait()
+        results[i] = stream_times(port, folder, image(i), DECODE + 1)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    start = max(arrivals[0] for _, arrivals in results)
+    end = min(arrivals[-1] for _, arrivals in results)
+    decoded = sum(sum(1 for a in arrivals if start < a <= end) for _, arrivals in results)
+    total = sum(len(arrivals) for _, arrivals in results)
+    first_sent = min(sent for sent, _ in results)
+    last = max(arrivals[-1] for _, arrivals in results)
+    return (decoded / (end - start) if end > start else None), total / (last - first_sent)
+
+
+def serve_worker(project: str, folder: str, tasks) -> dict:
+    proc, port = start_server(project, folder)
+    out = {}
+    try:
+        stream_times(port, folder, image(99), 4)  # warm-up
+        if "server" in tasks:
+            for n in (1, 4, 8):
+                out[f"server{n}_decode_tps"], out[f"server{n}_e2e_tps"] = concurrent_decode(port, folder, n)
+        if "cache" in tasks:  # a new image asked twice: the second ask finds its features and KV prefix
+            for name in ("first", "second"):
+                sent, arrivals = stream_times(port, folder, image(1000), 2)
+                out[f"cache_ttft_{name}_s"] = arrivals[0] - sent
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    return out
+
+
 def worker(project: str, folder: str, tasks, repeats: int) -> dict:
+    if not {"tower", "generate", "batch"} & set(tasks):
+        return serve_worker(project, folder, tasks)
     impl = (Ours if project == Ours.name else MlxVlm)(folder)
     out = {}
     if "tower" in tasks:
@@ -186,6 +311,9 @@ def worker(project: str, folder: str, tasks, repeats: int) -> dict:
         impl.batch(2)  # warm-up
         for n in (1, 4, 8):
             out[f"batch{n}_decode_tps"] = impl.batch(n)
+    if "server" in tasks or "cache" in tasks:
+        del impl
+        out.update(serve_worker(project, folder, tasks))
     return out
 
 
@@ -219,6 +347,14 @@ METRICS = [
     ("batch1_decode_tps", "batch_generate, 1 sequence: decode tokens/s", True),
     ("batch4_decode_tps", "batch_generate, 4 sequences: aggregate decode tokens/s", True),
     ("batch8_decode_tps", "batch_generate, 8 sequences: aggregate decode tokens/s", True),
+    ("server1_decode_tps", "server, 1 client: decode tokens/s", True),
+    ("server4_decode_tps", "server, 4 clients: aggregate decode tokens/s", True),
+    ("server8_decode_tps", "server, 8 clients: aggregate decode tokens/s", True),
+    ("server1_e2e_tps", "server, 1 client: end-to-end tokens/s (prefill included)", True),
+    ("server4_e2e_tps", "server, 4 clients: end-to-end tokens/s", True),
+    ("server8_e2e_tps", "server, 8 clients: end-to-end tokens/s", True),
+    ("cache_ttft_first_s", "server, time to first token, new image (s)", False),
+    ("cache_ttft_second_s", "server, time to first token, same image again (s)", False),
 ]
 
 
@@ -243,8 +379,9 @@ def main():
     p.add_argument("--mlx-vlm-python", required=False, help="python of a venv with mlx-vlm 0.7.10")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--repeats", type=int, default=1, help="timed calls per measurement and round")
-    p.add_argument("--only", default="tower,generate,batch,q4",
-                   help="comma-separated: tower, generate (fp32 and bf16), q4 (4-bit generate), batch")
+    p.add_argument("--only", default="tower,generate,batch,q4,server,cache",
+                   help="comma-separated: tower, generate (fp32 and bf16), q4 (4-bit generate), batch, "
+                        "server (1, 4, 8 concurrent clients), cache (the server's prompt cache)")
     p.add_argument("--out", help="write all figures as JSON here")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--folder", help=argparse.SUPPRESS)
@@ -309,9 +446,14 @@ def report(rounds, names, args):
         table[key] = dict(values=values, ratio=ratio)
         print(f"| {label} | " + " | ".join(row) + " |")
     for n in names:
-        one, eight = med(r[n].get("batch1_decode_tps") for r in rounds), med(r[n].get("batch8_decode_tps") for r in rounds)
-        if one and eight:
-            print(f"\n{n}: batched decode of 8 / 1 sequence = {eight / one:.2f}x")
+        for what, key in (("batched decode", "batch{}_decode_tps"), ("server decode", "server{}_decode_tps"),
+                          ("server end to end", "server{}_e2e_tps")):
+            one, eight = (med(r[n].get(key.format(k)) for r in rounds) for k in (1, 8))
+            if one and eight:
+                print(f"\n{n}: {what}, 8 / 1 = {eight / one:.2f}x")
+        first, second = (med(r[n].get(f"cache_ttft_{k}_s") for r in rounds) for k in ("first", "second"))
+        if first and second:
+            print(f"{n}: time to first token, first / second ask of an image = {first / second:.2f}x")
     if args.out:
         Path(args.out).write_text(json.dumps(dict(rounds=rounds, table=table), indent=2))
 

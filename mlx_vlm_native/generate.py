@@ -302,10 +302,12 @@ def chat_generate(model, processor, messages: list, images: Sequence = (), verbo
     return collect(stream_chat(model, processor, messages, images, **kwargs), verbose)
 
 
-def prefill(model, input_ids, embeddings: mx.array, cache: list, sampler, step: int = 2048) -> int:
+def prefill(model, input_ids, embeddings: mx.array, cache: list, sampler, logits_processors=(),
+            step: int = 2048) -> int:
     """Run a whole prompt ((L,) ids, (L, D) embeddings) into `cache` in chunks
     as mlx-lm's `generate_step` does (all but the last token, then the last
-    one alone) and sample the first answer token."""
+    one alone) and sample the first answer token, after the `logits_processors`
+    (which see the prompt's ids, as in `generate_step`)."""
     n = len(input_ids)
     for a in range(0, n - 1, step):
         b = min(a + step, n - 1)
@@ -313,6 +315,10 @@ def prefill(model, input_ids, embeddings: mx.array, cache: list, sampler, step: 
         mx.eval([c.state for c in cache])
     logits = model(mx.array(input_ids[n - 1 :])[None], cache=cache, input_embeddings=embeddings[None, n - 1 :])
     logits = logits[:, -1, :]
+    if logits_processors:
+        context = mx.array(input_ids)
+        for processor in logits_processors:
+            logits = processor(context, logits)
     return sampler(logits - mx.logsumexp(logits, keepdims=True)).item()
 
 

@@ -6,8 +6,9 @@
          {"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}}]}]}'
 
 Standard library only. A ThreadingHTTPServer's handlers share one model, run
-by a single generation thread that takes requests from a bounded queue in
-turn. Images come as data URLs or http(s) URLs (fetched under a byte cap and a
+by a single generation thread that takes requests from a bounded queue and
+decodes the concurrent ones together as one batch (mlx-lm's BatchGenerator:
+continuous batching). Images come as data URLs or http(s) URLs (fetched under a byte cap and a
 wall-clock deadline); their sizes are checked from the headers against the
 per-image and per-request budgets, and against the context, before the
 generation thread decodes them. A client that disconnects has its answer
@@ -46,7 +47,8 @@ class Limits:
     default_max_tokens: int = 512
     max_images: int = 16  # per request
     max_request_pixels: int = 64_000_000  # all of a request's images together
-    max_queued: int = 64  # requests waiting for the generation thread; more get 503
+    max_queued: int = 64  # requests waiting for a place in the batch; more get 503
+    max_batch: int = 16  # answers decoded together
     max_connections: int = 256  # open connections; more get 503
     body_timeout: float = 60.0  # seconds to receive a request body
 
@@ -307,9 +309,52 @@ def release_memory() -> None:
             pass
 
 
+class Decoding:
+    """One answer in the decode batch: its job, detokenizer, prompt cache and timings."""
+
+    def __init__(self, job: Job, tokenizer, ids: List[int], cached: int, prompt_cache, images_key, tic: float):
+        self.job, self.ids, self.cached = job, ids, cached
+        self.prompt_cache, self.images_key = prompt_cache, images_key
+        self.detok = tokenizer.detokenizer
+        self.detok.reset()
+        self.eos = set(tokenizer.eos_token_ids)
+        self.tokens: List[int] = []
+        self.tic, self.prompt_tps, self.gen_tic = tic, 0.0, None
+
+    def response(self, text: str, token: Optional[int], finish_reason: Optional[str] = None):
+        from .generate import GenerationResponse
+        import mlx.core as mx
+
+        elapsed = time.perf_counter() - self.gen_tic
+        return GenerationResponse(text, token, len(self.ids), self.prompt_tps, len(self.tokens),
+                                  len(self.tokens) / max(elapsed, 1e-9), mx.get_peak_memory() / 1e9,
+                                  finish_reason, self.cached)
+
+    def add(self, token: int) -> None:
+        """Stream `token` to the client (an end-of-sequence token only counts)."""
+        if not self.tokens:
+            self.gen_tic = time.perf_counter()
+            self.prompt_tps = (len(self.ids) - self.cached) / (self.gen_tic - self.tic)
+        self.tokens.append(token)
+        if token not in self.eos:
+            self.detok.add_token(token)
+            self.job.responses.put(self.response(self.detok.last_segment, token))
+
+    def finish(self, reason: str) -> None:
+        self.detok.finalize()
+        self.job.responses.put(self.response(self.detok.last_segment, None, reason))
+        self.job.responses.put(Job.END)
+
+
 class ChatService:
-    """The model, a bounded queue of jobs and the one thread that runs them in
-    turn, so generation is serialized and concurrent clients wait their turn.
+    """The model, a bounded queue of jobs and the one thread that answers
+    them. Concurrent answers are decoded together as one batch on mlx-lm's
+    `BatchGenerator` (continuous batching): a job is prefilled alone into its
+    own KV cache, joins the batch at the next step, and leaves it when it
+    finishes or its client goes; at most `max_batch` decode at once, the rest
+    wait in the queue. A seeded sampled request, and every request under
+    KV-cache options (quantized or rotating caches do not merge into a batch),
+    is answered alone once the batch has drained.
 
     One long-lived thread rather than a lock: MLX keeps streams per thread, and
     each short-lived request thread that ran the model would leave its MLX
@@ -321,41 +366,161 @@ class ChatService:
         self.model, self.processor, self.model_id, self.limits = model, processor, model_id, limits
         self.system_prompt = system_prompt  # for requests that bring no system message
         self.cache_options = cache_options or {}  # KV-cache options (check_cache_params) for every answer
-        # the last answer's KV cache and image features, reused by a request with the same images:
-        # its images are not encoded again and the prefix it shares is not prefilled again
+        # the last finished answer's KV cache and image features, reused by a request with the same
+        # images: its images are not encoded again and the prefix it shares is not prefilled again
         self.prompt_cache, self.prompt_cache_images = None, None
         self.created = int(time.time())
         self.jobs: queue.Queue = queue.Queue(maxsize=limits.max_queued)
+        self.decoding = {}  # BatchGenerator uid -> Decoding
         self.stopping = False
         self.idle = threading.Event()
         threading.Thread(target=self.work, name="generation", daemon=True).start()
 
     def work(self) -> None:
+        self.batch = self.new_batch()
+        held = None  # a job taken from the queue that must wait for the batch to drain
         while True:
-            self.idle.set()
-            job = self.jobs.get()
-            self.idle.clear()
-            if job.cancelled:  # its client left while it waited
-                continue
-            if self.stopping:
-                job.responses.put(APIError(503, "the server is stopping", "server_stopping"))
-                continue
-            try:
+            if not self.decoding and held is None:
+                release_memory()
+                self.idle.set()
+                held = self.jobs.get()
+                self.idle.clear()
+            while held is not None or (len(self.decoding) < self.limits.max_batch and not self.jobs.empty()):
+                job = held if held is not None else self.jobs.get_nowait()
+                held = None
+                if self.alone(job) and self.decoding:
+                    held = job
+                    break
+                self.start(job)
+            if self.decoding:
+                self.step()
+
+    def new_batch(self):
+        import mlx.core as mx
+        from mlx_lm.generate import BatchGenerator
+
+        eos = self.processor.tokenizer.eos_token_ids
+        # the batch runs on this thread's stream, as the prefills do
+        return BatchGenerator(self.model, stop_tokens=[[t] for t in eos], prefill_batch_size=1,
+                              completion_batch_size=self.limits.max_batch,
+                              stream=mx.default_stream(mx.default_device()))
+
+    def alone(self, job: Job) -> bool:
+        """Whether `job` cannot share the batch: KV-cache options, or a seed for sampling."""
+        options = job.options
+        return (any(self.cache_options.get(k) is not None for k in ("kv_bits", "max_kv_size"))
+                or (options.get("seed") is not None and options.get("temperature", 0.0) > 0))
+
+    def start(self, job: Job) -> None:
+        """Answer `job` alone, or prefill it and put it in the batch; errors go to its client."""
+        if job.cancelled:  # its client left while it waited
+            return
+        if self.stopping:
+            job.responses.put(APIError(503, "the server is stopping", "server_stopping"))
+            return
+        try:
+            if self.alone(job):
                 self.run(job)
                 job.responses.put(Job.END)
-            except Exception as e:  # handed to the request's thread
-                job.responses.put(e)
-            finally:
-                job.images = []
-                release_memory()
+            else:
+                self.join_batch(job)
+        except Exception as e:  # handed to the request's thread
+            job.responses.put(e)
+        finally:
+            job.images = []
 
-    def run(self, job: Job) -> None:
-        from .generate import PromptCache, check_chat_length, stream_chat
+    def messages_of(self, job: Job) -> list:
+        from .generate import check_chat_length
 
         messages = job.messages
         if self.system_prompt is not None and not any(m["role"] == "system" for m in messages):
             messages = [{"role": "system", "content": self.system_prompt}] + messages
         check_chat_length(self.model, self.processor, messages, [i.size for i in job.images])
+        return messages
+
+    def take_prompt_cache(self, key: list):
+        """The kept PromptCache if it is for these images, else a new one. Its
+        KV cache goes to this answer (a concurrent one with the same images
+        gets the image features only)."""
+        from .generate import PromptCache
+
+        if self.prompt_cache is None or key != self.prompt_cache_images:
+            self.prompt_cache, self.prompt_cache_images = PromptCache(), key
+        cache = self.prompt_cache
+        self.prompt_cache = PromptCache(vision_features=cache.vision_features)
+        return cache
+
+    def join_batch(self, job: Job) -> None:
+        from mlx_lm.sample_utils import make_logits_processors, make_sampler
+
+        from .generate import cached_embeddings, context_length, prefill, prepare_chat_inputs
+
+        tic = time.perf_counter()
+        messages = self.messages_of(job)
+        images = [image.decode(self.limits) for image in job.images]
+        inputs = prepare_chat_inputs(self.model, self.processor, messages, images)
+        key = [hashlib.sha256(image.data).digest() for image in job.images]
+        cache = self.take_prompt_cache(key)
+        embeddings = cached_embeddings(self.model, inputs, cache)[0]
+        if self.prompt_cache_images == key:  # for a concurrent request with the same images
+            self.prompt_cache.vision_features = cache.vision_features
+        ids = [int(i) for i in inputs.input_ids]
+        keep = cache.reuse(self.model, ids)
+        o = job.options
+        sampler = make_sampler(temp=o["temperature"], top_p=o["top_p"])
+        processors = make_logits_processors(None, o["repetition_penalty"], o["repetition_context_size"])
+        first = prefill(self.model, ids[keep:], embeddings[keep:], cache.kv, sampler, processors)
+        answer = Decoding(job, self.processor.tokenizer, ids, keep, cache, key, tic)
+        answer.add(first)
+        limit = min(o["max_tokens"], context_length(self.model) - len(ids))
+        if first in answer.eos or limit <= 1:
+            self.leave(answer, "stop" if first in answer.eos else "length", cache.kv)
+            return
+        (uid,) = self.batch.insert([[first]], max_tokens=[limit - 1], caches=[cache.kv],
+                                   all_tokens=[ids[keep:]], samplers=[sampler],
+                                   logits_processors=[processors])
+        self.decoding[uid] = answer
+
+    def step(self) -> None:
+        """One decode step of the whole batch; answers whose clients left are dropped first."""
+        gone = [uid for uid, a in self.decoding.items() if a.job.cancelled or self.stopping]
+        if gone:
+            self.batch.remove(gone)
+            for uid in gone:
+                answer = self.decoding.pop(uid)
+                if self.stopping:
+                    answer.job.responses.put(APIError(503, "the server stopped during the answer",
+                                                      "server_stopping"))
+        if not self.decoding:
+            return
+        try:
+            responses = self.batch.next_generated()
+        except Exception as e:  # every answer in the batch fails with it
+            self.batch = self.new_batch()
+            for answer in self.decoding.values():
+                answer.job.responses.put(e)
+            self.decoding.clear()
+            return
+        for r in responses:
+            answer = self.decoding[r.uid]
+            answer.add(r.token)
+            if r.finish_reason is not None:
+                del self.decoding[r.uid]
+                self.leave(answer, r.finish_reason, r.prompt_cache)
+
+    def leave(self, answer: Decoding, reason: str, kv: list) -> None:
+        """Finish `answer`; its KV cache becomes the kept prompt cache."""
+        from .generate import PromptCache
+
+        answer.finish(reason)
+        self.prompt_cache = PromptCache(answer.ids + answer.tokens, kv, answer.prompt_cache.vision_features)
+        self.prompt_cache_images = answer.images_key
+
+    def run(self, job: Job) -> None:
+        """Answer `job` alone through `stream_chat`, with the KV-cache options."""
+        from .generate import PromptCache, stream_chat
+
+        messages = self.messages_of(job)
         images = [image.decode(self.limits) for image in job.images]
         options = {**job.options, **self.cache_options}
         key = [hashlib.sha256(image.data).digest() for image in job.images]
@@ -702,8 +867,10 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-images", type=int, default=d.max_images, help="most images in one request")
     p.add_argument("--max-request-pixels", type=int, default=d.max_request_pixels,
                    help="most pixels of all the images of one request together")
+    p.add_argument("--max-batch", type=int, default=d.max_batch,
+                   help="most answers decoded together as one batch")
     p.add_argument("--max-queued", type=int, default=d.max_queued,
-                   help="requests that may wait for their turn; more are answered 503")
+                   help="requests that may wait for a place in the batch; more are answered 503")
     add_runtime_arguments(p)
     return p
 
@@ -717,9 +884,10 @@ def main(argv: Optional[List[str]] = None) -> None:
     limits = Limits(max_request_bytes=args.max_request_bytes, max_image_bytes=args.max_image_bytes,
                     max_image_pixels=args.max_image_pixels, image_timeout=args.image_timeout,
                     default_max_tokens=args.max_tokens, max_images=args.max_images,
-                    max_request_pixels=args.max_request_pixels, max_queued=args.max_queued)
+                    max_request_pixels=args.max_request_pixels, max_queued=args.max_queued,
+                    max_batch=args.max_batch)
     for name in ("max_tokens", "max_request_bytes", "max_image_bytes", "max_image_pixels", "max_images",
-                 "max_request_pixels", "max_queued"):
+                 "max_request_pixels", "max_queued", "max_batch"):
         if getattr(args, name) < 1:
             sys.exit(f"error: --{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if not args.image_timeout > 0 or args.image_timeout == float("inf"):

@@ -296,7 +296,7 @@ def test_still_serving_after_bad_requests(server):
     assert status == 200 and body["usage"]["completion_tokens"] <= 2
 
 
-def test_requests_are_served_one_generation_at_a_time(server):
+def test_concurrent_equal_requests_get_equal_answers(server):
     results = []
 
     def ask():
@@ -482,27 +482,29 @@ def test_a_trickling_image_host_is_cut_at_the_deadline(server, image_host):
     assert elapsed < LIMITS.image_timeout + 3, elapsed
 
 
-def counting_stream_chat(monkeypatch, seconds_per_token: float = 0.02) -> list:
-    """Patch the generation thread's stream_chat to count the tokens it makes,
-    slowed down so that an answer takes longer than the client stays."""
-    generate_module = sys.modules["mlx_vlm_native.generate"]
+def counting_tokens(monkeypatch, seconds_per_token: float = 0.02) -> list:
+    """Patch the server to count the tokens each answer makes (one entry per
+    answer, in the order they start), slowed down so that an answer takes
+    longer than its client stays."""
+    from mlx_vlm_native import server as server_module
 
-    counts, original = [], generate_module.stream_chat
+    counts, original = [], server_module.Decoding.add
 
-    def counting(*args, **kwargs):
-        counts.append(0)
-        for r in original(*args, **kwargs):
-            counts[-1] += 1
-            time.sleep(seconds_per_token)
-            yield r
+    def add(self, token):
+        if not self.tokens:
+            self.count_index = len(counts)
+            counts.append(0)
+        counts[self.count_index] += 1
+        time.sleep(seconds_per_token)
+        original(self, token)
 
-    monkeypatch.setattr(generate_module, "stream_chat", counting)
+    monkeypatch.setattr(server_module.Decoding, "add", add)
     return counts
 
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_a_client_that_leaves_stops_its_generation(server, monkeypatch, stream):
-    counts = counting_stream_chat(monkeypatch)
+    counts = counting_tokens(monkeypatch)
     host, port = server.split("//")[1].split(":")
     conn = http.client.HTTPConnection(host, int(port), timeout=30)
     conn.request("POST", "/v1/chat/completions", json.dumps(
@@ -528,7 +530,7 @@ def test_memory_is_released_after_a_request(server, loaded):
     assert mx.get_cache_memory() == 0
 
 
-def test_concurrent_clients_wait_their_turn(server):
+def test_many_concurrent_clients_are_all_answered(server):
     results = []
 
     def ask():
@@ -546,17 +548,17 @@ def test_concurrent_clients_wait_their_turn(server):
 
 
 def test_a_full_queue_answers_503(loaded, monkeypatch):
-    counting_stream_chat(monkeypatch)
+    counting_tokens(monkeypatch)
     model, processor = loaded
     httpd = make_server(model, processor, "tiny", "127.0.0.1", 0,
-                        Limits(**{**LIMITS.__dict__, "max_queued": 1}))
+                        Limits(**{**LIMITS.__dict__, "max_queued": 1, "max_batch": 1}))
     base = start_in_thread(httpd)
     host, port = base.split("//")[1].split(":")
     try:
         running = http.client.HTTPConnection(host, int(port), timeout=60)
         running.request("POST", "/v1/chat/completions", hello(max_tokens=480, stream=True))
         streamed = running.getresponse()
-        assert streamed.readline().startswith(b"data: ")  # the generation thread is busy
+        assert streamed.readline().startswith(b"data: ")  # the batch (of one) is full
         waiting = http.client.HTTPConnection(host, int(port), timeout=60)
         waiting.request("POST", "/v1/chat/completions", hello(max_tokens=1))
         deadline = time.monotonic() + 10
