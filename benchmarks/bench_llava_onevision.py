@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: convert/'s layout fixtures
+
 PROMPT = "Describe this image in detail."
 METRICS = [  # key, label, higher is better
     ("preprocess_ms", "image preprocessing (ms)", False),
@@ -190,7 +192,7 @@ def prepare(args, work: Path) -> Path:
 
     from mlx_vlm_native.models.llava_onevision import ModelArgs
     from mlx_vlm_native.processors.llava_onevision import LlavaOnevisionProcessor
-    from mlx_vlm_native.random_checkpoint import write_checkpoint
+    from convert.random_checkpoint import write_checkpoint
     from mlx_vlm_native.utils import load_config
 
     model = Path(args.model) if args.model else None

@@ -20,6 +20,7 @@ shared loop, constant learning rate after a short warmup.
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -30,6 +31,8 @@ import mlx.optimizers as optim
 import numpy as np
 
 from mlx_vlm_native.training import navit
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: convert/'s layout fixtures
 
 
 def base_recipe(args, out) -> dict:
@@ -113,7 +116,7 @@ def text_rows(args, tmp: Path) -> list:
     from PIL import Image
 
     from mlx_vlm_native import load
-    from mlx_vlm_native.random_checkpoint import write_checkpoint
+    from convert.random_checkpoint import write_checkpoint
     from mlx_vlm_native.training.finetune import (
         ConversationFile, PackedBatch, answer_loss, answer_tokens, parse_record, sample_batches, tokenize,
     )

@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 from bench_llava_onevision import make_image, time_stream  # this folder's shared helpers
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: convert/'s layout fixtures
+
 PRESET = "qwen2-vl-bench"
 # ~110M parameters: a 6-block 512-wide tower and a 12-layer 768-wide decoder
 PRESET_SPEC = dict(
@@ -44,7 +46,7 @@ def small_grids(n=32, seed=0):
 
 def build(folder: Path) -> Path:
     """The random checkpoint in the hub's flat config layout (mlx-vlm reads only that)."""
-    from mlx_vlm_native import random_checkpoint
+    from convert import random_checkpoint
     from mlx_vlm_native.models.qwen2_vl import flat_config
 
     random_checkpoint.PRESETS[PRESET] = PRESET_SPEC

@@ -17,11 +17,13 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: convert/'s layout fixtures
+
 
 def make_data(root: Path) -> None:
     from PIL import Image
 
-    from mlx_vlm_native.random_checkpoint import write_checkpoint
+    from convert.random_checkpoint import write_checkpoint
 
     write_checkpoint(root / "model", "tiny-56")
     colours = {"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 200, 30)}

@@ -13,6 +13,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map_with_path
 
+from . import openvision_checkpoint
 from .utils import OPEN_CLIP_CONFIG, copy_side_files, get_model_path, load_model, save_config, save_weights
 
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
@@ -128,20 +129,21 @@ def convert(
 
 def write_converted(src: Path, dst: Path, dtype, quantize, q_bits, q_group_size, quantize_vision, q_mode,
                     quant_predicate) -> None:
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}")
     if (src / OPEN_CLIP_CONFIG).exists():  # an OpenVision encoder (+ caption decoder)
         if quantize:
             raise ValueError("OpenVision encoder/decoder folders convert without quantization")
-        from . import openvision_checkpoint
-
-        openvision_checkpoint.convert(src, dst, dtype)
+        model = openvision_checkpoint.load(src)
+        if dtype is not None:
+            cast(model, DTYPES[dtype])
+        openvision_checkpoint.save(model, dst, tokenizer_src=src)
         return
     print(f"[INFO] Loading {src}")
     model, config = load_model(src, lazy=True)
     if "quantization" in config and quantize:
         raise ValueError("the source is already quantized")
     if dtype is not None:
-        if dtype not in DTYPES:
-            raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}")
         cast(model, DTYPES[dtype])
         config["torch_dtype"] = dtype
     if quantize:

@@ -12,6 +12,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from . import openvision_checkpoint
 from .models.base import check_weights
 
 
@@ -195,8 +196,6 @@ def load_model(path: Path, lazy: bool = False, strict: bool = True) -> Tuple[nn.
     path = Path(path)
     config = load_config(path)
     if config.get("model_type") == "openvision2":
-        from . import openvision_checkpoint
-
         model = openvision_checkpoint.load(path)
         return model, openvision_checkpoint.config_dict(model.args)
     weights = load_weights(path)
@@ -223,8 +222,6 @@ def load_processor(path: Path, model):
 
     family = family_of(model.model_type)
     if family.module == "openvision2":
-        from . import openvision_checkpoint
-
         return openvision_checkpoint.load_tokenizer(path)
     module = importlib.import_module(f"mlx_vlm_native.processors.{family.module}")
     # transformers reads config.json on the way and warns that it does not know

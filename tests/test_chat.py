@@ -11,7 +11,7 @@ import pytest
 from conftest import make_image
 from mlx_vlm_native.chat import Conversation, chat_loop
 from mlx_vlm_native.generate import chat_generate, generate
-from mlx_vlm_native.random_checkpoint import write_checkpoint
+from convert.random_checkpoint import write_checkpoint
 
 SAMPLING = dict(max_tokens=6, temperature=0.0, top_p=1.0, seed=None)
 STATS = re.compile(r"\[prompt: (\d+) tokens \((\d+) cached\), [\d.]+ tokens/s; answer: (\d+) tokens")

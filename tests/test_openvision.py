@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
+from convert.open_clip_checkpoint import write_tiny_open_clip
 from mlx_vlm_native import openvision_checkpoint as ovc
+from mlx_vlm_native.convert import convert
 from mlx_vlm_native.models import openvision as ov
 
 TOL = 2e-5  # float32, absolute, on O(1) activations (measured <= 2e-6)
@@ -18,7 +20,7 @@ TOL = 2e-5  # float32, absolute, on O(1) activations (measured <= 2e-6)
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    return ovc.write_tiny_open_clip(tmp_path_factory.mktemp("ov2_tiny"))
+    return write_tiny_open_clip(tmp_path_factory.mktemp("ov2_tiny"))
 
 
 @pytest.fixture(scope="module")
@@ -239,9 +241,9 @@ def test_loss_is_token_mean_over_non_pad(tiny_model):
 
 def test_bin_checkpoint_and_converter_round_trip(tmp_path, tiny_model):
     pytest.importorskip("torch")
-    src = ovc.write_tiny_open_clip(tmp_path / "bin", weights_format="bin")
+    src = write_tiny_open_clip(tmp_path / "bin", weights_format="bin")
     assert (src / "open_clip_pytorch_model.bin").exists()
-    dst = ovc.convert(src, tmp_path / "mlx")
+    dst = convert(str(src), str(tmp_path / "mlx"))
     cfg = json.loads((dst / "config.json").read_text())
     assert cfg["model_type"] == "openvision2" and cfg["decoder_config"]["attention_mask"] == "prefix"
     model = ovc.load(dst)
@@ -250,12 +252,7 @@ def test_bin_checkpoint_and_converter_round_trip(tmp_path, tiny_model):
     np.testing.assert_array_equal(np.array(model(x, text, keep_ratio=1.0)),
                                   np.array(tiny_model(x, text, keep_ratio=1.0)))
     with pytest.raises(FileExistsError):
-        ovc.convert(src, dst)
-    from mlx_vlm_native.convert import convert  # the `convert` command routes open_clip folders here
-
-    via_command = ovc.load(convert(str(src), str(tmp_path / "via_command")))
-    np.testing.assert_array_equal(np.array(via_command(x, text, keep_ratio=1.0)),
-                                  np.array(tiny_model(x, text, keep_ratio=1.0)))
+        convert(str(src), str(dst))
 
 
 def test_full_clip_checkpoint_keeps_only_the_visual_tower(tmp_path, tiny_dir, tiny_model):
@@ -273,9 +270,9 @@ def test_full_clip_checkpoint_keeps_only_the_visual_tower(tmp_path, tiny_dir, ti
     assert "decoder" not in model
     x = to_mlx(pixels(1, 28, seed=9))
     np.testing.assert_array_equal(np.array(model.vision(x)["tokens"]), np.array(tiny_model.vision(x)["tokens"]))
-    from mlx_vlm_native.openvision_checkpoint import main
+    from mlx_vlm_native.convert import main
 
-    main(["--src", str(src), "--dst", str(tmp_path / "v1_mlx"), "--dtype", "bfloat16"])
+    main(["--hf-path", str(src), "--mlx-path", str(tmp_path / "v1_mlx"), "--dtype", "bfloat16"])
     assert ovc.load(tmp_path / "v1_mlx").vision.conv1.weight.dtype == mx.bfloat16
 
 

@@ -4,6 +4,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+from convert.open_clip_checkpoint import write_vocab
 from mlx_vlm_native import openvision_checkpoint as ovc
 from mlx_vlm_native.models import openvision_llava as ol
 
@@ -18,7 +19,7 @@ def setup(tmp_path_factory):
     from mlx_lm.tokenizer_utils import TokenizerWrapper
 
     root = tmp_path_factory.mktemp("ov_llava")
-    ovc.write_vocab(root / "vocab.txt")
+    write_vocab(root / "vocab.txt")
     tokenizer = ovc.load_tokenizer(root)
     tokenizer.eos_token = "[EOS]"
     args = ol.ModelArgs(vision_config=dict(VISION_CONFIG), text_config=dict(TEXT_CONFIG), vision_feature_layer=-2)

@@ -13,7 +13,7 @@ import torch
 from conftest import make_image
 from mlx_vlm_native import batch_generate, generate, load, stream_generate
 from mlx_vlm_native.models import qwen2_vl
-from mlx_vlm_native.random_checkpoint import TINY_MAX_PIXELS, TINY_MIN_PIXELS, write_checkpoint
+from convert.random_checkpoint import TINY_MAX_PIXELS, TINY_MIN_PIXELS, write_checkpoint
 
 TOL = 1e-4
 FAMILIES = {"qwen2-vl-tiny": "Qwen2VLForConditionalGeneration",

@@ -21,7 +21,7 @@ from PIL import Image
 
 from conftest import make_image
 from mlx_vlm_native.generate import generate
-from mlx_vlm_native.random_checkpoint import write_checkpoint
+from convert.random_checkpoint import write_checkpoint
 from mlx_vlm_native.server import Limits, make_server
 
 CONTEXT = 512

@@ -13,8 +13,8 @@ import time
 import pytest
 
 from conftest import make_image
+from convert.random_checkpoint import write_checkpoint
 from mlx_vlm_native import chat_generate, load
-from mlx_vlm_native.random_checkpoint import write_checkpoint
 from mlx_vlm_native.server import Limits, make_server
 
 

@@ -3,11 +3,13 @@ accumulation, bf16, gradient checkpointing) and a tiny OpenVision 2
 pretraining run: the caption loss falls, and an interrupted run resumed in a
 fresh process ends bit-identical to an uninterrupted one."""
 
+import io
 import json
 import math
 import os
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import mlx.core as mx
@@ -15,7 +17,9 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
+from PIL import Image, ImageDraw
 
+from convert.open_clip_checkpoint import write_vocab
 from mlx_vlm_native import openvision_checkpoint as ovc
 from mlx_vlm_native.training import checkpoint as ckpt
 from mlx_vlm_native.training import data as tdata
@@ -25,13 +29,59 @@ from mlx_vlm_native.training.optim import adamw, decays, warmup_cosine
 
 REPO = Path(__file__).resolve().parents[1]
 
+COLOURS = {"red": (220, 30, 30), "green": (30, 180, 40), "blue": (30, 60, 220),
+           "yellow": (230, 220, 30), "white": (245, 245, 245), "black": (10, 10, 10)}
+
+
+def write_synthetic_captions(dst, count: int = 256, size: int = 32, seed: int = 0,
+                             shards: int = 0) -> Path:
+    """Coloured squares/circles on a contrasting background with matching captions
+    ("a red square on black"): `captions.jsonl` + images, or `shards` tar files."""
+    dst = Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    names = list(COLOURS)
+    records = []
+    for i in range(count):
+        fg, bg = rng.choice(len(names), 2, replace=False)
+        shape = ["square", "circle"][int(rng.integers(2))]
+        image = Image.new("RGB", (size, size), COLOURS[names[bg]])
+        lo, hi = sorted(rng.integers(2, size - 2, 2))
+        hi = max(hi, lo + size // 3)
+        box = (lo, lo, min(hi, size - 1), min(hi, size - 1))
+        draw = ImageDraw.Draw(image)
+        (draw.rectangle if shape == "square" else draw.ellipse)(box, fill=COLOURS[names[fg]])
+        records.append((f"{i:05d}", image, f"a {names[fg]} {shape} on {names[bg]}"))
+    if shards:
+        for s in range(shards):
+            with tarfile.open(dst / f"shard-{s:04d}.tar", "w") as tar:
+                for key, image, caption in records[s::shards]:
+                    for ext, data in (("jpg", _png_bytes(image)), ("txt", caption.encode())):
+                        info = tarfile.TarInfo(f"{key}.{ext}")
+                        info.size = len(data)
+                        tar.addfile(info, io.BytesIO(data))
+        return dst
+    (dst / "images").mkdir(exist_ok=True)
+    lines = []
+    for key, image, caption in records:
+        image.save(dst / "images" / f"{key}.png")
+        lines.append(json.dumps({"image": f"images/{key}.png", "caption": caption}))
+    (dst / "captions.jsonl").write_text("\n".join(lines) + "\n")
+    return dst
+
+
+def _png_bytes(image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
 
 @pytest.fixture(scope="module")
 def dataset_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("ov2_data")
-    ovc.write_synthetic_captions(root / "folder", count=192, size=32)
-    ovc.write_synthetic_captions(root / "shards", count=192, size=32, shards=3)
-    ovc.write_vocab(root / "vocab.txt")
+    write_synthetic_captions(root / "folder", count=192, size=32)
+    write_synthetic_captions(root / "shards", count=192, size=32, shards=3)
+    write_vocab(root / "vocab.txt")
     return root
 
 
@@ -223,7 +273,7 @@ def sgd():
 
 
 def one_step(args, micro_batches, **config):
-    model = ovc.init_model(args, seed=0)
+    model = openvision2.init_model(args, seed=0)
     step = make_step(model, loss_fn, sgd(), TrainConfig(steps=1, **config))
     loss = step(micro_batches, mx.random.key(0))
     return loss, flat(model), model
@@ -257,10 +307,10 @@ def test_grad_accumulation_equals_the_full_batch(dataset_dir):
 def test_grad_checkpoint_and_bf16_compute(dataset_dir):
     args, pixels, text = tiny_model_and_batch(dataset_dir)
     loss_ref, ref, _ = one_step(args, [(pixels, text)])
-    model = ovc.init_model(args, seed=0)
+    model = openvision2.init_model(args, seed=0)
     enable_grad_checkpoint(model.layers)
     assert type(model.vision.blocks[0]).__name__ == "CheckpointedBlock"
-    assert type(ovc.init_model(args, seed=0).vision.blocks[0]).__name__ == "Block"  # others untouched
+    assert type(openvision2.init_model(args, seed=0).vision.blocks[0]).__name__ == "Block"  # others untouched
     step = make_step(model, loss_fn, sgd(), TrainConfig(steps=1))
     assert step([(pixels, text)], mx.random.key(0)) == pytest.approx(loss_ref, rel=1e-5)
     for k, v in flat(model).items():

@@ -10,7 +10,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from .. import openvision_checkpoint as ovc
-from ..models.openvision import DecoderConfig, ModelArgs, VisionConfig
+from ..models.openvision import DecoderConfig, Model, ModelArgs, VisionConfig
 from .checkpoint import latest_checkpoint, resume_state
 from .data import FIT_PIXELS, augmented_pixels, batches, open_dataset, tokenize_captions
 from .loop import TrainConfig, train
@@ -58,11 +58,20 @@ def model_args(cfg: dict, vocab_size: int, ids: dict) -> ModelArgs:
     return ModelArgs(vision_config=vision, decoder_config=decoder, keep_ratio=cfg.get("keep_ratio", 0.35))
 
 
+def init_model(args: ModelArgs, seed: int = 0) -> Model:
+    """A freshly initialised model for pretraining (MLX default inits; the
+    positional table is the fixed sin-cos one)."""
+    mx.random.seed(seed)
+    model = Model(args)
+    mx.eval(model.parameters())
+    return model
+
+
 def initial_model(recipe: dict, args: ModelArgs):
     """Fresh weights, or stage 2: the `init` checkpoint with the positional
     table regenerated for this stage's grid."""
     init = recipe.get("init")
-    model = ovc.init_model(args, seed=recipe.get("seed", 0))
+    model = init_model(args, seed=recipe.get("seed", 0))
     if not init:
         return model
     init = Path(init)

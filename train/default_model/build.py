@@ -28,13 +28,12 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from mlx_vlm_native import load, shapes
-from mlx_vlm_native.random_checkpoint import CHAT_TEMPLATE
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import encoder  # noqa: E402  (stage 1: train/default_model/encoder.py)
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
+sys.path[:0] = [str(HERE), str(ROOT)]
+import encoder  # noqa: E402  (stage 1: train/default_model/encoder.py)
+from convert.random_checkpoint import CHAT_TEMPLATE  # noqa: E402  (the tests' ChatML template)
 PACKAGE_MODEL = ROOT / "mlx_vlm_native" / "default_model"
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>"]  # ids 0..4

@@ -4,7 +4,7 @@ OIHW convs, the CLIP teacher registered twice, the patch-aligning layer and
 `rotary_emb.inv_freq`), plus a tiny CLIP vision teacher in transformers'
 `CLIPVisionModel` layout and a tiny LLaMA sentencepiece tokenizer.
 
-For tests and offline demos: the converter must turn these into MLX folders.
+Layout fixtures for the tests and offline demos: the converter must turn these into MLX folders.
 """
 
 import io
@@ -14,8 +14,11 @@ from typing import Dict, Optional
 
 import numpy as np
 
-from .processors.eve import VICUNA_V1_SYSTEM
-from .processors.image import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from safetensors.numpy import save_file
+
+from convert.random_checkpoint import build_tokenizer as build_qwen2_tokenizer
+from mlx_vlm_native.processors.eve import VICUNA_V1_SYSTEM
+from mlx_vlm_native.processors.image import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 TINY_TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=8, num_attention_heads=4)
 TINY_VISION = dict(mm_hidden_size=32, image_size=112, image_size_clip=56, patch_stride=14, conv_stride=2)
@@ -146,8 +149,6 @@ def eve_weights(init: _Init, text: dict, vocab: int, C: int, patch: int, clip: d
 
 def save_tensors(weights: Dict[str, np.ndarray], path: Path, weights_format: str) -> None:
     if weights_format == "safetensors":
-        from safetensors.numpy import save_file
-
         save_file(weights, str(path / "model.safetensors"))
     elif weights_format == "bin":
         import torch
@@ -255,8 +256,6 @@ def write_checkpoint_v2(path, seed: int = 0, old_names: bool = False, max_size: 
     """A tiny EVE-7B-HD-v2.0-shaped folder (`model_type` "eve-qwen2", Qwen2
     byte-level tokenizer). `old_names` writes the CLS/split embeddings with the
     pre-March-2025 names `start_embedding`/`end_embedding`."""
-    from .random_checkpoint import build_tokenizer as build_qwen2_tokenizer
-
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     vocab = len(build_qwen2_tokenizer(path, chat_template=VICUNA_V1_TEMPLATE.replace("</s>", "<|im_end|>")))
