@@ -18,6 +18,7 @@ from mlx_lm.models.cache import KVCache
 from mlx_lm.sample_utils import make_sampler
 
 from . import openvision_checkpoint as ovc
+from .models.openvision import mask_image_tokens
 from .processors.image import ImageInput, load_image
 from .training.data import center_crop_pixels
 from .utils import get_model_path
@@ -30,8 +31,6 @@ def preprocess(images: Sequence[ImageInput], image_size: int, mean=ovc.IMAGE_MEA
 def generate_captions(model, pixels: mx.array, max_tokens: int = 64, temperature: float = 0.0,
                       top_p: float = 1.0, keep_ratio: float = 1.0, seed: Optional[int] = None) -> List[List[int]]:
     """Token ids (without bos/eos) for each image of the batch."""
-    from .models.openvision import mask_image_tokens
-
     if "decoder" not in model:
         raise ValueError("this checkpoint has no caption decoder (caption_decoder.safetensors)")
     if seed is not None:

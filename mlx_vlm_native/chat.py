@@ -14,6 +14,13 @@ import shlex
 import sys
 from typing import Iterable, Iterator, List, Optional
 
+from .generate import (
+    DEFAULT_MODEL_NAME, PromptCache, PromptTooLongError, add_model_argument, add_runtime_arguments,
+    sampling_from_args, stream_chat,
+)
+from .processors.image import ImageError, load_image
+from .utils import load
+
 HELP = """commands:
   /image PATH [PATH...]  new image(s): start a new conversation about them
   /reset                 forget the conversation, keep the images
@@ -30,16 +37,12 @@ class Conversation:
     model has already read of it, so a new question costs only its own tokens."""
 
     def __init__(self, images: Iterable = (), system_prompt: Optional[str] = None):
-        from .generate import PromptCache
-
         self.system_prompt = system_prompt
         self.images = list(images)
         self.turns: List[dict] = []  # {"role": "user" | "assistant", "content": str}
         self.cache = PromptCache()
 
     def new_images(self, images: Iterable) -> None:
-        from .generate import PromptCache
-
         self.images = list(images)
         self.turns = []
         self.cache = PromptCache()  # the cached image tokens are of the old images
@@ -79,8 +82,6 @@ class Conversation:
 def start_answer(model, processor, conversation: Conversation, sampling: dict, err=sys.stderr) -> Iterator:
     """The answer's stream, primed so that bad input raises before any text shows.
     While the conversation is too long for the context, its oldest exchanges go."""
-    from .generate import PromptTooLongError, stream_chat
-
     while True:
         stream = stream_chat(model, processor, conversation.messages(), conversation.images,
                              prompt_cache=conversation.cache, **sampling)
@@ -118,15 +119,11 @@ def reply(model, processor, conversation: Conversation, question: str, sampling:
 
 
 def load_images(paths: List[str]) -> list:
-    from .processors.image import load_image
-
     return [load_image(p) for p in paths]
 
 
 def run_command(line: str, conversation: Conversation, out=sys.stdout, err=sys.stderr) -> bool:
     """Carry out a /command; False when it is time to leave."""
-    from .processors.image import ImageError
-
     try:
         name, *args = shlex.split(line)
     except ValueError as e:
@@ -179,8 +176,6 @@ def read_lines(prompt: str) -> Iterator[str]:
 
 
 def setup_arg_parser() -> argparse.ArgumentParser:
-    from .generate import add_model_argument, add_runtime_arguments
-
     p = argparse.ArgumentParser(description="Chat about images in the terminal (/help for commands).")
     add_model_argument(p)
     p.add_argument("--image", nargs="+", default=[], help="image paths or URLs to talk about")
@@ -197,10 +192,6 @@ def setup_arg_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> None:
-    from .processors.image import ImageError
-    from .generate import DEFAULT_MODEL_NAME, sampling_from_args
-    from .utils import load
-
     args = setup_arg_parser().parse_args(argv)
     try:
         sampling = sampling_from_args(args)

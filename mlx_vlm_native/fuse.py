@@ -12,15 +12,14 @@ from pathlib import Path
 from typing import List, Optional
 
 from mlx.utils import tree_unflatten
+from mlx_lm.utils import dequantize_model
+
+from .convert import quantize_language_model
+from .utils import copy_side_files, get_model_path, load, load_config, save_config, save_weights
 
 
 def fuse(model: str, adapter_path: str, save_path: str, dequantize: bool = False,
          quantize: bool = False, q_bits: int = 4, q_group_size: int = 64) -> Path:
-    from mlx_lm.utils import dequantize_model
-
-    from .convert import quantize_language_model
-    from .utils import copy_side_files, get_model_path, load, load_config, save_config, save_weights
-
     src, dst = get_model_path(model), Path(save_path)
     if dst.exists() and any(dst.iterdir()):
         raise FileExistsError(f"{dst} exists and is not empty; choose another --save-path")

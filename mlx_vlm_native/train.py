@@ -11,14 +11,13 @@ from pathlib import Path
 from typing import List, Optional
 
 from .training import TASKS
+from .weight_files import read_json_file
 
 
 def load_recipe(path) -> dict:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"recipe not found: {path}")
-    from .weight_files import read_json_file
-
     recipe = read_json_file(path)
     family = recipe.get("family", recipe.get("task"))
     if family not in TASKS:

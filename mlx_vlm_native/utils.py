@@ -8,12 +8,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Tuple
 
+import huggingface_hub
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
+from mlx_lm.utils import infer_quant_config, load_tokenizer, make_shards
+from tqdm import tqdm
 
 from . import openvision_checkpoint
+from .adapters import load_adapters
 from .models.base import check_weights
+from .torch_pickle import load_torch_checkpoint
+from .weight_files import check_safetensors, read_json_file
 
 
 @dataclass(frozen=True)
@@ -84,14 +90,12 @@ def get_model_path(path_or_repo: str, revision: Optional[str] = None) -> Path:
         if not any((path / f).exists() for f in ("config.json", OPEN_CLIP_CONFIG)):
             raise FileNotFoundError(f"{path} has no config.json or {OPEN_CLIP_CONFIG}: not a model folder")
         return path
-    from huggingface_hub import list_repo_files, snapshot_download
-
     try:
-        patterns = hub_patterns(list_repo_files(path_or_repo, revision=revision))
+        patterns = hub_patterns(huggingface_hub.list_repo_files(path_or_repo, revision=revision))
     except Exception:  # offline (HF_HUB_OFFLINE): the cached snapshot, whichever weights it holds
         patterns = SAFETENSORS_PATTERNS + TORCH_BIN_PATTERNS + SIDE_FILE_PATTERNS
     try:
-        return Path(snapshot_download(path_or_repo, revision=revision, allow_patterns=patterns))
+        return Path(huggingface_hub.snapshot_download(path_or_repo, revision=revision, allow_patterns=patterns))
     except Exception as e:
         raise FileNotFoundError(
             f"{path_or_repo!r} is neither a local folder nor a reachable Hub repo: {e}"
@@ -103,8 +107,6 @@ def load_config(path: Path) -> dict:
     path = Path(path)
     if not (path / "config.json").exists() and (path / OPEN_CLIP_CONFIG).exists():
         return {"model_type": "openvision2"}
-    from .weight_files import read_json_file
-
     return read_json_file(path / "config.json")
 
 
@@ -151,8 +153,6 @@ def load_weights(path: Path) -> dict:
     path = Path(path)
     files = sorted(path.glob("*.safetensors"))
     if files:
-        from .weight_files import check_safetensors
-
         weights = {}
         for f in files:
             check_safetensors(f)
@@ -163,8 +163,6 @@ def load_weights(path: Path) -> dict:
         return weights
     pickles = sorted(path.glob("pytorch_model*.bin")) + sorted(path.glob("*.pth")) + sorted(path.glob("*.pt"))
     if pickles:
-        from .torch_pickle import load_torch_checkpoint
-
         weights = {}
         for f in pickles:
             weights.update(load_torch_checkpoint(f))
@@ -177,8 +175,6 @@ def quantize_for_checkpoint(model: nn.Module, config: dict, weights: dict) -> No
     settings as mlx-lm's loader reads them: a per-module entry of
     `config["quantization"]` (mlx-vlm's mixed recipes), else what the packed
     shapes say, for affine, mxfp4 and the other modes."""
-    from mlx_lm.utils import infer_quant_config
-
     quantization = config["quantization"]
 
     def predicate(path, module):
@@ -218,8 +214,6 @@ def load_model(path: Path, lazy: bool = False, strict: bool = True) -> Tuple[nn.
 def load_processor(path: Path, model):
     """`processors/<family>.py` provides `Processor.from_pretrained(path, tokenizer, args)`;
     an OpenVision 2 captioner takes its caption tokenizer."""
-    from mlx_lm.utils import load_tokenizer
-
     family = family_of(model.model_type)
     if family.module == "openvision2":
         return openvision_checkpoint.load_tokenizer(path)
@@ -252,8 +246,6 @@ def load(
     path = get_model_path(path_or_repo, revision)
     model, _ = load_model(path, lazy=lazy)
     if adapter_path is not None:
-        from .training.finetune import load_adapters
-
         load_adapters(model, adapter_path)
         model.eval()
     return model, load_processor(path, model)
@@ -263,9 +255,6 @@ def save_weights(path: Path, model, max_shard_gb: int = 5, progress=True) -> Non
     """Sharded safetensors + index of a model's parameters (or a dict of
     weights); each shard is evaluated only as it is written, so with lazily
     loaded sources peak memory stays near one shard."""
-    from mlx_lm.utils import make_shards
-    from tqdm import tqdm
-
     path.mkdir(parents=True, exist_ok=True)
     weights = dict(tree_flatten(model.parameters())) if isinstance(model, nn.Module) else dict(model)
     shards = make_shards(weights, max_file_size_gb=max_shard_gb)

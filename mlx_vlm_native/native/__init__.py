@@ -7,32 +7,17 @@
 for debugging. A kernel that fails on a GPU raises with its name; it never falls
 back silently."""
 
-import os
-from typing import Optional
-
 import mlx.core as mx
 
-BACKENDS = ("metal", "cuda", "reference")
-
-
-def gpu_backend() -> Optional[str]:
-    if os.environ.get("MLX_VLM_NATIVE_KERNELS", "1") == "0":
-        return None
-    if mx.metal.is_available():
-        return "metal"
-    cuda = getattr(mx, "cuda", None)
-    if cuda is not None and cuda.is_available():
-        return "cuda"
-    return None
-
-
-from .attention import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, varlen_attention  # noqa: E402
-from .rope import rope_2d  # noqa: E402
+from .attention import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, varlen_attention
+from .backend import BACKENDS, gpu_backend
+from .rope import rope_2d
 
 
 def kernels_apply(q: mx.array) -> bool:
     """Whether "auto" dispatch sends this (T, H, D) attention to the GPU kernels."""
     return gpu_backend() is not None and q.shape[-1] in SUPPORTED_HEAD_DIMS and q.dtype in SUPPORTED_DTYPES
+
 
 __all__ = [
     "BACKENDS", "SUPPORTED_DTYPES", "SUPPORTED_HEAD_DIMS", "gpu_backend", "kernels_apply",

@@ -9,6 +9,7 @@ from typing import Optional
 import mlx.core as mx
 import numpy as np
 
+from .backend import BACKENDS, gpu_backend
 from .kernels_source import KernelSpec, Launch, run
 
 SUPPORTED_HEAD_DIMS = (64, 72, 80, 96, 128)
@@ -181,8 +182,6 @@ def varlen_attention(
 
     `backend`: "metal", "cuda" or "reference"; default: this machine's GPU kernels,
     or the reference when there are none."""
-    from . import BACKENDS, gpu_backend
-
     cu = check_inputs(q, k, v, cu_seqlens)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     backend = backend or gpu_backend() or "reference"

@@ -6,6 +6,7 @@ from typing import Optional
 
 import mlx.core as mx
 
+from .backend import BACKENDS, gpu_backend
 from .kernels_source import KernelSpec, Launch, run
 
 _EXT = {"metal": ".metal", "cuda": ".cu"}
@@ -57,8 +58,6 @@ def _check(x, cos, sin, name):
 def rope_2d(q: mx.array, k: Optional[mx.array], cos: mx.array, sin: mx.array, backend: Optional[str] = None):
     """(q, k) rotated by per-token angles: q (N, Hq, D), k (N, Hk, D) or None,
     cos/sin (N, D). Returns (q_rot, k_rot) (k_rot None when k is None)."""
-    from . import BACKENDS, gpu_backend
-
     backend = backend or gpu_backend() or "reference"
     if backend not in BACKENDS:
         raise ValueError(f"unknown kernel backend {backend!r}; choose one of {BACKENDS}")

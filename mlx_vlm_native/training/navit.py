@@ -36,6 +36,10 @@ from ..navit import (
     Model, ModelArgs, drop_tokens, image_tokens, sample_drop_rates, sample_resolution, scale_to_long_side,
 )
 from ..packing import Pack, greedy_pack
+from .checkpoint import resume_state
+from .loop import TrainConfig, train
+from .openvision2 import rank_batches
+from .optim import build_optimizer
 
 CLASS_SETS = {
     "shape": list(shapes.SHAPES),
@@ -431,11 +435,6 @@ def batch_stream(recipe: dict, dataset, args: ModelArgs, position=None, start_st
 
 def run(recipe: dict, resume: Optional[str] = None, progress: bool = True, on_step=None,
         should_stop=None) -> dict:
-    from .checkpoint import resume_state
-    from .loop import TrainConfig, train
-    from .openvision2 import rank_batches
-    from .optim import build_optimizer
-
     seed, steps = recipe.get("seed", 0), recipe["steps"]
     dataset = open_data(recipe["data"], seed, recipe.get("classes"))
     args = model_args(recipe, dataset.classes)
