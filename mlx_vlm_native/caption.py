@@ -19,8 +19,7 @@ from mlx_lm.sample_utils import make_sampler
 
 from . import openvision_checkpoint as ovc
 from .models.openvision import mask_image_tokens
-from .processors.image import ImageInput, load_image
-from .training.data import center_crop_pixels
+from .processors.image import ImageInput, center_crop_pixels, load_image
 from .utils import get_model_path
 
 def preprocess(images: Sequence[ImageInput], image_size: int, mean=ovc.IMAGE_MEAN, std=ovc.IMAGE_STD) -> mx.array:

@@ -142,7 +142,7 @@ def test_header_size_is_checked_before_decoding():
 def test_pad_and_crop_cost_output_memory_whatever_the_aspect_ratio():
     from PIL import Image
 
-    from mlx_vlm_native.training.data import center_crop_pixels, pad_to_square_pixels
+    from mlx_vlm_native.processors.image import center_crop_pixels, pad_to_square_pixels
 
     mean = std = (0.5, 0.5, 0.5)
     strip = Image.new("RGB", (200_000, 200), (255, 0, 0))  # a 200000² canvas would be 120 GB
@@ -154,11 +154,32 @@ def test_pad_and_crop_cost_output_memory_whatever_the_aspect_ratio():
     assert cropped.shape == (64, 64, 3) and np.allclose(cropped, [-1, -1, 1], atol=0.01)
 
 
+def test_pad_to_square_pixels_equals_pasting_on_a_mean_colour_square():
+    """The one-square "pad" fit is Pillow's own paste-and-resize, to the bit."""
+    from PIL import Image
+
+    from conftest import make_image
+    from mlx_vlm_native.processors.image import PAD_CANVAS_FACTOR, pad_to_square_pixels
+
+    mean, std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+    fill = tuple(int(round(255 * m)) for m in mean)
+    for h, w, size in [(20, 60, 28), (61, 40, 28), (50, 50, 32), (33, 500, 28), (900, 70, 56)]:
+        image = make_image(h, w)
+        factor = -(-max(w, h) // (PAD_CANVAS_FACTOR * size))
+        source = image.reduce(factor) if factor > 1 else image
+        side = max(source.size)
+        square = Image.new("RGB", (side, side), fill)
+        square.paste(source, ((side - source.width) // 2, (side - source.height) // 2))
+        reference = np.asarray(square.resize((size, size), Image.BICUBIC), np.float32) / 255.0
+        reference = (reference - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+        np.testing.assert_array_equal(pad_to_square_pixels(image, size, mean, std), reference)
+
+
 def test_center_crop_equals_resize_then_crop():
     from PIL import Image
 
     from conftest import make_image
-    from mlx_vlm_native.training.data import center_crop_pixels
+    from mlx_vlm_native.processors.image import center_crop_pixels
 
     for h, w, size in [(60, 90, 56), (300, 200, 224), (97, 1203, 56), (500, 333, 224)]:
         image = make_image(h, w)

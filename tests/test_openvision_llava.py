@@ -102,7 +102,7 @@ def test_folder_loads_through_load(setup, tmp_path):
 
 def test_pad_mode_keeps_the_whole_picture(setup):
     model, _ = setup
-    from mlx_vlm_native.training.data import center_crop_pixels, pad_to_square_pixels
+    from mlx_vlm_native.processors.image import center_crop_pixels, pad_to_square_pixels
 
     image = np.full((20, 60, 3), 128, np.uint8)
     image[:, :6] = (255, 0, 0)  # a red strip on the far left of a 3:1 picture

@@ -21,6 +21,7 @@ from PIL import Image, ImageDraw
 
 from convert.open_clip_checkpoint import write_vocab
 from mlx_vlm_native import openvision_checkpoint as ovc
+from mlx_vlm_native.processors import image as image_layer
 from mlx_vlm_native.training import checkpoint as ckpt
 from mlx_vlm_native.training import data as tdata
 from mlx_vlm_native.training import openvision2
@@ -230,7 +231,7 @@ def test_augmentation_is_seeded_by_sample_position(dataset_dir):
     assert not np.array_equal(a, tdata.augmented_pixels(sample, *args, seed=1, area_min=0.4, jitter=0.4))
     # a full-area crop of a square image is the plain centre crop
     full = tdata.augmented_pixels(sample, 32, ovc.IMAGE_MEAN, ovc.IMAGE_STD, seed=0, area_min=1.0, jitter=0.0)
-    np.testing.assert_array_equal(full, tdata.center_crop_pixels(sample.image, 32, ovc.IMAGE_MEAN, ovc.IMAGE_STD))
+    np.testing.assert_array_equal(full, image_layer.center_crop_pixels(sample.image, 32, ovc.IMAGE_MEAN, ovc.IMAGE_STD))
     shard_sample = next(tdata.CaptionShards(sorted((dataset_dir / "shards").glob("*.tar"))).iterate())[0]
     assert shard_sample.key == (0, 0, 0)
 
@@ -255,7 +256,7 @@ def tiny_model_and_batch(dataset_dir, keep_ratio=1.0, batch=8):
     ds = tdata.CaptionFolder(dataset_dir / "folder" / "captions.jsonl", seed=0)
     it = ds.iterate()
     samples = [next(it)[0] for _ in range(batch)]
-    pixels = np.stack([tdata.center_crop_pixels(s.image, 32, ovc.IMAGE_MEAN, ovc.IMAGE_STD) for s in samples])
+    pixels = np.stack([image_layer.center_crop_pixels(s.image, 32, ovc.IMAGE_MEAN, ovc.IMAGE_STD) for s in samples])
     text = tdata.tokenize_captions(tok, [s.caption for s in samples], 10, ids["bos"], ids["eos"], ids["pad"])
     return args, mx.array(pixels), mx.array(text)
 

@@ -17,7 +17,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from ..processors.image import ImageInput, load_image
+from ..processors.image import FIT_PIXELS, ImageInput, load_image
 from ..processors.prompt import ChatTemplateMessages, expand_placeholders, load_chat_template, user_turn
 from .base import BaseModelArgs, MLPProjector, ProcessedInputs, scatter_features, text_config_for_mlx_lm
 from .openvision import IMAGENET_MEAN, IMAGENET_STD, VisionConfig, VisionTransformer
@@ -162,8 +162,6 @@ class Processor(ChatTemplateMessages):
         return user_turn(self.tokenizer, self.chat_template, prompt, num_images, 0, "<image>\n" * num_images + prompt)
 
     def pixels(self, image: ImageInput) -> np.ndarray:
-        from ..training.data import FIT_PIXELS
-
         a = self.config
         x = FIT_PIXELS[a.image_aspect_ratio](load_image(image), self.image_size, a.image_mean, a.image_std)
         return x.transpose(2, 0, 1)[None]

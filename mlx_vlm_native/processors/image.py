@@ -1,8 +1,11 @@
-"""Image loading and the numpy/Pillow transforms shared by the processors.
+"""The one image input layer: fetching (bounded), decoding, and the numpy/Pillow
+transforms shared by the processors, captioning and training augmentation.
 
-The transforms reproduce transformers' Pillow backend: resizing happens on
-uint8 pixels with Pillow, rescaling in float64 then float32, normalising in
-float32, all channel-first.
+The processors' transforms reproduce transformers' Pillow backend: resizing
+happens on uint8 pixels with Pillow, rescaling in float64 then float32,
+normalising in float32, all channel-first. The one-square-view fits (crop, pad,
+stretch) and the training crop give channel-last (H, W, 3) floats, as the
+OpenVision tower reads them.
 """
 
 import base64
@@ -17,7 +20,7 @@ from typing import Sequence, Tuple, Union
 from urllib.parse import urljoin, urlsplit
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, ImageSequence, UnidentifiedImageError
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -289,6 +292,75 @@ def pad_to_square(chw: np.ndarray, fill: Sequence[int]) -> np.ndarray:
     return out
 
 
+# ---- one square view: what a square-input tower (OpenVision, SigLIP-style) is fed
+
+
+def normalise(x: np.ndarray, mean, std) -> np.ndarray:
+    """(H, W, 3) floats in [0, 1] -> (x - mean) / std."""
+    return (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+
+
+def center_crop_pixels(image: Image.Image, size: int, mean, std) -> np.ndarray:
+    """Resize the short side to `size` (bilinear), center-crop, normalise: (size, size, 3).
+
+    Only the crop is resampled (Pillow's `box`, the same source-to-output mapping
+    as resizing the whole image), so the memory is O(size²) whatever the aspect ratio."""
+    w, h = image.size
+    scale = size / min(w, h)
+    rw, rh = max(size, round(w * scale)), max(size, round(h * scale))
+    left, top = (rw - size) // 2, (rh - size) // 2
+    sx, sy = rw / w, rh / h
+    box = (left / sx, top / sy, (left + size) / sx, (top + size) / sy)
+    x = np.asarray(image.resize((size, size), Image.BILINEAR, box=box), dtype=np.float32) / 255.0
+    return normalise(x, mean, std)
+
+
+PAD_CANVAS_FACTOR = 4  # the padded square is at most this many times the output side
+
+
+def pad_to_square_pixels(image: Image.Image, size: int, mean, std) -> np.ndarray:
+    """LLaVA-1.5's "pad": centre the image on a square of the mean colour (no
+    part is lost, whatever the aspect ratio), resize to `size` (bicubic), normalise.
+
+    An image whose square would be over PAD_CANVAS_FACTOR x `size` on a side is
+    first shrunk by an integer factor (box filter), so a 200000x200 image costs
+    O(size²) memory rather than a 200000² canvas."""
+    w, h = image.size
+    factor = -(-max(w, h) // (PAD_CANVAS_FACTOR * size))
+    if factor > 1:
+        image = image.reduce(factor)
+    fill = tuple(int(round(255 * m)) for m in mean)
+    square = Image.fromarray(pad_to_square(to_chw(image.convert("RGB")), fill).transpose(1, 2, 0))
+    x = np.asarray(square.resize((size, size), Image.BICUBIC), dtype=np.float32) / 255.0
+    return normalise(x, mean, std)
+
+
+def resize_pixels(image: Image.Image, size: int, mean, std) -> np.ndarray:
+    """Stretch to a `size` square (bicubic), normalise: nothing is cut or padded,
+    and the picture's thirds always fall on the same pixels, whatever its aspect ratio."""
+    x = np.asarray(image.convert("RGB").resize((size, size), Image.BICUBIC), dtype=np.float32) / 255.0
+    return normalise(x, mean, std)
+
+
+FIT_PIXELS = {"crop": center_crop_pixels, "pad": pad_to_square_pixels, "resize": resize_pixels}
+
+
+def inception_crop(image: Image.Image, size: int, area_min: float, rng) -> Image.Image:
+    """A random crop of `area_min`..100% of the area, aspect ratio 3/4..4/3
+    (log-uniform), resized to size x size (bilinear); centre crop if 10 tries fail."""
+    w, h = image.size
+    for _ in range(10):
+        area = w * h * rng.uniform(area_min, 1.0)
+        ratio = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3)))
+        cw, ch = int(round(np.sqrt(area * ratio))), int(round(np.sqrt(area / ratio)))
+        if 0 < cw <= w and 0 < ch <= h:
+            left, top = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+            return image.resize((size, size), Image.BILINEAR, box=(left, top, left + cw, top + ch))
+    side = min(w, h)
+    left, top = (w - side) // 2, (h - side) // 2
+    return image.resize((size, size), Image.BILINEAR, box=(left, top, left + side, top + side))
+
+
 def load_video_frames(source: Union[str, Path], num_frames: int = 8) -> list:
     """`num_frames` frames sampled uniformly from a folder of images (sorted by
     name) or an animated GIF/WebP/TIFF."""
@@ -299,8 +371,6 @@ def load_video_frames(source: Union[str, Path], num_frames: int = 8) -> list:
             raise ImageError(f"no image frames in {path}")
         frames = files
     else:
-        from PIL import ImageSequence
-
         image = open_source(path)
         frames = [load_image(f.copy()) for f in ImageSequence.Iterator(image)]
     if num_frames < 1:

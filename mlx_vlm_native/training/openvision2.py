@@ -12,7 +12,8 @@ from mlx.utils import tree_flatten
 from .. import openvision_checkpoint as ovc
 from ..models.openvision import DecoderConfig, Model, ModelArgs, VisionConfig
 from .checkpoint import latest_checkpoint, resume_state
-from .data import FIT_PIXELS, augmented_pixels, batches, open_dataset, tokenize_captions
+from ..processors.image import FIT_PIXELS
+from .data import augmented_pixels, batches, open_dataset, tokenize_captions
 from .loop import TrainConfig, train
 from .optim import build_optimizer
 

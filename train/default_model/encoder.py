@@ -27,7 +27,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from mlx_vlm_native import shapes
 from mlx_vlm_native.models.openvision import IMAGENET_MEAN, IMAGENET_STD, VisionConfig, VisionTransformer
-from mlx_vlm_native.training.data import resize_pixels
+from mlx_vlm_native.processors.image import resize_pixels
 
 VISION = {"image_size": 128, "patch_size": 16, "width": 128, "layers": 4, "head_width": 32, "mlp_ratio": 4.0,
           "stem_channels": [16, 32, 64, 128]}
