@@ -10,8 +10,10 @@ compare held-out accuracy on size questions before and after.
 import argparse
 from pathlib import Path
 
-from mlx_vlm_native import load, shapes
+from mlx_vlm_native import load
+from mlx_vlm_native.datasets import shapes
 from mlx_vlm_native.training import finetune
+from mlx_vlm_native.utils import default_model_path
 
 MIX = {"size": 0.5, "colour": 0.15, "shape": 0.15, "position": 0.1, "count": 0.1}
 
@@ -36,7 +38,7 @@ if __name__ == "__main__":
     before = size_accuracy(model, processor, questions)
 
     recipe = {
-        "model": a.model or str(Path(shapes.__file__).parent / "default_model"),
+        "model": a.model or default_model_path(),
         "data": {"train": str(data / "conversations.jsonl")},
         "output": str(out), "method": "lora", "steps": a.steps, "micro_batch_size": 8,
         "lora": {"targets": [r"language_model\..*(q|v)_proj", r"multi_modal_projector\.linear_\d"],

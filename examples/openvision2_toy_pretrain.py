@@ -12,10 +12,11 @@ from pathlib import Path
 
 import numpy as np
 
-from mlx_vlm_native import shapes
 from mlx_vlm_native.caption import caption
+from mlx_vlm_native.datasets import shapes
 from mlx_vlm_native.training import openvision2
 from mlx_vlm_native.training.data import CaptionFolder
+from mlx_vlm_native.utils import default_model_path
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser()
@@ -28,7 +29,7 @@ if __name__ == "__main__":
 
     out = Path(a.out)
     data = shapes.write_dataset(out / "data", a.images, seed=3, two_image_fraction=0.0)
-    tokenizer = a.tokenizer or str(Path(shapes.__file__).parent / "default_model")
+    tokenizer = a.tokenizer or default_model_path()
     recipe = {
         "family": "openvision2",
         "model": {"image_size": 48, "patch_size": 8,

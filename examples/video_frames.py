@@ -16,7 +16,7 @@ import numpy as np
 
 from mlx_vlm_native import generate, load
 from mlx_vlm_native.processors.image import load_video_frames
-from mlx_vlm_native.shapes import Item, Scene, render
+from mlx_vlm_native.datasets.shapes import Item, Scene, render
 
 CLIP = Path(__file__).parent / "images" / "moving.gif"
 

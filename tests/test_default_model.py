@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from mlx_vlm_native import load, shapes
+from mlx_vlm_native import load
+from mlx_vlm_native.datasets import shapes
 from mlx_vlm_native.utils import DEFAULT_MODEL
 
 ROOT = Path(__file__).resolve().parents[1]

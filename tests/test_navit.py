@@ -4,11 +4,9 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_vlm_native.navit import (
-    FactorizedPositionEmbedding, MaskedAttentionPool, drop_tokens, sample_drop_rates,
-    sample_resolution, token_grid_sizes,
-)
+from mlx_vlm_native.models.navit import FactorizedPositionEmbedding, MaskedAttentionPool, token_grid_sizes
 from mlx_vlm_native.packing import pack, patchify
+from mlx_vlm_native.training.navit import drop_tokens, sample_drop_rates, sample_resolution
 
 
 def make_pack(grids, seed=0):

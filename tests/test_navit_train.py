@@ -14,7 +14,7 @@ import pytest
 from mlx.utils import tree_flatten
 from PIL import Image
 
-from mlx_vlm_native.navit import Model
+from mlx_vlm_native.models.navit import Model
 from mlx_vlm_native.packing import Pack
 from mlx_vlm_native.training import navit
 from mlx_vlm_native.training.navit import ShapesImages, batch_stream, classification_loss, drop_rate

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from mlx_vlm_native import shapes
+from mlx_vlm_native.datasets import shapes
 
 
 def test_same_seed_same_scene_and_pixels():

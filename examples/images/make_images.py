@@ -5,7 +5,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mlx_vlm_native.shapes import Item, Scene, render
+from mlx_vlm_native.datasets.shapes import Item, Scene, render
 
 HERE = Path(__file__).parent
 SCENES = {

@@ -23,23 +23,56 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, List, Optional, Sequence
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 from PIL import Image
 
-from .. import shapes
+from ..datasets import shapes
 from ..models.base import masked_cross_entropy
-from ..navit import (
-    Model, ModelArgs, drop_tokens, image_tokens, sample_drop_rates, sample_resolution, scale_to_long_side,
-)
+from ..models.navit import Model, ModelArgs, image_tokens, scale_to_long_side
 from ..packing import Pack, greedy_pack
 from .checkpoint import resume_state
 from .loop import TrainConfig, train
 from .openvision2 import rank_batches
 from .optim import build_optimizer
+
+def sample_drop_rates(n: int, rng: np.random.Generator, max_rate: float = 0.5, beta=(2.0, 2.0)) -> np.ndarray:
+    """Per-image drop rates from a scaled Beta distribution."""
+    return max_rate * rng.beta(*beta, size=n)
+
+
+def drop_tokens(pack: Pack, drop_rates: Sequence[float], rng: np.random.Generator) -> Pack:
+    """Keep `max(1, round(L * (1 - r)))` random tokens of each segment, in order.
+
+    Positions travel with the kept tokens, so positional encodings stay right;
+    the grids are kept as they were, for the record.
+    """
+    lengths = np.diff(pack.cu_seqlens)
+    if len(drop_rates) != len(lengths):
+        raise ValueError(f"{len(drop_rates)} drop rates for {len(lengths)} segments")
+    keep_idx, new_lengths = [], []
+    for start, n, r in zip(pack.cu_seqlens[:-1], lengths, drop_rates):
+        if not 0 <= r < 1:
+            raise ValueError(f"drop rate {r} outside [0, 1)")
+        k = max(1, int(round(n * (1 - r))))
+        keep_idx.append(start + np.sort(rng.choice(n, size=k, replace=False)))
+        new_lengths.append(k)
+    idx = np.concatenate(keep_idx)
+    cu = np.concatenate([[0], np.cumsum(new_lengths)]).astype(np.int32)
+    return Pack(pack.patches[idx], pack.grids, cu, pack.positions[idx])
+
+
+def sample_resolution(
+    height: int, width: int, rng: np.random.Generator,
+    min_side: int = 64, max_side: int = 512, multiple: int = 28,
+) -> Tuple[int, int]:
+    """A new (height, width) with the same aspect ratio whose long side is drawn
+    uniformly from [min_side, max_side], rounded to `multiple`."""
+    return scale_to_long_side(height, width, rng.uniform(min_side, max_side), multiple)
+
 
 CLASS_SETS = {
     "shape": list(shapes.SHAPES),

@@ -27,7 +27,8 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
-from mlx_vlm_native import load, shapes
+from mlx_vlm_native import load
+from mlx_vlm_native.datasets import shapes
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]

@@ -25,7 +25,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
-from mlx_vlm_native import shapes
+from mlx_vlm_native.datasets import shapes
 from mlx_vlm_native.models.openvision import IMAGENET_MEAN, IMAGENET_STD, VisionConfig, VisionTransformer
 from mlx_vlm_native.processors.image import resize_pixels
 

@@ -1,12 +1,13 @@
 """NaViT (Dehghani et al., 2023, "Patch n' Pack"): a ViT classifier over packed
-sequences of images at their own resolution and aspect ratio, and its training
-features: continuous token dropping, resolution sampling, masked attention
-pooling and factorized fractional positional embeddings.
+sequences of images at their own resolution and aspect ratio, with masked
+attention pooling and factorized fractional positional embeddings. Its training
+features (continuous token dropping, resolution sampling) are in the task,
+`mlx_vlm_native/training/navit.py`.
 
     tokens = image_tokens(image, patch=16, long_side=128)   # (patches, grid)
     logits = model(pack([tokens, ...], merge=1))             # (images, classes)
 
-Training recipes: `train/navit/` (task `mlx_vlm_native/training/navit.py`).
+Training recipes: `train/navit/`.
 """
 
 from dataclasses import dataclass
@@ -17,44 +18,9 @@ import mlx.nn as nn
 import numpy as np
 from PIL import Image
 
-from .models.base import BaseModelArgs
-from .packed_attention import packed_attention
-from .packing import Pack, patchify, segment_ids
-
-
-def sample_drop_rates(n: int, rng: np.random.Generator, max_rate: float = 0.5, beta=(2.0, 2.0)) -> np.ndarray:
-    """Per-image drop rates from a scaled Beta distribution."""
-    return max_rate * rng.beta(*beta, size=n)
-
-
-def drop_tokens(pack: Pack, drop_rates: Sequence[float], rng: np.random.Generator) -> Pack:
-    """Keep `max(1, round(L * (1 - r)))` random tokens of each segment, in order.
-
-    Positions travel with the kept tokens, so positional encodings stay right;
-    the grids are kept as they were, for the record.
-    """
-    lengths = np.diff(pack.cu_seqlens)
-    if len(drop_rates) != len(lengths):
-        raise ValueError(f"{len(drop_rates)} drop rates for {len(lengths)} segments")
-    keep_idx, new_lengths = [], []
-    for start, n, r in zip(pack.cu_seqlens[:-1], lengths, drop_rates):
-        if not 0 <= r < 1:
-            raise ValueError(f"drop rate {r} outside [0, 1)")
-        k = max(1, int(round(n * (1 - r))))
-        keep_idx.append(start + np.sort(rng.choice(n, size=k, replace=False)))
-        new_lengths.append(k)
-    idx = np.concatenate(keep_idx)
-    cu = np.concatenate([[0], np.cumsum(new_lengths)]).astype(np.int32)
-    return Pack(pack.patches[idx], pack.grids, cu, pack.positions[idx])
-
-
-def sample_resolution(
-    height: int, width: int, rng: np.random.Generator,
-    min_side: int = 64, max_side: int = 512, multiple: int = 28,
-) -> Tuple[int, int]:
-    """A new (height, width) with the same aspect ratio whose long side is drawn
-    uniformly from [min_side, max_side], rounded to `multiple`."""
-    return scale_to_long_side(height, width, rng.uniform(min_side, max_side), multiple)
+from ..packed_attention import packed_attention
+from ..packing import Pack, patchify, segment_ids
+from .base import BaseModelArgs
 
 
 def scale_to_long_side(height: int, width: int, long_side: float, multiple: int) -> Tuple[int, int]:

@@ -19,6 +19,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+from tqdm import tqdm
+
+from ..generate import generate
 
 # Each colour's reference RGB (what the tests and examples draw with)...
 COLOURS: Dict[str, Tuple[int, int, int]] = {
@@ -420,8 +423,6 @@ def write_dataset(dst, count: int, seed: int, turns: int = 3, two_image_fraction
                   mix: Optional[Dict[str, float]] = None, progress: bool = False) -> Path:
     """`count` training conversations (images under dst/images, conversations
     in dst/conversations.jsonl, captions in dst/captions.jsonl)."""
-    from tqdm import tqdm
-
     dst = Path(dst)
     (dst / "images").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -478,13 +479,9 @@ def held_out_questions(per_type: int, seed: int, kinds: Sequence[str] = QUESTION
 def evaluate(model, processor, questions: Sequence[Question], max_tokens: int = 48, progress: bool = False) -> dict:
     """Greedy answers to held-out questions, scored by the value they name:
     {type: {"accuracy", "correct", "total", "examples", "failures"}} (captions: exact match)."""
-    from tqdm import tqdm
-
-    from .generate import generate as run
-
     scores: Dict[str, dict] = {}
     for q in tqdm(questions, disable=not progress, desc="evaluating"):
-        text = run(model, processor, q.question, images=q.images, max_tokens=max_tokens).text
+        text = generate(model, processor, q.question, images=q.images, max_tokens=max_tokens).text
         value = answer_value(q.kind, text)
         expected = answer_value(q.kind, q.expected) if q.kind == "caption" else q.expected
         s = scores.setdefault(q.kind, {"correct": 0, "total": 0, "examples": [], "failures": []})
@@ -502,15 +499,13 @@ def evaluate(model, processor, questions: Sequence[Question], max_tokens: int = 
 
 def lone_colour_accuracy(model, processor, count: int, seed: int) -> float:
     """Colour questions about fresh pictures that hold a single shape."""
-    from .generate import generate as run
-
     rng, right = np.random.default_rng(seed), 0
     for _ in range(count):
         scene = random_scene(rng, with_word=False)
         scene.items = scene.items[:1]
         item = scene.items[0]
-        answer = run(model, processor, f"What colour is the {item.shape}?", images=[render(scene, rng)],
-                     max_tokens=12).text
+        answer = generate(model, processor, f"What colour is the {item.shape}?", images=[render(scene, rng)],
+                          max_tokens=12).text
         right += answer_value("colour", answer) == item.colour
     return right / count
 

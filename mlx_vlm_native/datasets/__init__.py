@@ -1,0 +1,1 @@
+"""Generated training and evaluation data (`shapes`: the default model's world)."""
