@@ -84,7 +84,7 @@ def worker_ours(spec, image):
     n = spec["decode_tokens"]
 
     def generate():
-        embeds = model.get_input_embeddings(inputs)[0]
+        embeds = model.get_input_embeddings(inputs)[0][0]
         ids = mx.array(inputs.input_ids)
         return time_stream(generate_step(ids, model, max_tokens=n + 1, input_embeddings=embeds))
 

@@ -107,13 +107,14 @@ class Ours:
         """(prompt tokens, TTFT s, decode tok/s) of one image prompt, greedy."""
         import mlx.core as mx
         from mlx_lm.generate import generate_step
+        from mlx_vlm_native.generate import PromptForward
 
         inputs = self.processor(self.processor.format_prompt(PROMPT, 1), images=[image()])
 
         def run():
-            embeds = self.model.get_input_embeddings(inputs)[0]
-            return time_stream(generate_step(mx.array(inputs.input_ids), self.model,
-                                               max_tokens=DECODE + 1, input_embeddings=embeds))
+            embeds, positions = self.model.get_input_embeddings(inputs)
+            return time_stream(generate_step(mx.array(inputs.input_ids), PromptForward(self.model, positions),
+                                             max_tokens=DECODE + 1, input_embeddings=embeds[0]))
         return len(inputs.input_ids), run
 
     def batch(self, n):

@@ -143,13 +143,9 @@ class PromptCache:
 
 
 def cached_embeddings(model, inputs, cache: PromptCache):
-    """The prompt's embeddings, with the images encoded once per PromptCache
-    where the model can take precomputed features (`encode_vision`)."""
-    encode = getattr(model, "encode_vision", None)
-    if encode is None:
-        return model.get_input_embeddings(inputs)
+    """The prompt's embeddings and positions, with the images encoded once per PromptCache."""
     if cache.vision_features is None:
-        cache.vision_features = encode([inputs])[0]
+        cache.vision_features = model.encode_vision([inputs])[0]
     return model.get_input_embeddings(inputs, vision_features=cache.vision_features)
 
 
@@ -215,10 +211,10 @@ def stream_chat(
     if prompt_cache is None:
         yield from stream_from_inputs(model, processor, inputs, tic, **sampling)
         return
-    embeddings = cached_embeddings(model, inputs, prompt_cache)[0]
+    embeddings, positions = cached_embeddings(model, inputs, prompt_cache)
     ids = [int(i) for i in inputs.input_ids]
     keep = prompt_cache.reuse(model, ids)
-    for r in stream_from_embeddings(model, processor.tokenizer, inputs.input_ids, embeddings, tic,
+    for r in stream_from_embeddings(model, processor.tokenizer, inputs.input_ids, embeddings[0], positions, tic,
                                     kv_cache=prompt_cache.kv, cached=keep, **sampling):
         if r.token is not None:
             prompt_cache.ids.append(r.token)
@@ -226,17 +222,30 @@ def stream_chat(
 
 
 def stream_from_inputs(model, processor, inputs, tic, **sampling):
-    embeddings = model.get_input_embeddings(inputs)[0]
-    yield from stream_from_embeddings(model, processor.tokenizer, inputs.input_ids, embeddings, tic, **sampling)
+    embeddings, positions = model.get_input_embeddings(inputs)
+    yield from stream_from_embeddings(model, processor.tokenizer, inputs.input_ids, embeddings[0], positions, tic,
+                                      **sampling)
 
 
-def stream_from_embeddings(model, tokenizer, input_ids, embeddings, tic, max_tokens=256,
+class PromptForward:
+    """`model` as mlx-lm's `generate_step` calls it (tokens, cache,
+    input_embeddings), with the prompt's positions passed to every forward."""
+
+    def __init__(self, model, positions):
+        self.model, self.positions = model, positions
+
+    def __call__(self, inputs, cache=None, input_embeddings=None):
+        return self.model(inputs, cache=cache, input_embeddings=input_embeddings, positions=self.positions)
+
+
+def stream_from_embeddings(model, tokenizer, input_ids, embeddings, positions, tic, max_tokens=256,
                            temperature=0.0, top_p=1.0, seed=None, kv_cache=None, cached=0,
                            repetition_penalty=None, repetition_context_size=20, kv_bits=None,
                            kv_group_size=64, quantized_kv_start=5000, max_kv_size=None):
-    """Generate after the prompt `input_ids` / `embeddings`, of which the first
-    `cached` tokens are already in `kv_cache`. The sampling parameters are
-    those `check_generation_params` passed."""
+    """Generate after the prompt `input_ids` / `embeddings` / `positions` (as
+    `get_input_embeddings` gives them), of which the first `cached` tokens are
+    already in `kv_cache`. The sampling parameters are those
+    `check_generation_params` passed."""
     n_prompt = len(input_ids)
     max_tokens = min(max_tokens, context_length(model) - n_prompt)
     if seed is not None:
@@ -246,7 +255,7 @@ def stream_from_embeddings(model, tokenizer, input_ids, embeddings, tic, max_tok
     sampler = make_sampler(temp=temperature, top_p=top_p)
     steps = generate_step(
         mx.array(input_ids[cached:]),
-        model,
+        PromptForward(model, positions),
         max_tokens=max_tokens,
         sampler=sampler,
         logits_processors=make_logits_processors(None, repetition_penalty, repetition_context_size),
@@ -302,18 +311,20 @@ def chat_generate(model, processor, messages: list, images: Sequence = (), verbo
     return collect(stream_chat(model, processor, messages, images, **kwargs), verbose)
 
 
-def prefill(model, input_ids, embeddings: mx.array, cache: list, sampler, logits_processors=(),
+def prefill(model, input_ids, embeddings: mx.array, positions, cache: list, sampler, logits_processors=(),
             step: int = 2048) -> int:
-    """Run a whole prompt ((L,) ids, (L, D) embeddings) into `cache` in chunks
-    as mlx-lm's `generate_step` does (all but the last token, then the last
-    one alone) and sample the first answer token, after the `logits_processors`
-    (which see the prompt's ids, as in `generate_step`)."""
+    """Run a prompt ((L,) ids, (L, D) embeddings, its positions as
+    `get_input_embeddings` gives them) into `cache` in chunks as mlx-lm's
+    `generate_step` does (all but the last token, then the last one alone) and
+    sample the first answer token, after the `logits_processors` (which see the
+    prompt's ids, as in `generate_step`)."""
     n = len(input_ids)
     for a in range(0, n - 1, step):
         b = min(a + step, n - 1)
-        model(mx.array(input_ids[a:b])[None], cache=cache, input_embeddings=embeddings[None, a:b])
+        model(mx.array(input_ids[a:b])[None], cache=cache, input_embeddings=embeddings[None, a:b], positions=positions)
         mx.eval([c.state for c in cache])
-    logits = model(mx.array(input_ids[n - 1 :])[None], cache=cache, input_embeddings=embeddings[None, n - 1 :])
+    logits = model(mx.array(input_ids[n - 1 :])[None], cache=cache, input_embeddings=embeddings[None, n - 1 :],
+                   positions=positions)
     logits = logits[:, -1, :]
     if logits_processors:
         context = mx.array(input_ids)
@@ -327,11 +338,11 @@ def batch_generate(model, processor, prompts: Sequence[str], images: Optional[Se
                    top_p: float = 1.0, seed: Optional[int] = None,
                    completion_batch_size: int = 32) -> List["GenerationResult"]:
     """Answer several prompts, each with its own images, decoding them as ONE
-    batch. Models with a packed vision encoder (`encode_vision`) encode the
-    images of all prompts in one call; each prompt is then prefilled alone into
-    its own KV cache, and mlx-lm's `BatchGenerator` merges the caches into a
-    batch cache and decodes up to `completion_batch_size` sequences together,
-    each leaving the batch when it finishes. Greedy answers are the ones
+    batch. `encode_vision` encodes the images of all prompts in one call (one
+    packed tower call for the packed families); each prompt is then prefilled
+    alone into its own KV cache, and mlx-lm's `BatchGenerator` merges the
+    caches into a batch cache and decodes up to `completion_batch_size`
+    sequences together, each leaving the batch when it finishes. Greedy answers are the ones
     `generate` gives, token for token.
 
     `prompt_tps` of each result counts its own prefill plus its share of the
@@ -351,8 +362,7 @@ def batch_generate(model, processor, prompts: Sequence[str], images: Optional[Se
     sampler = make_sampler(temp=temperature, top_p=top_p)
     tic = time.perf_counter()
     batch = [prepare_inputs(model, processor, p, i, (), apply_chat_template) for p, i in zip(prompts, images)]
-    encode = getattr(model, "encode_vision", None)
-    features = encode(batch) if encode else [None] * len(batch)
+    features = model.encode_vision(batch)
     mx.eval([f for f in features if f is not None])
     vision_rows = [0 if f is None else f.shape[0] for f in features]
     encode_shares = [(time.perf_counter() - tic) * r / max(sum(vision_rows), 1) for r in vision_rows]
@@ -365,12 +375,9 @@ def batch_generate(model, processor, prompts: Sequence[str], images: Optional[Se
     try:
         for i, (inputs, feats) in enumerate(zip(batch, features)):
             t0 = time.perf_counter()
-            if encode:
-                embeddings = model.get_input_embeddings(inputs, vision_features=feats)[0]
-            else:
-                embeddings = model.get_input_embeddings(inputs)[0]
+            embeddings, positions = model.get_input_embeddings(inputs, vision_features=feats)
             cache = make_prompt_cache(model)
-            first = prefill(model, inputs.input_ids, embeddings, cache, sampler)
+            first = prefill(model, inputs.input_ids, embeddings[0], positions, cache, sampler)
             answer = answers[i]
             answer.prompt_tps = answer.prompt_tokens / (time.perf_counter() - t0 + encode_shares[i])
             limit = min(max_tokens, context_length(model) - answer.prompt_tokens)

@@ -461,7 +461,7 @@ class ChatService:
         inputs = prepare_chat_inputs(self.model, self.processor, messages, images)
         key = [hashlib.sha256(image.data).digest() for image in job.images]
         cache = self.take_prompt_cache(key)
-        embeddings = cached_embeddings(self.model, inputs, cache)[0]
+        embeddings, positions = cached_embeddings(self.model, inputs, cache)
         if self.prompt_cache_images == key:  # for a concurrent request with the same images
             self.prompt_cache.vision_features = cache.vision_features
         ids = [int(i) for i in inputs.input_ids]
@@ -469,7 +469,7 @@ class ChatService:
         o = job.options
         sampler = make_sampler(temp=o["temperature"], top_p=o["top_p"])
         processors = make_logits_processors(None, o["repetition_penalty"], o["repetition_context_size"])
-        first = prefill(self.model, ids[keep:], embeddings[keep:], cache.kv, sampler, processors)
+        first = prefill(self.model, ids[keep:], embeddings[0, keep:], positions, cache.kv, sampler, processors)
         answer = Decoding(job, self.processor.tokenizer, ids, keep, cache, key, tic)
         answer.add(first)
         limit = min(o["max_tokens"], context_length(self.model) - len(ids))

@@ -27,10 +27,10 @@ def decode_batch_sizes(model, monkeypatch):
     sizes = []
     original = type(model).__call__
 
-    def recording(self, inputs, cache=None, input_embeddings=None):
+    def recording(self, inputs, cache=None, input_embeddings=None, positions=None):
         if input_embeddings is None:
             sizes.append(inputs.shape[0])
-        return original(self, inputs, cache=cache, input_embeddings=input_embeddings)
+        return original(self, inputs, cache=cache, input_embeddings=input_embeddings, positions=positions)
 
     monkeypatch.setattr(type(model), "__call__", recording)
     return sizes

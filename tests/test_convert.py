@@ -19,7 +19,8 @@ def converted(tiny_hf_dir, tmp_path_factory):
 
 def logits_for(model, processor, image):
     inputs = processor(processor.format_prompt("What is this?", 1), images=[image])
-    return np.array(model(mx.array(inputs.input_ids)[None], input_embeddings=model.get_input_embeddings(inputs)))
+    embeds, positions = model.get_input_embeddings(inputs)
+    return np.array(model(mx.array(inputs.input_ids)[None], input_embeddings=embeds, positions=positions))
 
 
 def test_converted_folder_loads_and_matches_source(tiny_hf_dir, converted):

@@ -358,8 +358,8 @@ def test_generate_is_deterministic_and_uses_the_image(eve_loaded):
     assert r1.text == r2.text and r1.prompt_tokens == r2.prompt_tokens
     inputs_a = processor(processor.format_prompt("Describe it.", 1), images=[a])
     inputs_b = processor(processor.format_prompt("Describe it.", 1), images=[b])
-    la = model(mx.array(inputs_a.input_ids)[None], input_embeddings=model.get_input_embeddings(inputs_a))
-    lb = model(mx.array(inputs_b.input_ids)[None], input_embeddings=model.get_input_embeddings(inputs_b))
+    la = model(mx.array(inputs_a.input_ids)[None], input_embeddings=model.get_input_embeddings(inputs_a)[0])
+    lb = model(mx.array(inputs_b.input_ids)[None], input_embeddings=model.get_input_embeddings(inputs_b)[0])
     assert np.abs(np.array(la[0, -1]) - np.array(lb[0, -1])).max() > 1e-3
 
 

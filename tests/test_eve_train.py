@@ -203,7 +203,7 @@ def test_loss_matches_independent_computation(image_size, ratio, training_model,
 
     # the aligning layer's output and the decoder's hidden states on their own
     s = batch[0]
-    x = train_model.eve.embed(s.input_ids, [s.pixel_values])[None]
+    x = train_model.eve.get_input_embeddings(s.inputs())[0]
     _, states = train_model.eve.logits_and_hidden_states(x)
     got_states = np.stack([np.array(h[0]) for h in states])
     assert np.abs(got_states - refs[0][3]).max() < FEATURE_TOL * np.abs(refs[0][3]).max()

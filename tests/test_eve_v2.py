@@ -146,7 +146,7 @@ def test_v2_image_prompt_logits_match_torch_reference(v2_loaded, v2_dirs, v2_wei
     inputs = processor(processor.format_prompt("What is this?", 1), images=[make_image(60, 100, seed=1)])
     assert (inputs.input_ids == -200).sum() == 9 and inputs.pixel_values[0].shape == (3, 64, 96)
     ids = mx.array(inputs.input_ids)[None]
-    got = np.array(model(ids, input_embeddings=model.get_input_embeddings(inputs))[0])
+    got = np.array(model(ids, input_embeddings=model.get_input_embeddings(inputs)[0])[0])
     expected = reference_logits(v2_weights, cfg, inputs.input_ids, inputs.pixel_values[0])
     assert np.abs(got - expected).max() < LOGITS_TOL
     # seeded bug: text weights at the vision positions must be visible
@@ -195,7 +195,7 @@ def test_v2_cached_decoding_equals_full_recompute(v2_loaded):
 
     model, processor = v2_loaded
     inputs = processor(processor.format_prompt("Describe it.", 1), images=[make_image(70, 120, seed=2)])
-    embeds = model.get_input_embeddings(inputs)[0]
+    embeds = model.get_input_embeddings(inputs)[0][0]
     tokens = [t for t, _ in zip((int(t) for t, _ in generate_step(
         mx.array(inputs.input_ids), model, max_tokens=6, input_embeddings=embeds)), range(6))]
     full_ids = np.concatenate([inputs.input_ids, tokens[:-1]]).astype(np.int32)

@@ -125,8 +125,8 @@ def test_lora_learns_the_colours_and_adapters_reload(colour_data, tmp_path):
     fuse(str(colour_data / "model"), str(out / "adapters"), str(fused_dir))
     fused, _ = load(str(fused_dir))
     inputs = processor(processor.format_prompt("What colour is the square?", 1), images=[colour_image("blue", 5)])
-    a = model(mx.array(inputs.input_ids)[None], input_embeddings=model.get_input_embeddings(inputs))
-    b = fused(mx.array(inputs.input_ids)[None], input_embeddings=fused.get_input_embeddings(inputs))
+    a = model(mx.array(inputs.input_ids)[None], input_embeddings=model.get_input_embeddings(inputs)[0])
+    b = fused(mx.array(inputs.input_ids)[None], input_embeddings=fused.get_input_embeddings(inputs)[0])
     assert np.abs(np.array(a) - np.array(b)).max() <= 1e-4
     assert not any("lora" in k for k, _ in tree_flatten(fused.parameters()))
 

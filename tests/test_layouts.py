@@ -150,8 +150,9 @@ def image_inputs(processor, seed: int = 1):
 
 
 def ours_logits(model, inputs) -> np.ndarray:
-    embeds = model.get_input_embeddings(inputs)
-    return np.array(model(mx.array(inputs.input_ids)[None], input_embeddings=embeds)[0].astype(mx.float32))
+    embeds, positions = model.get_input_embeddings(inputs)
+    logits = model(mx.array(inputs.input_ids)[None], input_embeddings=embeds, positions=positions)
+    return np.array(logits[0].astype(mx.float32))
 
 
 def hf_logits(hf, inputs) -> np.ndarray:
@@ -440,8 +441,8 @@ def test_eve_v2_resolution_from_tower_name_and_width_key(tmp_path, width_key):
     assert processor.image_processor.grid(image.size) == ref_processor.image_processor.grid(image.size)
     text = processor.format_prompt("What?", 1)
     a, b = processor(text, images=[image]), ref_processor(text, images=[image])
-    la = model(mx.array(a.input_ids)[None], input_embeddings=model.get_input_embeddings(a))
-    lb = reference(mx.array(b.input_ids)[None], input_embeddings=reference.get_input_embeddings(b))
+    la = model(mx.array(a.input_ids)[None], input_embeddings=model.get_input_embeddings(a)[0])
+    lb = reference(mx.array(b.input_ids)[None], input_embeddings=reference.get_input_embeddings(b)[0])
     assert np.array_equal(np.array(la), np.array(lb))
     cfg["mm_vision_tower"] = "openai/eve-anyratio-res1600-patch16"
     (folder / "config.json").write_text(json.dumps(cfg))

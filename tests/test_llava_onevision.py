@@ -34,8 +34,8 @@ def hf_forward(hf_model, inputs):
 
 
 def mlx_logits(model, inputs):
-    embeds = model.get_input_embeddings(inputs)
-    return np.array(model(mx.array(inputs.input_ids)[None], input_embeddings=embeds)[0])
+    embeds, positions = model.get_input_embeddings(inputs)
+    return np.array(model(mx.array(inputs.input_ids)[None], input_embeddings=embeds, positions=positions)[0])
 
 
 def test_vision_tower_matches(hf_model, mlx_model):
@@ -118,7 +118,7 @@ def test_greedy_generation_matches(hf_model, mlx_model):
     model, processor = mlx_model
     prompt = processor.format_prompt("Describe the picture in detail.", num_images=1)
     inputs = processor(prompt, images=[make_image(420, 380, 5)])
-    embeds = model.get_input_embeddings(inputs)[0]
+    embeds = model.get_input_embeddings(inputs)[0][0]
     ours = [t for t, _ in generate_step(mx.array(inputs.input_ids), model, max_tokens=20, input_embeddings=embeds)]
     ids = torch.from_numpy(inputs.input_ids.astype(np.int64))[None]
     with torch.inference_mode():

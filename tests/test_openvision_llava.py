@@ -35,7 +35,7 @@ def test_image_features_sit_at_the_placeholders(setup):
     inputs = processor("a <image> photo of the cat", images=[image])
     ids = inputs.input_ids
     assert (ids == -200).sum() == 16 and inputs.pixel_values[0].shape == (1, 3, 28, 28)
-    embeds = np.array(model.get_input_embeddings(inputs)[0])
+    embeds = np.array(model.get_input_embeddings(inputs)[0][0])
     x = mx.array(inputs.pixel_values[0]).transpose(0, 2, 3, 1)
     tokens = model.vision_tower(x, layer=-2)["tokens"]  # the second-to-last block
     expected = model.multi_modal_projector(tokens)[0]
@@ -95,8 +95,8 @@ def test_folder_loads_through_load(setup, tmp_path):
     image = (np.random.default_rng(1).random((30, 40, 3)) * 255).astype(np.uint8)
     inputs = loaded_processor("a <image> photo", images=[image])
     ids = mx.array(np.where(inputs.input_ids < 0, 0, inputs.input_ids))[None]
-    a = model(ids, input_embeddings=model.get_input_embeddings(inputs))
-    b = loaded(ids, input_embeddings=loaded.get_input_embeddings(inputs))
+    a = model(ids, input_embeddings=model.get_input_embeddings(inputs)[0])
+    b = loaded(ids, input_embeddings=loaded.get_input_embeddings(inputs)[0])
     assert np.array_equal(np.array(a), np.array(b))
 
 
@@ -132,6 +132,6 @@ def test_batched_encoder_call_equals_one_by_one(setup):
     together = model.encode_vision(batch)
     assert together[1] is None and together[2].shape[0] == 2 * 16
     for inputs, feats in zip(batch, together):
-        alone = np.array(model.get_input_embeddings(inputs)[0])
-        np.testing.assert_allclose(np.array(model.get_input_embeddings(inputs, vision_features=feats)[0]),
+        alone = np.array(model.get_input_embeddings(inputs)[0][0])
+        np.testing.assert_allclose(np.array(model.get_input_embeddings(inputs, vision_features=feats)[0][0]),
                                    alone, atol=1e-5)

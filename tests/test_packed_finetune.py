@@ -70,7 +70,7 @@ def test_packed_per_sample_loss_equals_each_alone(model_and_samples):
     logits, targets, mask = forward_packed(model, PackedBatch([samples[:3]]))
     ids = np.concatenate([s[0].input_ids for s in samples[:3]])[None]
     naive = model(mx.array(ids), input_embeddings=mx.concatenate(
-        [model.get_input_embeddings(s[0]) for s in samples[:3]], axis=1))
+        [model.get_input_embeddings(s[0])[0] for s in samples[:3]], axis=1))
     assert np.abs(np.array(naive) - np.array(logits)).max() > 1e-3
 
 

@@ -72,8 +72,8 @@ def oracle(qwen2_layout):
 
 
 def mlx_logits(model, inputs):
-    embeds = model.get_input_embeddings(inputs)
-    return np.array(model(mx.array(inputs.input_ids)[None], input_embeddings=embeds)[0])
+    embeds, positions = model.get_input_embeddings(inputs)
+    return np.array(model(mx.array(inputs.input_ids)[None], input_embeddings=embeds, positions=positions)[0])
 
 
 def test_prompt_format_is_points(qwen2_layout):

@@ -74,8 +74,8 @@ def hf_logits(hf, inputs):
 
 
 def mlx_logits(model, inputs):
-    embeds = model.get_input_embeddings(inputs)
-    return np.array(model(mx.array(inputs.input_ids)[None], input_embeddings=embeds)[0])
+    embeds, positions = model.get_input_embeddings(inputs)
+    return np.array(model(mx.array(inputs.input_ids)[None], input_embeddings=embeds, positions=positions)[0])
 
 
 def test_processor_matches_transformers(family):

@@ -1,6 +1,6 @@
 import inspect
 from dataclasses import dataclass, field
-from typing import List, Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -39,6 +39,43 @@ class ProcessedInputs:
     def vision_tokens(self) -> int:
         """Image and video placeholder tokens of a packed family's prompt."""
         return 0 if self.token_types is None else int(np.count_nonzero(self.token_types))
+
+
+class VisionLanguageModel(nn.Module):
+    """What every VLM family's `Model` implements, and the one way generate,
+    chat, serve, batch_generate and finetuning use a model:
+
+        features = model.encode_vision(batch)  # every prompt of a batch, one vision pass
+        embeddings, positions = model.get_input_embeddings(inputs, features[i])
+        logits = model(input_ids[None], cache=cache, input_embeddings=embeddings, positions=positions)
+
+    `positions` are a prompt's rotary positions where they are not plain 1-D
+    ones (Qwen2-VL's (3, L) M-RoPE positions), else None. The forward takes
+    them with every call over the prompt (any chunk of it, from the cache's
+    offset); a call past the prompt without them continues from what the KV
+    cache holds (Qwen2-VL's `MRoPECache` keeps the M-RoPE delta)."""
+
+    @property
+    def layers(self) -> list:
+        """The decoder layers, one KV cache each."""
+        raise NotImplementedError
+
+    def encode_vision(self, batch: Sequence[ProcessedInputs]) -> List[Optional[mx.array]]:
+        """The vision features of each prompt of `batch`, (tokens, D) in placeholder
+        order (images, then videos), or None for a prompt without media."""
+        raise NotImplementedError
+
+    def get_input_embeddings(
+        self, inputs: ProcessedInputs, vision_features: Optional[mx.array] = None
+    ) -> Tuple[mx.array, Optional[np.ndarray]]:
+        """(1, L, D) token embeddings with the vision features (encoded here when
+        not given) at the placeholders, and the prompt's positions (or None)."""
+        raise NotImplementedError
+
+    def __call__(self, inputs: mx.array, cache=None, input_embeddings: Optional[mx.array] = None,
+                 positions: Optional[np.ndarray] = None) -> mx.array:
+        """Logits of (B, L) token ids, or of their `input_embeddings` (B, L, D)."""
+        raise NotImplementedError
 
 
 def _first(keys, n: int = 5) -> str:

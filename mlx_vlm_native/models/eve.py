@@ -13,7 +13,7 @@ MLPs have a second, vision copy: each token uses the copy of its modality
 """
 
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -23,7 +23,9 @@ from mlx_lm.models.activations import swiglu
 from mlx_lm.models.base import scaled_dot_product_attention
 from mlx_lm.models.base import create_attention_mask
 
-from .base import BaseModelArgs, MLPProjector, scatter_features, text_config_for_mlx_lm
+from .base import (
+    BaseModelArgs, MLPProjector, ProcessedInputs, VisionLanguageModel, scatter_features, text_config_for_mlx_lm,
+)
 
 LAYOUTS = (
     "Hub release (model.*, model.vision_tower.*, model.mm_projector.*; .bin shards or safetensors)",
@@ -176,7 +178,7 @@ class VisionTokenizer(nn.Module):
         return mx.concatenate([cls, rows])
 
 
-class Model(nn.Module):
+class Model(VisionLanguageModel):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
@@ -201,25 +203,27 @@ class Model(nn.Module):
             return self.vision_tower(pixels)
         return self.multi_modal_projector(self.vision_tower(pixels))
 
-    def embed(self, input_ids: np.ndarray, pixel_values: List[np.ndarray]) -> mx.array:
-        """(L,) ids with each image expanded to its placeholders -> (L, D)."""
-        ids = np.asarray(input_ids)
-        is_image = ids == self.args.image_token_index
-        embed_tokens = self.language_model.model.embed_tokens
-        embeds = embed_tokens(mx.array(np.where(is_image, 0, ids)))
-        if pixel_values:
-            feats = mx.concatenate([self.image_tokens(p) for p in pixel_values])
-            embeds = scatter_features(embeds, is_image, feats)
-        elif is_image.any():
-            raise ValueError("the prompt has image placeholders but no image was given")
-        return embeds
+    def encode_vision(self, batch: Sequence[ProcessedInputs]) -> List[Optional[mx.array]]:
+        """The tokens of each prompt's images, image by image."""
+        return [mx.concatenate([self.image_tokens(p) for p in inputs.pixel_values]) if inputs.pixel_values else None
+                for inputs in batch]
 
-    def get_input_embeddings(self, inputs) -> mx.array:
+    def get_input_embeddings(self, inputs: ProcessedInputs, vision_features: Optional[mx.array] = None):
+        """(1, L, D) embeddings, each image's tokens at its placeholders; 1-D positions (None)."""
         if inputs.video_frames:
             raise ValueError("EVE does not take videos")
-        return self.embed(inputs.input_ids, inputs.pixel_values)[None]
+        ids = np.asarray(inputs.input_ids)
+        is_image = ids == self.args.image_token_index
+        embeds = self.language_model.model.embed_tokens(mx.array(np.where(is_image, 0, ids)))
+        if vision_features is None:
+            vision_features = self.encode_vision([inputs])[0]
+        if vision_features is not None:
+            embeds = scatter_features(embeds, is_image, vision_features)
+        elif is_image.any():
+            raise ValueError("the prompt has image placeholders but no image was given")
+        return embeds[None], None
 
-    def __call__(self, inputs: mx.array, cache=None, input_embeddings=None) -> mx.array:
+    def __call__(self, inputs: mx.array, cache=None, input_embeddings=None, positions=None) -> mx.array:
         if self.args.is_v2:
             # the image placeholders in `inputs` tell which positions use the vision weights
             vision = None

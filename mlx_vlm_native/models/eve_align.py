@@ -22,7 +22,7 @@ import numpy as np
 from ..processors.eve import EVEProcessor, IMAGE_TOKEN, plain_prompt, vicuna_v1_prompt
 from ..processors.image import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from . import siglip
-from .base import BaseModelArgs, check_weights, masked_cross_entropy
+from .base import BaseModelArgs, ProcessedInputs, check_weights, masked_cross_entropy
 from .eve import Model
 
 IGNORE_INDEX = -100
@@ -315,6 +315,10 @@ class Sample:
     teacher_pixels: Optional[np.ndarray] = None  # (4, Sc, Sc)
     grid: Optional[Tuple[int, int]] = None
 
+    def inputs(self) -> ProcessedInputs:
+        """The sample as the model reads a prompt."""
+        return ProcessedInputs(self.input_ids, pixel_values=[] if self.pixel_values is None else [self.pixel_values])
+
 
 def _image_sample(processor: EVEProcessor, image, teacher: Optional[Teacher]):
     ip = processor.image_processor
@@ -414,7 +418,7 @@ def eve_loss(
     """CE + align_weight * alignment loss (mean over the batch's images).
     Returns (total, (ce, alignment))."""
     eve = model.eve
-    embeds = [eve.embed(s.input_ids, [s.pixel_values] if s.pixel_values is not None else []) for s in batch]
+    embeds = [eve.get_input_embeddings(s.inputs())[0][0] for s in batch]
     x, labels = pad_batch(embeds, [s.labels for s in batch])
     logits, states = eve.logits_and_hidden_states(x)
     ce = next_token_loss(logits, labels)

@@ -7,15 +7,17 @@ prompt use one square view each; video frames are 2x2 bilinear pooled.
 
 import math
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 import mlx.core as mx
-import mlx.nn as nn
 import numpy as np
 from mlx_lm.models import qwen2
 
 from ..processors.llava_onevision import AnyResLayout, anyres_layout, parse_max_tiles
-from .base import BaseModelArgs, MLPProjector, resize_bilinear, scatter_features, text_config_for_mlx_lm
+from .base import (
+    BaseModelArgs, MLPProjector, ProcessedInputs, VisionLanguageModel, resize_bilinear, scatter_features,
+    text_config_for_mlx_lm,
+)
 from .siglip import VisionConfig, VisionModel
 
 LAYOUTS = (
@@ -71,7 +73,7 @@ class ModelArgs(BaseModelArgs):
             self.image_grid_pinpoints = [[s * i, s * j] for i in range(1, 7) for j in range(1, 7)]
 
 
-class Model(nn.Module):
+class Model(VisionLanguageModel):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
@@ -143,19 +145,35 @@ class Model(nn.Module):
         pooled = [resize_bilinear(f.reshape(s, s, D), p, p).reshape(-1, D) for f in feats]
         return mx.concatenate(pooled + [self.image_newline[None].astype(feats.dtype)])
 
-    def get_input_embeddings(self, inputs) -> mx.array:
-        """Token embeddings with image/video features at their placeholders, (1, L, D)."""
+    def encode_vision(self, batch: Sequence[ProcessedInputs]) -> List[Optional[mx.array]]:
+        """Each prompt's image features (AnyRes, or one view per image), then its
+        videos'; one tower call per prompt."""
+        return [self.prompt_features(inputs) for inputs in batch]
+
+    def prompt_features(self, inputs: ProcessedInputs) -> Optional[mx.array]:
+        parts = []
+        if inputs.pixel_values:
+            parts.append(self.image_features(inputs.pixel_values, inputs.image_sizes, inputs.multi_image))
+        parts += [self.video_features(v) for v in inputs.video_frames]
+        return mx.concatenate(parts) if parts else None
+
+    def get_input_embeddings(self, inputs: ProcessedInputs, vision_features: Optional[mx.array] = None):
+        """Token embeddings with image/video features at their placeholders,
+        (1, L, D); plain 1-D positions (None)."""
         ids = inputs.input_ids
         embeds = self.language_model.model.embed_tokens(mx.array(ids))
-        if inputs.pixel_values:
-            feats = self.image_features(inputs.pixel_values, inputs.image_sizes, inputs.multi_image)
-            embeds = scatter_features(embeds, ids == self.args.image_token_index, feats)
-        if inputs.video_frames:
-            feats = mx.concatenate([self.video_features(v) for v in inputs.video_frames])
-            embeds = scatter_features(embeds, ids == self.args.video_token_index, feats)
-        return embeds[None]
+        if vision_features is None:
+            vision_features = self.prompt_features(inputs)
+        if vision_features is not None:
+            is_image = ids == self.args.image_token_index
+            n_image = int(np.count_nonzero(is_image)) if inputs.pixel_values else 0
+            for mask, features in ((is_image, vision_features[:n_image]),
+                                   (ids == self.args.video_token_index, vision_features[n_image:])):
+                if features.shape[0]:
+                    embeds = scatter_features(embeds, mask, features)
+        return embeds[None], None
 
-    def __call__(self, inputs: mx.array, cache=None, input_embeddings=None) -> mx.array:
+    def __call__(self, inputs: mx.array, cache=None, input_embeddings=None, positions=None) -> mx.array:
         return self.language_model(inputs, cache=cache, input_embeddings=input_embeddings)
 
     def sanitize(self, weights: dict) -> dict:

@@ -14,12 +14,11 @@ from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
 import mlx.core as mx
-import mlx.nn as nn
 import numpy as np
 
 from ..processors.image import FIT_PIXELS, ImageInput, load_image
 from ..processors.prompt import ChatTemplateMessages, expand_placeholders, load_chat_template, user_turn
-from .base import BaseModelArgs, MLPProjector, ProcessedInputs, scatter_features, text_config_for_mlx_lm
+from .base import BaseModelArgs, MLPProjector, ProcessedInputs, VisionLanguageModel, scatter_features, text_config_for_mlx_lm
 from .openvision import IMAGENET_MEAN, IMAGENET_STD, VisionConfig, VisionTransformer
 
 
@@ -63,7 +62,7 @@ def language_module(model_type: str):
         raise ValueError(f"mlx-lm has no language model {model_type!r}") from e
 
 
-class Model(nn.Module):
+class Model(VisionLanguageModel):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
@@ -84,7 +83,7 @@ class Model(nn.Module):
         tokens = self.vision_tower(x, layer=self.args.vision_feature_layer)["tokens"]
         return self.multi_modal_projector(tokens)
 
-    def encode_vision(self, batch: Sequence) -> List[Optional[mx.array]]:
+    def encode_vision(self, batch: Sequence[ProcessedInputs]) -> List[Optional[mx.array]]:
         """Projected image tokens of every processed prompt in `batch` from ONE
         tower call (all views are the same size); one (tokens, D) array per prompt."""
         counts = [len(inputs.pixel_values) for inputs in batch]
@@ -98,17 +97,18 @@ class Model(nn.Module):
             start += n
         return out
 
-    def get_input_embeddings(self, inputs, vision_features: Optional[mx.array] = None) -> mx.array:
-        """Token embeddings with image features at the placeholders, (1, L, D)."""
+    def get_input_embeddings(self, inputs: ProcessedInputs, vision_features: Optional[mx.array] = None):
+        """Token embeddings with image features at the placeholders, (1, L, D);
+        1-D positions (None)."""
         ids = inputs.input_ids
         embeds = self.language_model.model.embed_tokens(mx.array(np.maximum(ids, 0)))
         if inputs.pixel_values:
             if vision_features is None:
                 vision_features = self.encode_vision([inputs])[0]
             embeds = scatter_features(embeds, ids == self.args.image_token_index, vision_features.astype(embeds.dtype))
-        return embeds[None]
+        return embeds[None], None
 
-    def __call__(self, inputs: mx.array, cache=None, input_embeddings=None) -> mx.array:
+    def __call__(self, inputs: mx.array, cache=None, input_embeddings=None, positions=None) -> mx.array:
         return self.language_model(inputs, cache=cache, input_embeddings=input_embeddings)
 
     def sanitize(self, weights: dict) -> dict:

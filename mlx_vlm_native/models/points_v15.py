@@ -11,11 +11,10 @@ from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
 import mlx.core as mx
-import mlx.nn as nn
 from mlx_lm.models import qwen2
 
 from ..packing import pack_of_packs, split_by_prompt
-from .base import BaseModelArgs, scatter_features, text_config_for_mlx_lm
+from .base import BaseModelArgs, ProcessedInputs, VisionLanguageModel, scatter_features, text_config_for_mlx_lm
 from .qwen2_vision import PatchMerger, VisionConfig, VisionModel
 
 LAYOUTS = (
@@ -96,7 +95,7 @@ def split_custom_llama(key: str, value: mx.array, args: ModelArgs) -> dict:
     return {key: value}
 
 
-class Model(nn.Module):
+class Model(VisionLanguageModel):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
@@ -109,7 +108,7 @@ class Model(nn.Module):
     def layers(self):
         return self.llm.layers
 
-    def encode_vision(self, batch: Sequence) -> List[Optional[mx.array]]:
+    def encode_vision(self, batch: Sequence[ProcessedInputs]) -> List[Optional[mx.array]]:
         """Projected tokens of every prompt's images from ONE packed tower call."""
         packs = [inputs.pack for inputs in batch if inputs.pack is not None]
         if not packs:
@@ -117,15 +116,17 @@ class Model(nn.Module):
         features = self.vision_projector(self.vision_encoder(pack_of_packs(packs), merge=False))
         return split_by_prompt(features, batch)
 
-    def get_input_embeddings(self, inputs, vision_features: Optional[mx.array] = None) -> mx.array:
+    def get_input_embeddings(self, inputs: ProcessedInputs, vision_features: Optional[mx.array] = None):
+        """(1, L, D) embeddings with the image tokens in place; POINTS' decoder has
+        plain 1-D RoPE (positions None)."""
         embeds = self.llm.model.embed_tokens(mx.array(inputs.input_ids))
         if inputs.pack is not None:
             if vision_features is None:
                 vision_features = self.encode_vision([inputs])[0]
             embeds = scatter_features(embeds, inputs.token_types > 0, vision_features)
-        return embeds[None]
+        return embeds[None], None
 
-    def __call__(self, inputs: mx.array, cache=None, input_embeddings=None) -> mx.array:
+    def __call__(self, inputs: mx.array, cache=None, input_embeddings=None, positions=None) -> mx.array:
         return self.llm(inputs, cache=cache, input_embeddings=input_embeddings)
 
     def sanitize(self, weights: dict) -> dict:

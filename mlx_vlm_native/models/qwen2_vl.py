@@ -18,7 +18,9 @@ from mlx_lm.models import qwen2
 from mlx_lm.models.cache import BatchKVCache, KVCache
 
 from ..packing import pack_of_packs, split_by_prompt
-from .base import IMAGE, TEXT, VIDEO, BaseModelArgs, scatter_features, text_config_for_mlx_lm
+from .base import (
+    IMAGE, TEXT, VIDEO, BaseModelArgs, ProcessedInputs, VisionLanguageModel, scatter_features, text_config_for_mlx_lm,
+)
 from .qwen2_vision import VisionConfig, VisionModel
 
 LAYOUTS = (
@@ -121,13 +123,21 @@ def rope_index(token_types: np.ndarray, image_grids, video_grids, merge: int,
         parts.append(block)
         pos += max(grid[1], grid[2]) // merge
     positions = np.concatenate(parts, axis=1) if parts else np.zeros((3, 0), np.int64)
-    delta = int(positions.max()) + 1 - len(token_types) if positions.size else 0
-    return positions.astype(np.int32), delta
+    return positions.astype(np.int32), prompt_delta(positions)
+
+
+def prompt_delta(positions: np.ndarray) -> int:
+    """Where the text positions after a (3, L) prompt continue, minus L; 0 for
+    a (B, 3, L) batch of whole sequences, which nothing continues."""
+    if positions.ndim != 2 or not positions.size:
+        return 0
+    return int(positions.max()) + 1 - positions.shape[-1]
 
 
 class MRoPE(nn.Module):
     """Rotary embedding with per-section positions; one instance is shared by
-    every attention layer, holding the current prompt's positions."""
+    every attention layer, holding the positions of the forward under way
+    (`Model.__call__` sets them on each call)."""
 
     def __init__(self, head_dim: int, base: float, sections: Sequence[int]):
         super().__init__()
@@ -144,10 +154,6 @@ class MRoPE(nn.Module):
         self._positions = None if positions is None else mx.array(positions)
         self._delta = delta
         self._tables = {}  # (offset, length, dtype) -> cos, sin: built once per forward, not per layer
-
-    @property
-    def delta(self):
-        return self._delta
 
     def __call__(self, x: mx.array, offset=0) -> mx.array:
         """`offset`: an int, or (B,) per-sequence offsets of a batch cache (past
@@ -221,7 +227,7 @@ class BatchMRoPECache(BatchKVCache):
         return cache
 
 
-class Model(nn.Module):
+class Model(VisionLanguageModel):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
@@ -237,7 +243,7 @@ class Model(nn.Module):
     def layers(self):
         return self.language_model.layers
 
-    def encode_vision(self, batch: Sequence) -> List[mx.array]:
+    def encode_vision(self, batch: Sequence[ProcessedInputs]) -> List[Optional[mx.array]]:
         """Merged vision tokens of every processed prompt in `batch`, from ONE
         packed tower call; returns one (tokens, D) array per prompt."""
         packs = [inputs.pack for inputs in batch if inputs.pack is not None]
@@ -245,9 +251,9 @@ class Model(nn.Module):
             return [None] * len(batch)
         return split_by_prompt(self.visual(pack_of_packs(packs)), batch)
 
-    def get_input_embeddings(self, inputs, vision_features: Optional[mx.array] = None) -> mx.array:
-        """Token embeddings with the vision features in place, (1, L, D); also
-        sets this prompt's M-RoPE positions for the calls that follow."""
+    def get_input_embeddings(self, inputs: ProcessedInputs, vision_features: Optional[mx.array] = None):
+        """Token embeddings with the vision features in place, (1, L, D), and
+        the prompt's (3, L) M-RoPE positions."""
         ids = inputs.input_ids
         embeds = self.language_model.model.embed_tokens(mx.array(ids))
         if inputs.pack is not None:
@@ -258,53 +264,35 @@ class Model(nn.Module):
                 mask = inputs.token_types == kind
                 if mask.any() or features.shape[0]:
                     embeds = scatter_features(embeds, mask, features)
-        self.rope.set_positions(*self.prompt_positions(inputs))
-        return embeds[None]
-
-    def prompt_positions(self, inputs):
-        return rope_index(
+        positions, _ = rope_index(
             inputs.token_types, inputs.image_grids, inputs.video_grids,
             self.args.vision_config.spatial_merge_size,
             self.args.video_time_intervals(inputs.video_seconds_per_grid),
         )
-
-    def set_batch_positions(self, batch: Sequence, length: int) -> None:
-        """M-RoPE positions of a right-padded training batch, (B, 3, length)."""
-        out = np.zeros((len(batch), 3, length), np.int32)
-        for i, inputs in enumerate(batch):
-            positions, _ = self.prompt_positions(inputs)
-            out[i, :, : positions.shape[1]] = positions
-        self.rope.set_positions(out, 0)
+        return embeds[None], positions
 
     def make_cache(self) -> List[MRoPECache]:
         return [MRoPECache() for _ in self.layers]
 
-    def set_packed_positions(self, rows: Sequence, length: int) -> None:
-        """M-RoPE positions of packed rows, each conversation's from 0, (R, 3, length)."""
-        out = np.zeros((len(rows), 3, length), np.int32)
-        for r, row in enumerate(rows):
-            start = 0
-            for inputs, _ in row:
-                positions, _ = self.prompt_positions(inputs)
-                out[r, :, start : start + positions.shape[1]] = positions
-                start += positions.shape[1]
-        self.rope.set_positions(out, 0)
-
-    def __call__(self, inputs: mx.array, cache=None, input_embeddings=None) -> mx.array:
-        """Prompt positions come from `get_input_embeddings`; a decode step
-        (tokens only) continues at the delta its cache holds."""
+    def __call__(self, inputs: mx.array, cache=None, input_embeddings=None, positions=None) -> mx.array:
+        """`positions`: a prompt's (3, L) M-RoPE positions, for any chunk of it
+        from the cache's offset ((B, 3, L) for a batch of whole prompts). Without
+        them a forward continues at the M-RoPE delta its cache holds; a text-only
+        prompt without a cache has plain positions."""
         first = cache[0] if cache else None
-        if isinstance(first, BatchMRoPECache):  # a batch decode: each sequence past its prompt
-            self.rope.set_positions(None, first.rope_deltas)
-        elif input_embeddings is None:
-            if first is None or first.offset == 0:
-                self.rope.set_positions(None, 0)  # a text-only prompt: plain positions
-            elif isinstance(first, MRoPECache):
-                self.rope.set_positions(None, first.rope_delta)
+        if positions is not None:
+            delta = prompt_delta(positions)
+        elif isinstance(first, BatchMRoPECache):  # a batch decode: each sequence past its prompt
+            delta = first.rope_deltas
+        elif isinstance(first, MRoPECache) and first.offset > 0:
+            delta = first.rope_delta
+        else:
+            delta = 0
+        self.rope.set_positions(positions, delta)
         out = self.language_model(inputs, cache=cache, input_embeddings=input_embeddings)
-        if isinstance(first, MRoPECache):  # the cache now holds this prompt: remember its delta
+        if positions is not None and isinstance(first, MRoPECache):  # generation continues at this delta
             for c in cache:
-                c.rope_delta = self.rope.delta
+                c.rope_delta = delta
         return out
 
     def sanitize(self, weights: dict) -> dict:

@@ -330,19 +330,34 @@ def forward_batch(model, batch: Sequence) -> Tuple[mx.array, mx.array, mx.array]
     """Right-padded (logits, targets, target mask) of a list of (inputs, mask);
     packed-encoder models encode every image of the batch in one call."""
     samples = [inputs for inputs, _ in batch]
-    encode = getattr(model, "encode_vision", None)
-    features = encode(samples) if encode else [None] * len(samples)
+    features = model.encode_vision(samples)
     length = max(len(s.input_ids) for s in samples)
-    embeds, ids, masks = [], np.zeros((len(batch), length), np.int32), np.zeros((len(batch), length), bool)
+    embeds, positions = [], []
+    ids, masks = np.zeros((len(batch), length), np.int32), np.zeros((len(batch), length), bool)
     for i, ((inputs, mask), feats) in enumerate(zip(batch, features)):
-        e = model.get_input_embeddings(inputs, vision_features=feats) if encode else model.get_input_embeddings(inputs)
+        e, p = model.get_input_embeddings(inputs, vision_features=feats)
         n = len(inputs.input_ids)
         embeds.append(mx.pad(e[0], [(0, length - n), (0, 0)]))
+        positions.append([p])
         ids[i, :n], masks[i, :n] = inputs.input_ids, mask
-    if hasattr(model, "set_batch_positions"):
-        model.set_batch_positions(samples, length)
-    logits = model(mx.array(ids), input_embeddings=mx.stack(embeds))
+    logits = model(mx.array(ids), input_embeddings=mx.stack(embeds), positions=row_positions(positions, length))
     return logits[:, :-1], mx.array(ids[:, 1:]), mx.array(masks[:, 1:])
+
+
+def row_positions(rows: Sequence[Sequence[Optional[np.ndarray]]], length: int) -> Optional[np.ndarray]:
+    """The positions of each row's samples ((.., n) each, from `get_input_embeddings`)
+    end to end, zero-padded to `length`: (R, .., length); None for a family
+    with plain 1-D positions."""
+    first = rows[0][0]
+    if first is None:
+        return None
+    out = np.zeros((len(rows), *first.shape[:-1], length), first.dtype)
+    for r, row in enumerate(rows):
+        start = 0
+        for p in row:
+            out[r, ..., start : start + p.shape[-1]] = p
+            start += p.shape[-1]
+    return out
 
 
 class PackedBatch(list):
@@ -402,20 +417,20 @@ def forward_packed(model, rows: Sequence) -> Tuple[mx.array, mx.array, mx.array]
     conversation (M-RoPE positions per sample for Qwen2-VL), and each
     conversation's targets its own next tokens, as if it were alone."""
     samples = [inputs for row in rows for inputs, _ in row]
-    encode = getattr(model, "encode_vision", None)
-    features = iter(encode(samples) if encode else [None] * len(samples))
+    features = iter(model.encode_vision(samples))
     length = max(sum(len(inputs.input_ids) for inputs, _ in row) for row in rows)
     R = len(rows)
     ids, targets = np.zeros((R, length), np.int32), np.zeros((R, length), np.int32)
     masks, segments = np.zeros((R, length), bool), np.zeros((R, length), np.int32)
-    embeds, bounds = [], []
+    embeds, bounds, positions = [], [], []
     for r, row in enumerate(rows):
         parts, spans, start = [], [], 0
+        positions.append([])
         for j, (inputs, mask) in enumerate(row):
-            feats = next(features)
-            e = model.get_input_embeddings(inputs, vision_features=feats) if encode else model.get_input_embeddings(inputs)
+            e, p = model.get_input_embeddings(inputs, vision_features=next(features))
             n = len(inputs.input_ids)
             parts.append(e[0])
+            positions[r].append(p)
             ids[r, start : start + n] = inputs.input_ids
             targets[r, start : start + n - 1] = inputs.input_ids[1:]
             masks[r, start : start + n - 1] = mask[1:]
@@ -432,9 +447,9 @@ def forward_packed(model, rows: Sequence) -> Tuple[mx.array, mx.array, mx.array]
     causal = mx.tril(mx.ones((length, length), dtype=mx.bool_))
     mask = (seg[:, None, :, None] == seg[:, None, None, :]) & causal
     cache = [SegmentMask(mask) for _ in model.layers]
-    if hasattr(model, "set_packed_positions"):
-        model.set_packed_positions(rows, length)
-        logits = model(mx.array(ids), cache=cache, input_embeddings=mx.stack(embeds))
+    positions = row_positions(positions, length)
+    if positions is not None:  # each sample's own positions, from 0
+        logits = model(mx.array(ids), cache=cache, input_embeddings=mx.stack(embeds), positions=positions)
     else:
         with segment_rope(model, bounds):
             logits = model(mx.array(ids), cache=cache, input_embeddings=mx.stack(embeds))
