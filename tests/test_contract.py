@@ -11,10 +11,10 @@ import pytest
 from mlx_lm.models.cache import make_prompt_cache
 
 from conftest import make_image
-from mlx_vlm_native.eve_checkpoint import write_checkpoint as write_eve
-from mlx_vlm_native.eve_checkpoint import write_checkpoint_v2 as write_eve_v2
+from convert.eve_checkpoint import write_checkpoint as write_eve
+from convert.eve_checkpoint import write_checkpoint_v2 as write_eve_v2
+from convert.random_checkpoint import write_checkpoint
 from mlx_vlm_native.models.base import TEXT, VisionLanguageModel
-from mlx_vlm_native.random_checkpoint import write_checkpoint
 from mlx_vlm_native.utils import DEFAULT_MODEL, FAMILIES, load
 
 CAPTIONERS = {"openvision2"}  # an image captioner (`caption`), not a chat VLM
