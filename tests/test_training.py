@@ -14,9 +14,10 @@ from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
+import mlx.optimizers as optim
 import numpy as np
 import pytest
-from mlx.utils import tree_flatten
+from mlx.utils import tree_flatten, tree_unflatten
 from PIL import Image, ImageDraw
 
 from convert.open_clip_checkpoint import write_vocab
@@ -26,7 +27,7 @@ from mlx_vlm_native.training import checkpoint as ckpt
 from mlx_vlm_native.training import data as tdata
 from mlx_vlm_native.training import openvision2
 from mlx_vlm_native.training.loop import TrainConfig, enable_grad_checkpoint, make_step
-from mlx_vlm_native.training.optim import adamw, decays, warmup_cosine
+from mlx_vlm_native.training.optim import adamw, build_optimizer, decays, warmup_cosine
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -129,13 +130,47 @@ def test_weight_decay_only_on_weights():
     before = flat(model)
     opt = adamw(0.1, weight_decay=0.5)
     zero = {k: mx.zeros_like(v) for k, v in tree_flatten(model.trainable_parameters())}
-    from mlx.utils import tree_unflatten
-
     opt.update(model, tree_unflatten(list(zero.items())))
     after = flat(model)
     np.testing.assert_allclose(after["layers.0.weight"], before["layers.0.weight"] * (1 - 0.1 * 0.5), rtol=1e-6)
     for k in ("layers.0.bias", "layers.1.weight", "layers.1.bias"):
         np.testing.assert_array_equal(after[k], before[k])
+
+
+def run_optimizer(optimizer, steps: int = 4) -> dict:
+    """A small model's weights after `steps` updates with fixed random gradients."""
+    mx.random.seed(3)
+    model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 2))
+    rng = np.random.default_rng(0)
+    for _ in range(steps):
+        grads = tree_unflatten([(k, mx.array(rng.standard_normal(v.shape).astype(np.float32)))
+                                for k, v in tree_flatten(model.trainable_parameters())])
+        optimizer.update(model, grads)
+    return flat(model)
+
+
+def test_finetuning_defaults_are_mlx_adam_and_adamw_as_they_come():
+    """The finetuning task's optimizer (`bias_correction` off, every parameter
+    decayed, per-module rates) equals mlx's optimizers composed by hand."""
+    schedule = warmup_cosine(0.01, 20, 2)
+    finetune_defaults = {"bias_correction": False, "decay_all": True}
+    cases = [
+        ({"lr": 0.01, "warmup_steps": 2}, lambda: optim.Adam(schedule)),
+        ({"lr": 0.01, "warmup_steps": 2, "weight_decay": 0.1}, lambda: optim.AdamW(schedule, weight_decay=0.1)),
+        ({"lr": 0.01, "warmup_steps": 2, "weight_decay": 0.1, "lr_multipliers": {r"layers\.2\.": 0.2}},
+         lambda: optim.MultiOptimizer([optim.AdamW(lambda step: 0.2 * schedule(step), weight_decay=0.1),
+                                       optim.AdamW(schedule, weight_decay=0.1)],
+                                      [lambda path, _: path.startswith("layers.2.")])),
+    ]
+    for cfg, reference in cases:
+        ours = run_optimizer(build_optimizer({**finetune_defaults, **cfg}, 20))
+        theirs = run_optimizer(reference())
+        assert ours.keys() == theirs.keys()
+        for k in ours:
+            np.testing.assert_array_equal(ours[k], theirs[k], err_msg=f"{cfg}: {k}")
+    # the other tasks' defaults differ: bias-corrected, no decay on biases and norms
+    assert not np.array_equal(run_optimizer(build_optimizer(cases[1][0], 20))["layers.1.weight"],
+                              run_optimizer(cases[1][1]())["layers.1.weight"])
 
 
 # ---------- checkpoints ----------

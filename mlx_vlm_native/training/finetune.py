@@ -23,16 +23,14 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
-import mlx.optimizers as optim
 import numpy as np
-from mlx.utils import tree_flatten
 
 from ..adapters import adapt_linears, save_adapters
 from ..models.base import masked_cross_entropy
 from ..utils import copy_side_files, get_model_path, load, save_config, save_weights
 from .checkpoint import resume_state
 from .loop import TrainConfig, stop_message, train
-from .optim import warmup_cosine
+from .optim import build_optimizer
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
@@ -274,10 +272,10 @@ def tokenize(processor, conversation: Conversation):
     encode = lambda text: processor.tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
     ids, mask, start = [], [], 0
     for a, b in spans:
-        for text, train in ((full[start:a], False), (full[a:b], True)):
+        for text, trained in ((full[start:a], False), (full[a:b], True)):
             piece = encode(text) if text else []
             ids += piece
-            mask += [train] * len(piece)
+            mask += [trained] * len(piece)
         start = b
     if start < len(full):
         piece = encode(full[start:])
@@ -463,24 +461,6 @@ def answer_loss(model, batch, key=None):
     return masked_cross_entropy(logits, targets, mask)
 
 
-def build_optimizer(model: nn.Module, cfg: dict, total_steps: int) -> optim.Optimizer:
-    """Adam(W) with warmup + cosine; `lr_multipliers` {path regex: factor} give
-    modules their own rates (LLaVA-OneVision trains its tower at 1/5)."""
-    schedule = warmup_cosine(cfg["lr"], total_steps, cfg.get("warmup_steps", 0), cfg.get("end_lr", 0.0))
-    wd = cfg.get("weight_decay", 0.0)
-
-    def make(factor):
-        lr = (lambda step: factor * schedule(step)) if factor != 1 else schedule
-        return optim.AdamW(lr, weight_decay=wd) if wd else optim.Adam(lr)
-
-    multipliers = cfg.get("lr_multipliers") or {}
-    if not multipliers:
-        return make(1.0)
-    patterns = list(multipliers.items())
-    filters = [lambda path, _, p=re.compile(k): bool(p.search(path)) for k, _ in patterns]
-    return optim.MultiOptimizer([make(f) for _, f in patterns] + [make(1.0)], filters)
-
-
 # ---------------------------------------------------------------- the run
 
 
@@ -605,7 +585,8 @@ def run(recipe: dict, resume: Optional[str] = None, progress: bool = True, on_st
     if data.get("valid"):
         valid_data = ConversationFile(data["valid"], seed, shuffle=False, on_bad_record=on_bad)
     steps = recipe["steps"]
-    optimizer = build_optimizer(model, recipe["optim"], steps)
+    # finetuning's own defaults (mlx's Adam/AdamW as they come: no bias correction, every parameter decayed)
+    optimizer = build_optimizer({"bias_correction": False, "decay_all": True, **recipe["optim"]}, steps)
     out = Path(recipe["output"])
     ckpt_dir = out / "checkpoints"
     start, position, rng_key = resume_state(resume, ckpt_dir, model, optimizer)

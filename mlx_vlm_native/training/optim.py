@@ -4,6 +4,7 @@ Decoupled weight decay (AdamW) applies to weight matrices and kernels only;
 biases, norms, embeddings and other vectors go to plain Adam.
 """
 
+import re
 from typing import Callable, Sequence
 
 import mlx.core as mx
@@ -39,15 +40,22 @@ def adamw(
     betas=(0.9, 0.999),
     eps: float = 1e-8,
     no_decay: Sequence[str] = NO_DECAY_DEFAULT,
+    bias_correction: bool = True,
+    decay_all: bool = False,
 ) -> optim.Optimizer:
-    """AdamW on weights, Adam on the rest; bias-corrected as optax's scale_by_adam."""
+    """AdamW on weights, Adam on the rest; bias-corrected as optax's
+    scale_by_adam. `decay_all` decays every parameter (and `bias_correction`
+    False skips the correction), as mlx's AdamW alone does: the finetuning
+    task's defaults."""
     betas = list(betas)
     if weight_decay == 0.0:
-        return optim.Adam(learning_rate, betas, eps, bias_correction=True)
+        return optim.Adam(learning_rate, betas, eps, bias_correction=bias_correction)
+    if decay_all:
+        return optim.AdamW(learning_rate, betas, eps, weight_decay, bias_correction=bias_correction)
     return optim.MultiOptimizer(
         [
-            optim.AdamW(learning_rate, betas, eps, weight_decay, bias_correction=True),
-            optim.Adam(learning_rate, betas, eps, bias_correction=True),
+            optim.AdamW(learning_rate, betas, eps, weight_decay, bias_correction=bias_correction),
+            optim.Adam(learning_rate, betas, eps, bias_correction=bias_correction),
         ],
         [lambda path, w: decays(path, w, no_decay)],
     )
@@ -55,17 +63,30 @@ def adamw(
 
 def build_optimizer(cfg: dict, total_steps: int) -> optim.Optimizer:
     """From a recipe's `optim` section: lr, warmup_steps, end_lr, weight_decay,
-    betas, eps, no_decay."""
+    betas, eps, no_decay, bias_correction, decay_all, and `lr_multipliers`
+    {path regex: factor}, which give modules their own rates (LLaVA-OneVision
+    trains its tower at 1/5)."""
     schedule = warmup_cosine(
         cfg["lr"], total_steps, cfg.get("warmup_steps", 0), cfg.get("end_lr", 0.0)
     )
-    return adamw(
-        schedule,
-        weight_decay=cfg.get("weight_decay", 0.0),
-        betas=tuple(cfg.get("betas", (0.9, 0.999))),
-        eps=cfg.get("eps", 1e-8),
-        no_decay=tuple(cfg.get("no_decay", NO_DECAY_DEFAULT)),
-    )
+
+    def make(factor: float) -> optim.Optimizer:
+        lr = schedule if factor == 1 else (lambda step: factor * schedule(step))
+        return adamw(
+            lr,
+            weight_decay=cfg.get("weight_decay", 0.0),
+            betas=tuple(cfg.get("betas", (0.9, 0.999))),
+            eps=cfg.get("eps", 1e-8),
+            no_decay=tuple(cfg.get("no_decay", NO_DECAY_DEFAULT)),
+            bias_correction=cfg.get("bias_correction", True),
+            decay_all=cfg.get("decay_all", False),
+        )
+
+    multipliers = list((cfg.get("lr_multipliers") or {}).items())
+    if not multipliers:
+        return make(1.0)
+    filters = [lambda path, _, p=re.compile(k): bool(p.search(path)) for k, _ in multipliers]
+    return optim.MultiOptimizer([make(f) for _, f in multipliers] + [make(1.0)], filters)
 
 
 def current_lr(optimizer: optim.Optimizer) -> float:
