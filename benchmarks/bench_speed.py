@@ -247,10 +247,18 @@ def stream_times(port: int, folder: str, img, max_tokens: int) -> tuple:
     return sent, arrivals
 
 
-def concurrent_decode(port: int, folder: str, n: int) -> tuple:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def concurrent_decode(proc, port: int, folder: str, n: int) -> tuple:
     """n clients at once, each with its own image: (aggregate decode tokens/s
-    while all n are in the batch, end-to-end tokens/s). The first is measured
-    from the last client's first token to the first client's last one."""
+    while all n are in the batch, end-to-end tokens/s, tokens per CPU second
+    of the server). The first is measured from the last client's first token
+    to the first client's last one. On a shared machine the last is the
+    steadiest: it does not count the time other jobs hold the cores."""
     import threading
 
     results = [None] * n
@@ -261,17 +269,19 @@ def concurrent_decode(port: int, folder: str, n: int) -> tuple:
         results[i] = stream_times(port, folder, image(i), DECODE + 1)
 
     threads = [threading.Thread(target=client, args=(i,)) for i in range(n)]
+    cpu = cpu_seconds(proc.pid)
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+    cpu = cpu_seconds(proc.pid) - cpu
     start = max(arrivals[0] for _, arrivals in results)
     end = min(arrivals[-1] for _, arrivals in results)
     decoded = sum(sum(1 for a in arrivals if start < a <= end) for _, arrivals in results)
     total = sum(len(arrivals) for _, arrivals in results)
     first_sent = min(sent for sent, _ in results)
     last = max(arrivals[-1] for _, arrivals in results)
-    return (decoded / (end - start) if end > start else None), total / (last - first_sent)
+    return (decoded / (end - start) if end > start else None), total / (last - first_sent), total / cpu
 
 
 def serve_worker(project: str, folder: str, tasks) -> dict:
@@ -281,7 +291,8 @@ def serve_worker(project: str, folder: str, tasks) -> dict:
         stream_times(port, folder, image(99), 4)  # warm-up
         if "server" in tasks:
             for n in (1, 4, 8):
-                out[f"server{n}_decode_tps"], out[f"server{n}_e2e_tps"] = concurrent_decode(port, folder, n)
+                (out[f"server{n}_decode_tps"], out[f"server{n}_e2e_tps"],
+                 out[f"server{n}_tokens_per_cpu_s"]) = concurrent_decode(proc, port, folder, n)
         if "cache" in tasks:  # a new image asked twice: the second ask finds its features and KV prefix
             for name in ("first", "second"):
                 sent, arrivals = stream_times(port, folder, image(1000), 2)
@@ -356,14 +367,21 @@ METRICS = [
     ("server1_e2e_tps", "server, 1 client: end-to-end tokens/s (prefill included)", True),
     ("server4_e2e_tps", "server, 4 clients: end-to-end tokens/s", True),
     ("server8_e2e_tps", "server, 8 clients: end-to-end tokens/s", True),
+    ("server1_tokens_per_cpu_s", "server, 1 client: tokens per server CPU second", True),
+    ("server4_tokens_per_cpu_s", "server, 4 clients: tokens per server CPU second", True),
+    ("server8_tokens_per_cpu_s", "server, 8 clients: tokens per server CPU second", True),
     ("cache_ttft_first_s", "server, time to first token, new image (s)", False),
     ("cache_ttft_second_s", "server, time to first token, same image again (s)", False),
 ]
 
 
+LOADS = []  # the 1-minute load average at the start of every measurement
+
+
 def run_worker(python, project, folder, tasks, repeats, prefix=""):
     from mlx_vlm_native.cli import find_openblas
 
+    LOADS.append(os.getloadavg()[0])
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     if find_openblas():
         env["LD_PRELOAD"] = find_openblas()
@@ -418,6 +436,8 @@ def main():
                     res.update(run_worker(python, name, q4, ["generate"], args.repeats, "q4_"))
                 results[name] = res
             rounds.append(results)
+            if args.out:  # what is done so far, should a later round not finish
+                Path(args.out).write_text(json.dumps(dict(rounds=rounds, load_averages=LOADS), indent=2))
     report(rounds, [n for n, _ in projects], args)
 
 
@@ -426,8 +446,10 @@ def report(rounds, names, args):
         values = [v for v in values if v is not None]
         return statistics.median(values) if values else None
 
+    LOADS.append(os.getloadavg()[0])
     print(f"\n{len(rounds)} rounds, order flipped each round; the machine is shared ({os.cpu_count()} cores, "
-          f"load average {os.getloadavg()[0]:.1f} at the end), so single figures are noisy.\n")
+          f"1-minute load average {min(LOADS):.1f} to {max(LOADS):.1f}, median {statistics.median(LOADS):.1f}, "
+          f"over {len(LOADS)} readings), so single figures are noisy.\n")
     head = "| metric | " + " | ".join(names) + (" | ratio (ours / mlx-vlm, median of rounds) |" if len(names) > 1 else " |")
     print(head)
     print("|---" * (head.count("|") - 1) + "|")
@@ -450,7 +472,8 @@ def report(rounds, names, args):
         print(f"| {label} | " + " | ".join(row) + " |")
     for n in names:
         for what, key in (("batched decode", "batch{}_decode_tps"), ("server decode", "server{}_decode_tps"),
-                          ("server end to end", "server{}_e2e_tps")):
+                          ("server end to end", "server{}_e2e_tps"),
+                          ("server tokens per CPU second", "server{}_tokens_per_cpu_s")):
             one, eight = (med(r[n].get(key.format(k)) for r in rounds) for k in (1, 8))
             if one and eight:
                 print(f"\n{n}: {what}, 8 / 1 = {eight / one:.2f}x")
@@ -458,7 +481,7 @@ def report(rounds, names, args):
         if first and second:
             print(f"{n}: time to first token, first / second ask of an image = {first / second:.2f}x")
     if args.out:
-        Path(args.out).write_text(json.dumps(dict(rounds=rounds, table=table), indent=2))
+        Path(args.out).write_text(json.dumps(dict(rounds=rounds, table=table, load_averages=LOADS), indent=2))
 
 
 if __name__ == "__main__":
