@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from bench_llava_onevision import make_image, time_stream  # this folder's shared helpers
+from bench_llava_onevision import make_image  # this folder's shared helper
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: convert/'s layout fixtures
 
@@ -59,6 +59,17 @@ def build(folder: Path) -> Path:
 def grid_patches(grids, seed=0):
     rng = np.random.default_rng(seed)
     return [rng.standard_normal((h * w, 3 * 2 * 14 * 14)).astype(np.float32) for h, w in grids]
+
+
+def time_stream(tokens):
+    """Seconds to the first token, then the rest of the stream's tokens per
+    second and per CPU second of the process (all its threads)."""
+    tic = time.perf_counter()
+    it = iter(tokens)
+    next(it)
+    first, cpu = time.perf_counter(), time.process_time()
+    rest = sum(1 for _ in it)
+    return first - tic, rest / (time.perf_counter() - first), rest / (time.process_time() - cpu)
 
 
 def timed(fn, repeats: int):
@@ -255,10 +266,11 @@ def cpu_seconds(pid: int) -> float:
 
 def concurrent_decode(proc, port: int, folder: str, n: int) -> tuple:
     """n clients at once, each with its own image: (aggregate decode tokens/s
-    while all n are in the batch, end-to-end tokens/s, tokens per CPU second
-    of the server). The first is measured from the last client's first token
-    to the first client's last one. On a shared machine the last is the
-    steadiest: it does not count the time other jobs hold the cores."""
+    while all n are in the batch, end-to-end tokens/s, decode tokens per CPU
+    second of the server in that window). The window runs from the last
+    client's first token to the first client's last one. On a shared machine
+    the last is the steadiest: it does not count the time other jobs hold
+    the cores (the server's CPU is read every 20 ms and interpolated)."""
     import threading
 
     results = [None] * n
@@ -269,19 +281,32 @@ def concurrent_decode(proc, port: int, folder: str, n: int) -> tuple:
         results[i] = stream_times(port, folder, image(i), DECODE + 1)
 
     threads = [threading.Thread(target=client, args=(i,)) for i in range(n)]
-    cpu = cpu_seconds(proc.pid)
+    readings, done = [], threading.Event()
+
+    def read_cpu():  # (time, server CPU seconds) every 20 ms, to find the CPU of the decode window
+        while not done.is_set():
+            readings.append((time.perf_counter(), cpu_seconds(proc.pid)))
+            time.sleep(0.02)
+
+    reader = threading.Thread(target=read_cpu)
+    reader.start()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    cpu = cpu_seconds(proc.pid) - cpu
+    done.set()
+    reader.join()
     start = max(arrivals[0] for _, arrivals in results)
     end = min(arrivals[-1] for _, arrivals in results)
     decoded = sum(sum(1 for a in arrivals if start < a <= end) for _, arrivals in results)
     total = sum(len(arrivals) for _, arrivals in results)
     first_sent = min(sent for sent, _ in results)
     last = max(arrivals[-1] for _, arrivals in results)
-    return (decoded / (end - start) if end > start else None), total / (last - first_sent), total / cpu
+    if end <= start:
+        return None, total / (last - first_sent), None
+    times, cpus = zip(*readings)
+    window_cpu = float(np.interp(end, times, cpus) - np.interp(start, times, cpus))
+    return decoded / (end - start), total / (last - first_sent), decoded / window_cpu if window_cpu > 0 else None
 
 
 def serve_worker(project: str, folder: str, tasks) -> dict:
@@ -292,7 +317,7 @@ def serve_worker(project: str, folder: str, tasks) -> dict:
         if "server" in tasks:
             for n in (1, 4, 8):
                 (out[f"server{n}_decode_tps"], out[f"server{n}_e2e_tps"],
-                 out[f"server{n}_tokens_per_cpu_s"]) = concurrent_decode(proc, port, folder, n)
+                 out[f"server{n}_decode_per_cpu_s"]) = concurrent_decode(proc, port, folder, n)
         if "cache" in tasks:  # a new image asked twice: the second ask finds its features and KV prefix
             for name in ("first", "second"):
                 sent, arrivals = stream_times(port, folder, image(1000), 2)
@@ -319,8 +344,9 @@ def worker(project: str, folder: str, tasks, repeats: int) -> dict:
         run()  # warm-up
         runs = [run() for _ in range(repeats)]
         out["prompt_tokens"] = n_prompt
-        out["prefill_tps"] = statistics.median(n_prompt / t for t, _ in runs)
-        out["decode_tps"] = statistics.median(d for _, d in runs)
+        out["prefill_tps"] = statistics.median(n_prompt / t for t, _, _ in runs)
+        out["decode_tps"] = statistics.median(d for _, d, _ in runs)
+        out["decode_tokens_per_cpu_s"] = statistics.median(c for _, _, c in runs)
     if "batch" in tasks:
         impl.batch(2)  # warm-up
         for n in (1, 4, 8):
@@ -354,10 +380,13 @@ METRICS = [
     ("tower_small_s", "vision tower, 32 small images, wall s", False),
     ("prefill_tps", "prefill fp32 (tokens/s, TTFT incl. vision)", True),
     ("decode_tps", "decode fp32 (tokens/s)", True),
+    ("decode_tokens_per_cpu_s", "decode fp32 (tokens per CPU second)", True),
     ("bf16_prefill_tps", "prefill bf16 (tokens/s)", True),
     ("bf16_decode_tps", "decode bf16 (tokens/s)", True),
+    ("bf16_decode_tokens_per_cpu_s", "decode bf16 (tokens per CPU second)", True),
     ("q4_prefill_tps", "prefill 4-bit (tokens/s)", True),
     ("q4_decode_tps", "decode 4-bit (tokens/s)", True),
+    ("q4_decode_tokens_per_cpu_s", "decode 4-bit (tokens per CPU second)", True),
     ("batch1_decode_tps", "batch_generate, 1 sequence: decode tokens/s", True),
     ("batch4_decode_tps", "batch_generate, 4 sequences: aggregate decode tokens/s", True),
     ("batch8_decode_tps", "batch_generate, 8 sequences: aggregate decode tokens/s", True),
@@ -367,9 +396,9 @@ METRICS = [
     ("server1_e2e_tps", "server, 1 client: end-to-end tokens/s (prefill included)", True),
     ("server4_e2e_tps", "server, 4 clients: end-to-end tokens/s", True),
     ("server8_e2e_tps", "server, 8 clients: end-to-end tokens/s", True),
-    ("server1_tokens_per_cpu_s", "server, 1 client: tokens per server CPU second", True),
-    ("server4_tokens_per_cpu_s", "server, 4 clients: tokens per server CPU second", True),
-    ("server8_tokens_per_cpu_s", "server, 8 clients: tokens per server CPU second", True),
+    ("server1_decode_per_cpu_s", "server, 1 client: decode tokens per server CPU second", True),
+    ("server4_decode_per_cpu_s", "server, 4 clients: decode tokens per server CPU second", True),
+    ("server8_decode_per_cpu_s", "server, 8 clients: decode tokens per server CPU second", True),
     ("cache_ttft_first_s", "server, time to first token, new image (s)", False),
     ("cache_ttft_second_s", "server, time to first token, same image again (s)", False),
 ]
@@ -473,7 +502,7 @@ def report(rounds, names, args):
     for n in names:
         for what, key in (("batched decode", "batch{}_decode_tps"), ("server decode", "server{}_decode_tps"),
                           ("server end to end", "server{}_e2e_tps"),
-                          ("server tokens per CPU second", "server{}_tokens_per_cpu_s")):
+                          ("server decode per CPU second", "server{}_decode_per_cpu_s")):
             one, eight = (med(r[n].get(key.format(k)) for r in rounds) for k in (1, 8))
             if one and eight:
                 print(f"\n{n}: {what}, 8 / 1 = {eight / one:.2f}x")
