@@ -1,6 +1,7 @@
 """`mlx-vlm-native <command>`: generate, chat, serve, convert, train, fuse, caption, selftest."""
 
 import importlib
+import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -20,8 +21,6 @@ HINT_MARKER = Path.home() / ".cache" / "mlx_vlm_native" / "openblas_hint_shown"
 
 def mlx_uses_reference_blas() -> bool:
     """True for MLX's Linux CPU wheel, which bundles the slow reference BLAS."""
-    import importlib.util
-
     spec = importlib.util.find_spec("mlx")
     if spec is None or not spec.submodule_search_locations:
         return False

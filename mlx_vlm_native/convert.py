@@ -12,6 +12,8 @@ from typing import List, Optional
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map_with_path
+from mlx_lm.convert import mixed_quant_predicate_builder
+from mlx_lm.utils import quantize_model
 
 from . import openvision_checkpoint
 from .utils import OPEN_CLIP_CONFIG, copy_side_files, get_model_path, load_model, save_config, save_weights
@@ -38,12 +40,8 @@ def quantize_language_model(model: nn.Module, config: dict, bits: Optional[int] 
     stay in float unless `quantize_vision`. `mode` is mlx's (affine, mxfp4,
     nvfp4, mxfp8); `recipe` one of mlx-lm's mixed-precision recipes
     (`mixed_4_6`, ...), whose per-layer choices land in `config["quantization"]`."""
-    from mlx_lm.utils import quantize_model
-
     mixed = None
     if recipe is not None:
-        from mlx_lm.convert import mixed_quant_predicate_builder
-
         mixed = mixed_quant_predicate_builder(recipe, language_model(model), group_size or 64)
 
     def predicate(path, module):

@@ -7,11 +7,13 @@ from dataclasses import dataclass, field
 from typing import Generator, List, Optional, Sequence
 
 import mlx.core as mx
-from mlx_lm.generate import generate_step
+from mlx_lm.generate import BatchGenerator, generate_step
 from mlx_lm.models.cache import RotatingKVCache, can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
 from .params import GenerationParameterError, check_cache_params, check_generation_params
+from .processors.image import ImageError, load_video_frames
+from .utils import load
 
 DEFAULT_MODEL_NAME = "mlx-vlm-native-default"  # how the embedded model is named (server, logs)
 
@@ -348,8 +350,6 @@ def batch_generate(model, processor, prompts: Sequence[str], images: Optional[Se
     `prompt_tps` of each result counts its own prefill plus its share of the
     packed encoding (by vision tokens); `generation_tps` its tokens over the
     batch's decode time until it finished."""
-    from mlx_lm.generate import BatchGenerator
-
     checked = check_generation_params(max_tokens, temperature, top_p, seed)
     max_tokens, temperature, top_p, seed = (checked[k] for k in ("max_tokens", "temperature", "top_p", "seed"))
     images = list(images) if images is not None else [[] for _ in prompts]
@@ -508,9 +508,6 @@ def setup_arg_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> None:
-    from .processors.image import ImageError, load_video_frames
-    from .utils import load
-
     args = setup_arg_parser().parse_args(argv)
     try:
         sampling = sampling_from_args(args)

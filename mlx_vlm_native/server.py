@@ -35,7 +35,19 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable, Iterator, List, Optional, Tuple
 from urllib.parse import urlsplit
 
-from .processors.image import short
+import mlx.core as mx
+from mlx_lm.generate import BatchGenerator
+from mlx_lm.sample_utils import make_logits_processors, make_sampler
+
+from .generate import (
+    DEFAULT_MODEL_NAME, GenerationResponse, PromptCache, PromptTooLongError, add_model_argument, add_runtime_arguments,
+    cached_embeddings, check_chat_length, context_length, prefill, prepare_chat_inputs, stream_chat,
+)
+from .params import GenerationParameterError, check_cache_params, check_generation_params
+from .processors.image import (
+    ImageError, ImageTooLargeError, check_pixels, fetch_url, load_image, open_image, oriented_size, read_data_url, short,
+)
+from .utils import load
 
 
 @dataclass(frozen=True)
@@ -119,8 +131,6 @@ def stream_settings(request: dict) -> Tuple[bool, bool]:
 
 def sampling_options(request: dict, default_max_tokens: int) -> dict:
     """OpenAI's sampling fields -> the checked keyword arguments of `stream_chat`."""
-    from .params import GenerationParameterError, check_generation_params
-
     name = "max_completion_tokens" if request.get("max_completion_tokens") is not None else "max_tokens"
     if request.get("n") not in (None, 1):
         raise APIError(400, "only n = 1 is supported", "invalid_value", "n")
@@ -195,8 +205,6 @@ def chat_messages(request: dict) -> Tuple[list, List[str]]:
 
 
 def image_error(e: Exception) -> APIError:
-    from .processors.image import ImageTooLargeError
-
     if isinstance(e, ImageTooLargeError):
         return APIError(413, str(e), "image_too_large")
     return APIError(400, str(e), "invalid_image")
@@ -212,8 +220,6 @@ class RequestImage:
     size: Tuple[int, int]  # (width, height) as displayed
 
     def decode(self, limits: "Limits"):
-        from .processors.image import ImageError, load_image
-
         try:
             return load_image(self.data, max_pixels=limits.max_image_pixels)
         except ImageError as e:
@@ -222,8 +228,6 @@ class RequestImage:
 
 def fetch_request_image(url: str, limits: Limits) -> RequestImage:
     """An image URL's bytes (bounded in bytes and time) and its size from the header."""
-    from .processors.image import ImageError, check_pixels, fetch_url, open_image, oriented_size, read_data_url
-
     scheme = urlsplit(url).scheme.lower()
     try:
         if scheme == "data":
@@ -299,8 +303,6 @@ class Job:
 
 def release_memory() -> None:
     """Give back what one answer allocated: MLX's buffer cache and the C heap's free pages."""
-    import mlx.core as mx
-
     mx.clear_cache()
     if sys.platform.startswith("linux"):
         try:
@@ -322,9 +324,6 @@ class Decoding:
         self.tic, self.prompt_tps, self.gen_tic = tic, 0.0, None
 
     def response(self, text: str, token: Optional[int], finish_reason: Optional[str] = None):
-        from .generate import GenerationResponse
-        import mlx.core as mx
-
         elapsed = time.perf_counter() - self.gen_tic
         return GenerationResponse(text, token, len(self.ids), self.prompt_tps, len(self.tokens),
                                   len(self.tokens) / max(elapsed, 1e-9), mx.get_peak_memory() / 1e9,
@@ -396,9 +395,6 @@ class ChatService:
                 self.step()
 
     def new_batch(self):
-        import mlx.core as mx
-        from mlx_lm.generate import BatchGenerator
-
         eos = self.processor.tokenizer.eos_token_ids
         # the batch runs on this thread's stream, as the prefills do
         return BatchGenerator(self.model, stop_tokens=[[t] for t in eos], prefill_batch_size=1,
@@ -430,8 +426,6 @@ class ChatService:
             job.images = []
 
     def messages_of(self, job: Job) -> list:
-        from .generate import check_chat_length
-
         messages = job.messages
         if self.system_prompt is not None and not any(m["role"] == "system" for m in messages):
             messages = [{"role": "system", "content": self.system_prompt}] + messages
@@ -442,8 +436,6 @@ class ChatService:
         """The kept PromptCache if it is for these images, else a new one. Its
         KV cache goes to this answer (a concurrent one with the same images
         gets the image features only)."""
-        from .generate import PromptCache
-
         if self.prompt_cache is None or key != self.prompt_cache_images:
             self.prompt_cache, self.prompt_cache_images = PromptCache(), key
         cache = self.prompt_cache
@@ -451,10 +443,6 @@ class ChatService:
         return cache
 
     def join_batch(self, job: Job) -> None:
-        from mlx_lm.sample_utils import make_logits_processors, make_sampler
-
-        from .generate import cached_embeddings, context_length, prefill, prepare_chat_inputs
-
         tic = time.perf_counter()
         messages = self.messages_of(job)
         images = [image.decode(self.limits) for image in job.images]
@@ -510,16 +498,12 @@ class ChatService:
 
     def leave(self, answer: Decoding, reason: str, kv: list) -> None:
         """Finish `answer`; its KV cache becomes the kept prompt cache."""
-        from .generate import PromptCache
-
         answer.finish(reason)
         self.prompt_cache = PromptCache(answer.ids + answer.tokens, kv, answer.prompt_cache.vision_features)
         self.prompt_cache_images = answer.images_key
 
     def run(self, job: Job) -> None:
         """Answer `job` alone through `stream_chat`, with the KV-cache options."""
-        from .generate import PromptCache, stream_chat
-
         messages = self.messages_of(job)
         images = [image.decode(self.limits) for image in job.images]
         options = {**job.options, **self.cache_options}
@@ -545,7 +529,6 @@ class ChatService:
         is dropped. Closing the iterator stops the generation."""
         from jinja2 import TemplateError
 
-        from .generate import PromptTooLongError
 
         job = Job(messages, images, options)
         try:
@@ -849,8 +832,6 @@ def make_server(model, processor, model_id: str, host: str = "127.0.0.1", port: 
 
 
 def setup_arg_parser() -> argparse.ArgumentParser:
-    from .generate import add_model_argument, add_runtime_arguments
-
     d = Limits()
     p = argparse.ArgumentParser(description="OpenAI-compatible chat completions server (/v1/chat/completions).")
     add_model_argument(p)
@@ -876,10 +857,6 @@ def setup_arg_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> None:
-    from .generate import DEFAULT_MODEL_NAME
-    from .params import check_cache_params
-    from .utils import load
-
     args = setup_arg_parser().parse_args(argv)
     limits = Limits(max_request_bytes=args.max_request_bytes, max_image_bytes=args.max_image_bytes,
                     max_image_pixels=args.max_image_pixels, image_timeout=args.image_timeout,

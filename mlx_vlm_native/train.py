@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from .training import TASKS
+from .training.loop import stop_message
 from .weight_files import read_json_file
 
 
@@ -66,8 +67,6 @@ def main(argv: Optional[List[str]] = None) -> None:
     losses = result["losses"]
     if result.get("stopped"):
         if family not in ("finetune", "eve"):  # those two say it themselves
-            from .training.loop import stop_message
-
             print(stop_message(result))
         return
     if losses:

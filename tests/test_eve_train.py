@@ -36,7 +36,7 @@ FEATURE_TOL = 1e-4  # max abs
 
 @pytest.fixture(scope="module")
 def teacher(teacher_dir):
-    from mlx_vlm_native.models.eve_align import load_teacher
+    from mlx_vlm_native.training.eve_align import load_teacher
 
     return load_teacher(teacher_dir)
 
@@ -70,7 +70,7 @@ def torch_llama(eve_ref_dir, eve_ref_weights):
 @pytest.fixture()
 def training_model(eve_mlx_dir, eve_ref_dir):
     from mlx_vlm_native import load
-    from mlx_vlm_native.models import eve_align as A
+    from mlx_vlm_native.training import eve_align as A
 
     model, processor = load(str(eve_mlx_dir))
     train_model = A.EVETrainingModel(model, A.new_aligner(model, 32))
@@ -153,7 +153,7 @@ def test_clip_teacher_matches_transformers(teacher, torch_clip, eve_loaded):
 
 def test_teacher_inside_a_reference_checkpoint(teacher, eve_ref_dir, eve_mlx_dir, eve_loaded):
     from convert.eve_checkpoint import TINY_CLIP
-    from mlx_vlm_native.models.eve_align import load_teacher
+    from mlx_vlm_native.training.eve_align import load_teacher
 
     inside = load_teacher(eve_ref_dir, TINY_CLIP)  # model.vision_clip.backbone.vision_model.*
     px = eve_loaded[1].image_processor.teacher_pixels(make_image(60, 100))[None]
@@ -166,7 +166,7 @@ def test_siglip_teacher_matches_transformers(tmp_path):
     import torch
     from transformers import SiglipVisionConfig, SiglipVisionModel
 
-    from mlx_vlm_native.models.eve_align import load_teacher
+    from mlx_vlm_native.training.eve_align import load_teacher
 
     torch.manual_seed(0)
     cfg = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
@@ -184,7 +184,7 @@ def test_siglip_teacher_matches_transformers(tmp_path):
 @pytest.mark.parametrize("image_size, ratio", [(112, 1), (224, 2)])
 def test_loss_matches_independent_computation(image_size, ratio, training_model, teacher, eve_ref_weights,
                                               torch_llama, torch_clip):
-    from mlx_vlm_native.models import eve_align as A
+    from mlx_vlm_native.training import eve_align as A
 
     train_model, processor = training_model
     processor = eve_processor(processor, image_size)
@@ -216,7 +216,7 @@ def test_loss_matches_independent_computation(image_size, ratio, training_model,
 
 def test_aligner_oracle_catches_a_missing_split_column(training_model, eve_ref_weights):
     """Seeded bug: keeping the <SPL> column instead of dropping it must show."""
-    from mlx_vlm_native.models import eve_align as A
+    from mlx_vlm_native.training import eve_align as A
 
     train_model, _ = training_model
     h, w = 3, 4
@@ -232,7 +232,7 @@ def test_aligner_oracle_catches_a_missing_split_column(training_model, eve_ref_w
 
 
 def test_sft_labels_cover_answers_only(eve_loaded, teacher):
-    from mlx_vlm_native.models.eve_align import conversation_sample
+    from mlx_vlm_native.training.eve_align import conversation_sample
 
     _, processor = eve_loaded
     turns = [("<image>\nWhat is it?", "A red square."), ("Where?", "On the left.")]
@@ -247,7 +247,7 @@ def test_sft_labels_cover_answers_only(eve_loaded, teacher):
 
 
 def test_stage_definitions_and_recipes(training_model):
-    from mlx_vlm_native.models import eve_align as A
+    from mlx_vlm_native.training import eve_align as A
 
     train_model, _ = training_model
     names = lambda: {k for k, _ in tree_flatten(train_model.trainable_parameters())}
@@ -287,7 +287,7 @@ def colour_captions(n=32, seed=0):
 
 
 def test_stage1_run_lowers_the_loss_and_keeps_frozen_weights(training_model, teacher):
-    from mlx_vlm_native.models import eve_align as A
+    from mlx_vlm_native.training import eve_align as A
     from mlx_vlm_native.training import eve
     from mlx_vlm_native.training.loop import TrainConfig, make_step
     from mlx_vlm_native.training.optim import build_optimizer
@@ -327,7 +327,7 @@ def test_stage1_run_lowers_the_loss_and_keeps_frozen_weights(training_model, tea
 def test_mismatched_teacher_grid_is_refused(training_model, teacher):
     from dataclasses import replace
 
-    from mlx_vlm_native.models import eve_align as A
+    from mlx_vlm_native.training import eve_align as A
 
     train_model, processor = training_model
     wrong = eve_processor(processor, 112)
@@ -364,7 +364,7 @@ def test_training_script_stage3_writes_a_loadable_folder(eve_ref_dir, tmp_path):
 
     model, processor = load(str(out))
     assert generate(model, processor, "What?", images=[make_image(60, 100)], max_tokens=2).prompt_tokens > 16
-    from mlx_vlm_native.models import eve_align as A
+    from mlx_vlm_native.training import eve_align as A
 
     assert A.load_aligner_weights(A.new_aligner(model, 32), out)  # the saved aligner reloads
 
@@ -447,7 +447,7 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 from mlx_vlm_native import load
-from mlx_vlm_native.models import eve_align as A
+from mlx_vlm_native.training import eve_align as A
 from mlx_vlm_native.training import eve
 from mlx_vlm_native.training.loop import TrainConfig, make_step
 from mlx_vlm_native.training.optim import build_optimizer
@@ -499,7 +499,7 @@ def test_two_process_training_keeps_replicas_in_sync(eve_mlx_dir, teacher_dir, t
 def test_released_geometries(tower, ratio, max_tokens, eve_loaded):
     """Without a preprocessor json the canvas comes from the tower name; the
     HD model's 48x48 grid pools 2x2 onto the 24x24 CLIP-L/336 grid."""
-    from mlx_vlm_native.models import eve_align as A
+    from mlx_vlm_native.training import eve_align as A
     from mlx_vlm_native.processors.eve import EVEImageProcessor, EVEProcessor
 
     model, processor = eve_loaded

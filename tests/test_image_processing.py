@@ -4,11 +4,9 @@ import numpy as np
 import pytest
 
 from conftest import make_image
+from mlx_vlm_native.models.llava_onevision import select_best_resolution
 from mlx_vlm_native.processors.image import ImageError, load_image, to_chw
-from mlx_vlm_native.processors.llava_onevision import (
-    LlavaOnevisionImageProcessor,
-    select_best_resolution,
-)
+from mlx_vlm_native.processors.llava_onevision import LlavaOnevisionImageProcessor
 
 SIZES = [(384, 384), (500, 800), (1000, 300), (300, 1000), (37, 901), (2000, 2200), (1200, 1900)]
 

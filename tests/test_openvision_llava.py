@@ -7,6 +7,7 @@ import pytest
 from convert.open_clip_checkpoint import write_vocab
 from mlx_vlm_native import openvision_checkpoint as ovc
 from mlx_vlm_native.models import openvision_llava as ol
+from mlx_vlm_native.processors.openvision_llava import Processor
 
 TEXT_CONFIG = {"model_type": "qwen2", "hidden_size": 32, "num_hidden_layers": 2, "intermediate_size": 64,
                "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 37, "rms_norm_eps": 1e-6,
@@ -26,7 +27,7 @@ def setup(tmp_path_factory):
     mx.random.seed(0)
     model = ol.Model(args)
     mx.eval(model.parameters())
-    return model, ol.Processor(TokenizerWrapper(tokenizer), args)
+    return model, Processor(TokenizerWrapper(tokenizer), args)
 
 
 def test_image_features_sit_at_the_placeholders(setup):
@@ -118,7 +119,7 @@ def test_pad_mode_keeps_the_whole_picture(setup):
     args = ol.ModelArgs(vision_config=dict(VISION_CONFIG), text_config=dict(TEXT_CONFIG), image_aspect_ratio="pad")
     with pytest.raises(ValueError, match="image_aspect_ratio"):
         ol.ModelArgs(vision_config=dict(VISION_CONFIG), text_config=dict(TEXT_CONFIG), image_aspect_ratio="stretch")
-    processor = ol.Processor(setup[1].tokenizer, args)
+    processor = Processor(setup[1].tokenizer, args)
     np.testing.assert_allclose(processor.pixels(image)[0].transpose(1, 2, 0),
                                pad_to_square_pixels(Image.fromarray(image), 28, mean, std))
 

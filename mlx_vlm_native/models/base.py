@@ -5,6 +5,7 @@ from typing import List, Optional, Sequence, Tuple
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+from mlx.utils import tree_flatten
 
 from ..packing import Pack
 
@@ -86,8 +87,6 @@ def _first(keys, n: int = 5) -> str:
 def check_weights(model, weights: dict, layouts=()) -> None:
     """Raise naming the missing and unexpected keys (and the layouts the
     family's sanitize knows), or the first mis-shaped key."""
-    from mlx.utils import tree_flatten
-
     expected = dict(tree_flatten(model.parameters()))
     missing = sorted(set(expected) - set(weights))
     extra = sorted(set(weights) - set(expected))

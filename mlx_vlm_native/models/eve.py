@@ -4,7 +4,7 @@ EVE v1 (`model_type` "eve"): a patch-embedding layer (conv stem, 2x2 local
 cross-attention, a global CLS cross-attention, a split token after every row)
 and a 2-layer GELU projector feed a LLaMA/Vicuna decoder (mlx-lm). There is no
 vision encoder at inference; the patch-aligning layer and the frozen teacher
-used in training live in `eve_align.py`.
+used in training live in `training/eve_align.py` (the CLIP tower in `clip.py`).
 
 EVEv2 ("eve-qwen2"): a two-conv stem (16 px, GELU, 2x2) with the same CLS and
 split tokens feeds a Qwen2.5 decoder whose norms, attention projections and

@@ -7,13 +7,12 @@ prompt use one square view each; video frames are 2x2 bilinear pooled.
 
 import math
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import mlx.core as mx
 import numpy as np
 from mlx_lm.models import qwen2
 
-from ..processors.llava_onevision import AnyResLayout, anyres_layout, parse_max_tiles
 from .base import (
     BaseModelArgs, MLPProjector, ProcessedInputs, VisionLanguageModel, resize_bilinear, scatter_features,
     text_config_for_mlx_lm,
@@ -25,6 +24,66 @@ LAYOUTS = (
     "transformers 5 (model.vision_tower.*, model.language_model.*)",
     "mlx-vlm / this project's (vision_tower.*, language_model.model.*, MLX conv)",
 )
+
+
+def select_best_resolution(size: Tuple[int, int], candidates) -> Tuple[int, int]:
+    """The (height, width) candidate keeping the most pixels, then wasting fewest."""
+    h, w = size
+    best, best_effective, best_waste = None, 0, float("inf")
+    for ch, cw in candidates:
+        scale = min(cw / w, ch / h)
+        effective = min(int(w * scale) * int(h * scale), w * h)
+        waste = ch * cw - effective
+        if effective > best_effective or (effective == best_effective and waste < best_waste):
+            best, best_effective, best_waste = (ch, cw), effective, waste
+    return best
+
+
+@dataclass(frozen=True)
+class AnyResLayout:
+    """Where an image's AnyRes features go: tile grid, unpadded and final grid."""
+
+    tiles: Tuple[int, int]  # crops per column, per row
+    unpadded: Tuple[int, int]  # feature rows/cols after removing the padding
+    rows: int  # feature rows after anyres_max_N down-sampling
+    cols: int
+    crop_top: int  # first kept row/col in the (tiles * side) feature map
+    crop_left: int
+
+    def num_tokens(self, side: int) -> int:
+        return side * side + self.rows * (self.cols + 1)
+
+
+def anyres_layout(
+    image_size: Tuple[int, int], pinpoints, tile: int, side: int, max_tiles: int
+) -> AnyResLayout:
+    """Feature-grid geometry of one AnyRes image (`side` features per tile edge)."""
+    h, w = image_size
+    best_h, best_w = select_best_resolution((h, w), pinpoints)
+    gh, gw = best_h // tile, best_w // tile
+    cur_h, cur_w = gh * side, gw * side
+    top = left = 0
+    if w / h > cur_w / cur_h:
+        new_h = int(round(h * (cur_w / w), 7))
+        top = (cur_h - new_h) // 2
+        cur_h -= 2 * top
+    else:
+        new_w = int(round(w * (cur_h / h), 7))
+        left = (cur_w - new_w) // 2
+        cur_w -= 2 * left
+    rows, cols = cur_h, cur_w
+    ratio = math.sqrt(cur_h * cur_w / (max_tiles * side**2))
+    if ratio > 1.1:
+        rows, cols = int(cur_h // ratio), int(cur_w // ratio)
+    return AnyResLayout((gh, gw), (cur_h, cur_w), rows, cols, top, left)
+
+
+def parse_max_tiles(vision_aspect_ratio: str) -> int:
+    if not vision_aspect_ratio.startswith("anyres_max_"):
+        raise ValueError(
+            f"unsupported vision_aspect_ratio {vision_aspect_ratio!r}: expected 'anyres_max_N'"
+        )
+    return int(vision_aspect_ratio[len("anyres_max_") :])
 
 
 @dataclass

@@ -12,7 +12,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .. import host_ops
+from .. import host_ops, native
 from ..packed_attention import packed_attention
 from ..packing import Pack
 from .base import BaseModelArgs
@@ -84,8 +84,6 @@ def apply_rope(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
 def rotate_qk(q: mx.array, k: mx.array, cos: mx.array, sin: mx.array):
     """`apply_rope` on q and k; on a GPU both in one launch of the fused
     native kernel (`native.rope_2d`)."""
-    from .. import native
-
     if native.gpu_backend() is not None:
         return native.rope_2d(q, k, cos, sin)
     return apply_rope(q, cos, sin), apply_rope(k, cos, sin)

@@ -21,7 +21,7 @@ from ..packing import pack_of_packs, split_by_prompt
 from .base import (
     IMAGE, TEXT, VIDEO, BaseModelArgs, ProcessedInputs, VisionLanguageModel, scatter_features, text_config_for_mlx_lm,
 )
-from .qwen2_vision import VisionConfig, VisionModel
+from .qwen2_vision import VisionConfig, VisionModel, patch_embed_mlx_conv
 
 LAYOUTS = (
     "Hub release (model.*, visual.*, torch Conv3d)",
@@ -347,8 +347,6 @@ def mlx_vlm_layout(weights: dict, config: dict, args: ModelArgs):
     """Our parameters and config in mlx-vlm's qwen2_vl layout (`vision_tower.*`,
     the patch embedding as an MLX Conv3d weight, the flat config), which this
     loader reads back as well."""
-    from .qwen2_vision import patch_embed_mlx_conv
-
     out = {}
     for k, v in weights.items():
         if k.startswith("visual."):

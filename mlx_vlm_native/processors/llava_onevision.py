@@ -6,13 +6,13 @@ Mirrors transformers' `LlavaOnevisionImageProcessor` (Pillow backend) and
 
 import json
 import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence, Tuple
 
 import numpy as np
 
 from ..models.base import ProcessedInputs
+from ..models.llava_onevision import AnyResLayout, anyres_layout, parse_max_tiles, select_best_resolution
 from .image import (
     OPENAI_CLIP_MEAN,
     OPENAI_CLIP_STD,
@@ -28,19 +28,6 @@ from .prompt import ChatTemplateMessages, expand_placeholders, load_chat_templat
 DEFAULT_PINPOINTS = [[384 * i, 384 * j] for i in range(1, 7) for j in range(1, 7)]
 
 
-def select_best_resolution(size: Tuple[int, int], candidates) -> Tuple[int, int]:
-    """The (height, width) candidate keeping the most pixels, then wasting fewest."""
-    h, w = size
-    best, best_effective, best_waste = None, 0, float("inf")
-    for ch, cw in candidates:
-        scale = min(cw / w, ch / h)
-        effective = min(int(w * scale) * int(h * scale), w * h)
-        waste = ch * cw - effective
-        if effective > best_effective or (effective == best_effective and waste < best_waste):
-            best, best_effective, best_waste = (ch, cw), effective, waste
-    return best
-
-
 def fit_inside(size: Tuple[int, int], target: Tuple[int, int]) -> Tuple[int, int]:
     """Aspect-preserving size that fits `target`, touching it on one side."""
     h, w = size
@@ -48,53 +35,6 @@ def fit_inside(size: Tuple[int, int], target: Tuple[int, int]) -> Tuple[int, int
     if tw / w < th / h:
         return min(math.ceil(h * tw / w), th), tw
     return th, min(math.ceil(w * th / h), tw)
-
-
-@dataclass(frozen=True)
-class AnyResLayout:
-    """Where an image's AnyRes features go: tile grid, unpadded and final grid."""
-
-    tiles: Tuple[int, int]  # crops per column, per row
-    unpadded: Tuple[int, int]  # feature rows/cols after removing the padding
-    rows: int  # feature rows after anyres_max_N down-sampling
-    cols: int
-    crop_top: int  # first kept row/col in the (tiles * side) feature map
-    crop_left: int
-
-    def num_tokens(self, side: int) -> int:
-        return side * side + self.rows * (self.cols + 1)
-
-
-def anyres_layout(
-    image_size: Tuple[int, int], pinpoints, tile: int, side: int, max_tiles: int
-) -> AnyResLayout:
-    """Feature-grid geometry of one AnyRes image (`side` features per tile edge)."""
-    h, w = image_size
-    best_h, best_w = select_best_resolution((h, w), pinpoints)
-    gh, gw = best_h // tile, best_w // tile
-    cur_h, cur_w = gh * side, gw * side
-    top = left = 0
-    if w / h > cur_w / cur_h:
-        new_h = int(round(h * (cur_w / w), 7))
-        top = (cur_h - new_h) // 2
-        cur_h -= 2 * top
-    else:
-        new_w = int(round(w * (cur_h / h), 7))
-        left = (cur_w - new_w) // 2
-        cur_w -= 2 * left
-    rows, cols = cur_h, cur_w
-    ratio = math.sqrt(cur_h * cur_w / (max_tiles * side**2))
-    if ratio > 1.1:
-        rows, cols = int(cur_h // ratio), int(cur_w // ratio)
-    return AnyResLayout((gh, gw), (cur_h, cur_w), rows, cols, top, left)
-
-
-def parse_max_tiles(vision_aspect_ratio: str) -> int:
-    if not vision_aspect_ratio.startswith("anyres_max_"):
-        raise ValueError(
-            f"unsupported vision_aspect_ratio {vision_aspect_ratio!r}: expected 'anyres_max_N'"
-        )
-    return int(vision_aspect_ratio[len("anyres_max_") :])
 
 
 class LlavaOnevisionImageProcessor:

@@ -25,9 +25,9 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
-from ..models import eve_align as A
 from ..processors.image import load_image
 from ..utils import copy_side_files, get_model_path, load, save_config, save_weights
+from . import eve_align as A
 from .checkpoint import resume_state
 from .finetune import stop_on_signals
 from .loop import TrainConfig, stop_message, train

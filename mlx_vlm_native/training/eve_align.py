@@ -1,6 +1,6 @@
-"""EVE training: the patch-aligning layer (PAL), the frozen teacher, the
-alignment loss, the three stages and the training samples; the `eve` task of
-`mlx_vlm_native.training` trains them on the shared loop.
+"""EVE training parts: the patch-aligning layer (PAL), the frozen teacher, the
+alignment loss, the three stages and the training samples; the `eve` task
+(`training/eve.py`) trains them on the shared loop.
 
 The PAL reads the decoder's hidden states at the image positions, rebuilds
 the 2-D patch grid (CLS and <SPL> dropped, pooled to the teacher's grid),
@@ -18,12 +18,15 @@ from typing import List, Optional, Sequence, Tuple
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+from mlx.utils import tree_map
 
+from ..models import siglip
+from ..models.base import ProcessedInputs, check_weights, masked_cross_entropy
+from ..models.clip import CLIPVisionConfig, CLIPVisionModel
+from ..models.eve import Model
 from ..processors.eve import EVEProcessor, IMAGE_TOKEN, plain_prompt, vicuna_v1_prompt
 from ..processors.image import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
-from . import siglip
-from .base import BaseModelArgs, ProcessedInputs, check_weights, masked_cross_entropy
-from .eve import Model
+from ..utils import load_weights
 
 IGNORE_INDEX = -100
 # kept out of the folder's top level so that `load()` does not read it as model weights
@@ -31,73 +34,6 @@ ALIGNER_FILE = "aligner/aligner.safetensors"
 
 
 # ---------------------------------------------------------------- teachers
-
-
-@dataclass
-class CLIPVisionConfig(BaseModelArgs):
-    hidden_size: int = 1024
-    intermediate_size: int = 4096
-    num_hidden_layers: int = 24
-    num_attention_heads: int = 16
-    num_channels: int = 3
-    image_size: int = 336
-    patch_size: int = 14
-    layer_norm_eps: float = 1e-5
-    hidden_act: str = "quick_gelu"
-    model_type: str = "clip_vision_model"
-
-
-class CLIPEmbeddings(nn.Module):
-    def __init__(self, config: CLIPVisionConfig):
-        super().__init__()
-        C, p = config.hidden_size, config.patch_size
-        self.class_embedding = mx.zeros((C,))
-        self.patch_embedding = nn.Conv2d(config.num_channels, C, p, p, bias=False)
-        self.position_embedding = nn.Embedding((config.image_size // p) ** 2 + 1, C)
-
-    def __call__(self, pixels: mx.array) -> mx.array:
-        x = self.patch_embedding(pixels)
-        x = x.reshape(x.shape[0], -1, x.shape[-1])
-        cls = mx.broadcast_to(self.class_embedding, (x.shape[0], 1, x.shape[-1]))
-        return mx.concatenate([cls, x], axis=1) + self.position_embedding.weight
-
-
-class CLIPVisionModel(nn.Module):
-    """OpenAI CLIP ViT (transformers' `CLIPVisionModel` layout); the blocks are
-    SigLIP's, which share CLIP's structure."""
-
-    def __init__(self, config: CLIPVisionConfig):
-        super().__init__()
-        self.config = config
-        block = siglip.VisionConfig(
-            hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
-            num_attention_heads=config.num_attention_heads, layer_norm_eps=config.layer_norm_eps,
-            hidden_act=config.hidden_act,
-        )
-        self.embeddings = CLIPEmbeddings(config)
-        self.pre_layrnorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.encoder = siglip.Encoder(block)
-        self.encoder.layers = [siglip.EncoderLayer(block) for _ in range(config.num_hidden_layers)]
-        self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-
-    def __call__(self, pixels: mx.array, output_layer: int = -2) -> mx.array:
-        """(B, H, W, 3) -> hidden state `output_layer` of transformers' list
-        (0 = after pre_layrnorm), CLS included."""
-        layers = self.encoder.layers
-        x = self.pre_layrnorm(self.embeddings(pixels))
-        for layer in layers[: output_layer % (len(layers) + 1)]:
-            x = layer(x)
-        return x
-
-    def sanitize(self, weights: dict) -> dict:
-        out = {}
-        for k, v in weights.items():
-            if "position_ids" in k:
-                continue
-            if k.endswith("patch_embedding.weight") and v.shape[1] == self.config.num_channels:
-                v = v.transpose(0, 2, 3, 1)
-            out[k] = v
-        return out
 
 
 @dataclass
@@ -140,8 +76,6 @@ def load_teacher(path, vision_config: Optional[dict] = None) -> Teacher:
     """A CLIP or SigLIP vision tower (full model or vision-only, HF layout), or
     the CLIP teacher stored inside a reference EVE v1 checkpoint; the latter's
     geometry is not in its config: `vision_config`, CLIP-L/14-336 by default."""
-    from ..utils import load_weights
-
     path = Path(path)
     config = json.loads((path / "config.json").read_text())
     if config.get("model_type") == "eve":
@@ -446,8 +380,6 @@ def broadcast_parameters(model: nn.Module) -> None:
     group = mx.distributed.init()
     if group.size() == 1:
         return
-    from mlx.utils import tree_map
-
     keep = group.rank() == 0
     model.update(tree_map(lambda v: mx.distributed.all_sum(v if keep else mx.zeros_like(v)), model.parameters()))
     mx.eval(model.parameters())
@@ -458,8 +390,6 @@ def load_aligner_weights(aligner: PatchAligner, path) -> bool:
     `vision_tower_compressor.*` keys) or the file saved by
     training (`ALIGNER_FILE`); False when the folder has neither (the PAL
     keeps its init)."""
-    from ..utils import load_weights
-
     path = Path(path)
     saved = path / ALIGNER_FILE
     if saved.exists():
