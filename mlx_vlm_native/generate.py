@@ -57,11 +57,8 @@ def process_checked(model, processor, text: str, images=(), videos=()):
 
 def check_chat_length(model, processor, messages: list, image_sizes: Sequence) -> None:
     """Refuse a conversation too long for the context from its images' (width,
-    height) alone, before they are decoded; a processor that cannot count
-    without pixels (no `num_prompt_tokens`) is checked after decoding instead."""
-    count = getattr(processor, "num_prompt_tokens", None)
-    if count is not None:
-        check_prompt_length(model, count(format_chat(processor, messages), list(image_sizes)))
+    height) alone, before they are decoded."""
+    check_prompt_length(model, processor.num_prompt_tokens(format_chat(processor, messages), list(image_sizes)))
 
 
 def prepare_inputs(model, processor, prompt: str, images=(), videos=(), apply_chat_template=True,
@@ -101,13 +98,7 @@ def new_cache(model, max_kv_size: Optional[int] = None) -> list:
 
 def format_chat(processor, messages: list) -> str:
     """A whole conversation through the chat template, ready for the answer."""
-    format_messages = getattr(processor, "format_messages", None)
-    if format_messages is None:
-        raise ValueError(
-            f"{type(processor).__name__} cannot render a conversation (no format_messages); "
-            "use a single prompt with generate instead"
-        )
-    return format_messages(messages, add_generation_prompt=True)
+    return processor.format_messages(messages, add_generation_prompt=True)
 
 
 def prepare_chat_inputs(model, processor, messages: list, images=()):

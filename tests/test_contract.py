@@ -1,6 +1,7 @@
-"""The model contract (`models/base.VisionLanguageModel`): every VLM family of
-the registry implements it, and on each family's tiny random checkpoint it
-does what generate, chat, serve, batch_generate and finetuning rely on."""
+"""The model contract (`models/base.VisionLanguageModel`) and the processor
+contract (`processors/base.Processor`): every VLM family of the registry
+implements both, and on each family's tiny random checkpoint they do what
+generate, chat, serve, batch_generate and finetuning rely on."""
 
 import dataclasses
 import importlib
@@ -15,6 +16,7 @@ from convert.eve_checkpoint import write_checkpoint as write_eve
 from convert.eve_checkpoint import write_checkpoint_v2 as write_eve_v2
 from convert.random_checkpoint import write_checkpoint
 from mlx_vlm_native.models.base import TEXT, VisionLanguageModel
+from mlx_vlm_native.processors.base import Processor
 from mlx_vlm_native.utils import DEFAULT_MODEL, FAMILIES, load
 
 CAPTIONERS = {"openvision2"}  # an image captioner (`caption`), not a chat VLM
@@ -28,6 +30,7 @@ CHECKPOINTS = {  # a tiny checkpoint of each VLM family: (family module, writer)
 }
 MROPE_FAMILIES = {"qwen2_vl"}  # the families whose positions are not plain 1-D ones
 CONTRACT = ("layers", "encode_vision", "get_input_embeddings", "__call__")
+PROCESSOR_CONTRACT = ("format_prompt", "num_prompt_tokens", "__call__")  # format_messages: where a template renders
 
 
 def test_every_registered_vlm_family_implements_the_contract():
@@ -38,6 +41,10 @@ def test_every_registered_vlm_family_implements_the_contract():
         assert issubclass(model_class, VisionLanguageModel), module
         for name in CONTRACT:
             assert getattr(model_class, name) is not getattr(VisionLanguageModel, name), (module, name)
+        processor_class = importlib.import_module(f"mlx_vlm_native.processors.{module}").Processor
+        assert issubclass(processor_class, Processor), module
+        for name in PROCESSOR_CONTRACT:
+            assert getattr(processor_class, name) is not getattr(Processor, name), (module, name)
 
 
 @pytest.fixture(scope="module", params=sorted(CHECKPOINTS))
@@ -49,6 +56,7 @@ def loaded(request, tmp_path_factory):
 
 def test_contract_on_a_tiny_checkpoint(loaded):
     module, model, processor = loaded
+    assert isinstance(processor, Processor) and processor.image_token_id is not None
     with_image = processor(processor.format_prompt("What is here?", 1), images=[make_image(60, 90, 3)])
     text_only = processor(processor.format_prompt("Hello there.", 0))
 

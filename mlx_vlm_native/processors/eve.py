@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image
 
 from ..models.base import ProcessedInputs
+from .base import Processor
 from .image import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageInput, load_image, rescale_and_normalize
 
 IMAGE_TOKEN = "<image>"
@@ -189,11 +190,11 @@ class EVEv2ImageProcessor:
         return rescale_and_normalize(np.asarray(resized).transpose(2, 0, 1), 1 / 255, self.image_mean, self.image_std)
 
 
-class EVEProcessor:
+class EVEProcessor(Processor):
     def __init__(self, image_processor, tokenizer, config=None):
         self.image_processor = image_processor
         self.tokenizer = tokenizer
-        self.image_token_index = getattr(config, "image_token_index", IMAGE_TOKEN_INDEX)
+        self.image_token_id = getattr(config, "image_token_index", IMAGE_TOKEN_INDEX)
 
     @classmethod
     def from_pretrained(cls, path: Path, tokenizer, config) -> "EVEProcessor":
@@ -233,19 +234,19 @@ class EVEProcessor:
             chunks = [c[1:] if c and c[0] == bos else c for c in chunks]
         for i, chunk in enumerate(chunks):
             if i:
-                ids.append(self.image_token_index)
+                ids.append(self.image_token_id)
             ids.extend(chunk)
         return ids
 
     def expand(self, ids: Sequence[int], grids: Sequence[Tuple[int, int]]) -> np.ndarray:
-        found = sum(1 for t in ids if t == self.image_token_index)
+        found = sum(1 for t in ids if t == self.image_token_id)
         if found != len(grids):
             raise ValueError(
                 f"the prompt has {found} image placeholder(s) but {len(grids)} image(s) were given"
             )
         out, n = [], iter(1 + h * (w + 1) for h, w in grids)
         for t in ids:
-            out.extend([t] * next(n) if t == self.image_token_index else [t])
+            out.extend([t] * next(n) if t == self.image_token_id else [t])
         return np.array(out, dtype=np.int32)
 
     def num_prompt_tokens(self, text: str, image_sizes: Sequence[Tuple[int, int]]) -> int:

@@ -6,6 +6,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from .base import Processor
+
 
 def expand_placeholders(ids: Sequence[int], expansions: Dict[int, Tuple[str, List[int]]]) -> np.ndarray:
     """Repeat each placeholder token by its item's token count.
@@ -64,7 +66,7 @@ def user_turn(tokenizer, template: Optional[str], prompt: str, num_images: int, 
     return fallback if text is None else text
 
 
-class ChatTemplateMessages:
+class ChatTemplateMessages(Processor):
     """`format_messages` for processors whose chat template places the media."""
 
     def format_messages(self, messages: list, add_generation_prompt: bool = True) -> str:

@@ -264,7 +264,7 @@ def _image_sample(processor: EVEProcessor, image, teacher: Optional[Teacher]):
 def plain_sample(processor: EVEProcessor, image, caption: str, teacher: Optional[Teacher] = None) -> Sample:
     """Stages 1-2 (`plain`): "<image>caption\\n", loss on the caption only."""
     ids = processor.tokenize(plain_prompt(caption))
-    start = ids.index(processor.image_token_index) + 1
+    start = ids.index(processor.image_token_id) + 1
     labels = [IGNORE_INDEX] * start + ids[start:]
     return build_sample(processor, ids, labels, image, teacher)
 
@@ -288,7 +288,7 @@ def conversation_sample(
 
 def build_sample(processor, ids: List[int], labels: List[int], image, teacher) -> Sample:
     """Expand the -200 placeholder to the image's token count (labels ignored there)."""
-    n_images = ids.count(processor.image_token_index)
+    n_images = ids.count(processor.image_token_id)
     if image is None:
         if n_images:
             raise ValueError("the text has an <image> placeholder but no image was given")
@@ -297,7 +297,7 @@ def build_sample(processor, ids: List[int], labels: List[int], image, teacher) -
         raise ValueError(f"an EVE training sample holds exactly one {IMAGE_TOKEN}, found {n_images}")
     pixels, teacher_pixels, grid = _image_sample(processor, image, teacher)
     n = 1 + grid[0] * (grid[1] + 1)
-    i = ids.index(processor.image_token_index)
+    i = ids.index(processor.image_token_id)
     ids = ids[:i] + [ids[i]] * n + ids[i + 1 :]
     labels = labels[:i] + [IGNORE_INDEX] * n + labels[i + 1 :]
     return Sample(np.array(ids, np.int32), np.array(labels, np.int32), pixels, teacher_pixels, grid)

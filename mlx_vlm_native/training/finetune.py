@@ -286,8 +286,7 @@ def tokenize(processor, conversation: Conversation):
 
 
 def placeholder_ids(processor) -> set:
-    return {t for t in (getattr(processor, "image_token_id", None), getattr(processor, "video_token_id", None))
-            if t is not None}
+    return {t for t in (processor.image_token_id, processor.video_token_id) if t is not None}
 
 
 def expand_mask(expanded: np.ndarray, ids: list, mask: list, placeholders: set) -> np.ndarray:
@@ -326,7 +325,8 @@ def set_trainable(model: nn.Module, method: str, freeze: Sequence[str] = ()) -> 
 
 def forward_batch(model, batch: Sequence) -> Tuple[mx.array, mx.array, mx.array]:
     """Right-padded (logits, targets, target mask) of a list of (inputs, mask);
-    packed-encoder models encode every image of the batch in one call."""
+    the images of the whole batch go through one `encode_vision` call (one
+    packed tower call for the packed families)."""
     samples = [inputs for inputs, _ in batch]
     features = model.encode_vision(samples)
     length = max(len(s.input_ids) for s in samples)
