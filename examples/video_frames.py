@@ -41,7 +41,7 @@ if __name__ == "__main__":
     video = a.video or (CLIP if CLIP.exists() else make_clip(CLIP))
     frames = load_video_frames(video, a.frames)
     model, processor = load(a.model)
-    if getattr(processor, "video_token_id", None) is not None:
+    if processor.video_token_id is not None:
         prompt = a.prompt or "Describe the video."
         print(f"> {prompt} ({len(frames)} frames as one video)")
         print(generate(model, processor, prompt, videos=[frames], max_tokens=a.max_tokens).text)
