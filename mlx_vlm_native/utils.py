@@ -40,7 +40,8 @@ FAMILIES = (
            ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration"),
            ("visual.patch_embed.", "model.visual.patch_embed.", "vision_tower.patch_embed.")),
     Family("points_v15", ("pointsv1.5_chat",), ("POINTSV15ChatModel",), ("vision_projector.",)),
-    Family("eve", ("eve", "eve-qwen2"), ("EVELlamaForCausalLM", "EVEQwen2ForCausalLM")),
+    Family("eve", ("eve",), ("EVELlamaForCausalLM",)),
+    Family("eve_v2", ("eve-qwen2",), ("EVEQwen2ForCausalLM",)),
     Family("openvision_llava", ("openvision_llava",)),
     Family("openvision2", ("openvision2",)),  # also released open_clip folders (no config.json)
 )

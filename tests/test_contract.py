@@ -25,7 +25,7 @@ CHECKPOINTS = {  # a tiny checkpoint of each VLM family: (family module, writer)
     "qwen2_vl": ("qwen2_vl", lambda path: write_checkpoint(path, "qwen2-vl-tiny")),
     "points_v15": ("points_v15", lambda path: write_checkpoint(path, "points-tiny")),
     "eve": ("eve", write_eve),
-    "eve-qwen2": ("eve", write_eve_v2),
+    "eve-qwen2": ("eve_v2", write_eve_v2),
     "openvision_llava": ("openvision_llava", lambda path: DEFAULT_MODEL),
 }
 MROPE_FAMILIES = {"qwen2_vl"}  # the families whose positions are not plain 1-D ones

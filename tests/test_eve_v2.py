@@ -129,7 +129,7 @@ def reference_logits(W, cfg, ids, pixels, vision=None):
     ((5, 400), 64, (32, 576)),  # the short side never drops below 32
 ])
 def test_v2_resize_sizes(size, max_size, expected):
-    from mlx_vlm_native.processors.eve import EVEv2ImageProcessor
+    from mlx_vlm_native.processors.eve_v2 import EVEv2ImageProcessor
 
     ip = EVEv2ImageProcessor(max_size=max_size)
     assert ip.size(size) == expected

@@ -1,4 +1,4 @@
-"""EVE preprocessing and prompts.
+"""EVE v1 preprocessing, and the prompts of both EVE versions.
 
 EVE v1, any aspect ratio: the long side is scaled to exactly `image_size` (672, or
 1344 for the HD model), the short side to a multiple of
@@ -7,13 +7,10 @@ on a square canvas of the mean colour. A fourth channel marks the valid pixels.
 The sizes are computed at the teacher's (CLIP) resolution first, then scaled,
 as the reference does, so the patch grid lines up with the teacher's.
 
-EVEv2: no canvas and no mask; the image is scaled to about `max_size`² pixels
-with both sides rounded up to multiples of 32 (`patch_stride * dense_stride`).
+EVEv2's (`eve_v2.py`) has no canvas and no mask; the prompts are these.
 """
 
 import json
-import math
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
@@ -123,6 +120,11 @@ class EVEImageProcessor:
                 fields[k] = tuple(fields[k])
         return cls(**fields)
 
+    @property
+    def strides(self) -> Tuple[int, int]:
+        """(patch, conv) strides, which the model's must equal."""
+        return self.patch_stride, self.conv_stride
+
     def layout(self, image_size: Tuple[int, int], size: Optional[int] = None) -> CanvasLayout:
         return canvas_layout(image_size, size or self.image_size, self.image_size_clip, self.patch_stride_clip)
 
@@ -147,65 +149,20 @@ class EVEImageProcessor:
         return pad_to_canvas(image, layout, mean, std)
 
 
-@dataclass
-class EVEv2ImageProcessor:
-    max_size: int = 800
-    patch_stride: int = 16
-    dense_stride: int = 2
-    image_mean: Tuple[float, ...] = OPENAI_CLIP_MEAN
-    image_std: Tuple[float, ...] = OPENAI_CLIP_STD
-
-    @classmethod
-    def from_dict(cls, cfg: dict, vision_tower: str = "") -> "EVEv2ImageProcessor":
-        # without the preprocessor json, the size comes from the tower name:
-        # the HD release names "openai/eve-anyratio-res1600-patch16"
-        fields = {k: cfg[k] for k in cls.__dataclass_fields__ if k in cfg}
-        named = re.search(r"-res(\d+)", vision_tower)
-        if named:
-            fields.setdefault("max_size", int(named.group(1)))
-        for k in ("image_mean", "image_std"):
-            if k in fields:
-                fields[k] = tuple(fields[k])
-        return cls(**fields)
-
-    def size(self, image_size: Tuple[int, int]) -> Tuple[int, int]:
-        """(width, height) -> resized (width, height): area about max_size²."""
-        w, h = image_size
-        cell = self.patch_stride * self.dense_stride
-        scale = math.sqrt(w * h) / self.max_size
-        return tuple(max(math.ceil(side / scale / cell) * cell, cell) for side in (w, h))
-
-    def grid(self, image_size: Tuple[int, int]) -> Tuple[int, int]:
-        w, h = self.size(image_size)
-        cell = self.patch_stride * self.dense_stride
-        return h // cell, w // cell
-
-    def num_tokens(self, image_size: Tuple[int, int]) -> int:
-        h, w = self.grid(image_size)
-        return 1 + h * (w + 1)
-
-    def __call__(self, image: Image.Image) -> np.ndarray:
-        """-> (3, H, W) float32, normalised."""
-        resized = image.resize(self.size(image.size))  # PIL's default filter, as the reference
-        return rescale_and_normalize(np.asarray(resized).transpose(2, 0, 1), 1 / 255, self.image_mean, self.image_std)
-
-
 class EVEProcessor(Processor):
     def __init__(self, image_processor, tokenizer, config=None):
         self.image_processor = image_processor
         self.tokenizer = tokenizer
         self.image_token_id = getattr(config, "image_token_index", IMAGE_TOKEN_INDEX)
 
+    image_processor_class = EVEImageProcessor
+
     @classmethod
     def from_pretrained(cls, path: Path, tokenizer, config) -> "EVEProcessor":
         f = Path(path) / "preprocessor_config.json"
         cfg = json.loads(f.read_text()) if f.exists() else {}
-        if config.is_v2:
-            image_processor = EVEv2ImageProcessor.from_dict(cfg, getattr(config, "mm_vision_tower", ""))
-            strides = (image_processor.patch_stride, image_processor.dense_stride)
-        else:
-            image_processor = EVEImageProcessor.from_dict(cfg, getattr(config, "mm_vision_tower", ""))
-            strides = (image_processor.patch_stride, image_processor.conv_stride)
+        image_processor = cls.image_processor_class.from_dict(cfg, getattr(config, "mm_vision_tower", ""))
+        strides = image_processor.strides
         if strides != (config.patch_stride, config.conv_stride):
             raise ValueError(
                 f"preprocessor strides {strides} differ from the model's "
