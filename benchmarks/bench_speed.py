@@ -118,6 +118,7 @@ class Ours:
         """(prompt tokens, TTFT s, decode tok/s) of one image prompt, greedy."""
         import mlx.core as mx
         from mlx_lm.generate import generate_step
+        from mlx_lm.models.cache import make_prompt_cache
         from mlx_vlm_native.generate import PromptForward
 
         inputs = self.processor(self.processor.format_prompt(PROMPT, 1), images=[image()])
@@ -125,7 +126,8 @@ class Ours:
         def run():
             embeds, positions = self.model.get_input_embeddings(inputs)
             return time_stream(generate_step(mx.array(inputs.input_ids), PromptForward(self.model, positions),
-                                             max_tokens=DECODE + 1, input_embeddings=embeds[0]))
+                                             max_tokens=DECODE + 1, input_embeddings=embeds[0],
+                                             prompt_cache=make_prompt_cache(self.model)))
         return len(inputs.input_ids), run
 
     def batch(self, n):
