@@ -6,6 +6,7 @@ import mlx.core as mx
 import pytest
 
 from conftest import make_image
+from decoding_probes import decode_batch_sizes
 from mlx_vlm_native import batch_generate, generate, load
 from mlx_vlm_native.models.qwen2_vl import BatchMRoPECache, MRoPECache
 from convert.random_checkpoint import write_checkpoint
@@ -20,20 +21,6 @@ def loaded(request, tmp_path_factory):
     if request.param == "default":
         return load(None)
     return load(str(write_checkpoint(tmp_path_factory.mktemp(request.param), request.param)))
-
-
-def decode_batch_sizes(model, monkeypatch):
-    """The batch size of every token-only (decode) call of the model."""
-    sizes = []
-    original = type(model).__call__
-
-    def recording(self, inputs, cache=None, input_embeddings=None, positions=None):
-        if input_embeddings is None:
-            sizes.append(inputs.shape[0])
-        return original(self, inputs, cache=cache, input_embeddings=input_embeddings, positions=positions)
-
-    monkeypatch.setattr(type(model), "__call__", recording)
-    return sizes
 
 
 def test_batched_greedy_answers_equal_unbatched(loaded, monkeypatch):

@@ -20,6 +20,7 @@ import pytest
 from PIL import Image
 
 from conftest import make_image
+from decoding_probes import slowed_decoding
 from mlx_vlm_native.generate import generate
 from convert.random_checkpoint import write_checkpoint
 from mlx_vlm_native.server import Limits, make_server
@@ -482,29 +483,9 @@ def test_a_trickling_image_host_is_cut_at_the_deadline(server, image_host):
     assert elapsed < LIMITS.image_timeout + 3, elapsed
 
 
-def counting_tokens(monkeypatch, seconds_per_token: float = 0.02) -> list:
-    """Patch the server to count the tokens each answer makes (one entry per
-    answer, in the order they start), slowed down so that an answer takes
-    longer than its client stays."""
-    from mlx_vlm_native import server as server_module
-
-    counts, original = [], server_module.Decoding.add
-
-    def add(self, token):
-        if not self.tokens:
-            self.count_index = len(counts)
-            counts.append(0)
-        counts[self.count_index] += 1
-        time.sleep(seconds_per_token)
-        original(self, token)
-
-    monkeypatch.setattr(server_module.Decoding, "add", add)
-    return counts
-
-
 @pytest.mark.parametrize("stream", [False, True])
 def test_a_client_that_leaves_stops_its_generation(server, monkeypatch, stream):
-    counts = counting_tokens(monkeypatch)
+    counts = slowed_decoding(monkeypatch)
     host, port = server.split("//")[1].split(":")
     conn = http.client.HTTPConnection(host, int(port), timeout=30)
     conn.request("POST", "/v1/chat/completions", json.dumps(
@@ -548,7 +529,7 @@ def test_many_concurrent_clients_are_all_answered(server):
 
 
 def test_a_full_queue_answers_503(loaded, monkeypatch):
-    counting_tokens(monkeypatch)
+    slowed_decoding(monkeypatch)
     model, processor = loaded
     httpd = make_server(model, processor, "tiny", "127.0.0.1", 0,
                         Limits(**{**LIMITS.__dict__, "max_queued": 1, "max_batch": 1}))

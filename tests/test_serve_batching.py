@@ -13,6 +13,7 @@ import time
 import pytest
 
 from conftest import make_image
+from decoding_probes import decode_batch_sizes, slowed_decoding
 from convert.random_checkpoint import write_checkpoint
 from mlx_vlm_native import chat_generate, load
 from mlx_vlm_native.server import Limits, make_server
@@ -66,38 +67,6 @@ def in_thread(results: dict, name: str, *args, **kwargs) -> threading.Thread:
     thread = threading.Thread(target=lambda: results.__setitem__(name, ask(*args, **kwargs)))
     thread.start()
     return thread
-
-
-def slowed_decoding(monkeypatch, seconds_per_token: float) -> list:
-    """Slow every answer's tokens down (so that requests overlap) and count
-    them: one count per answer, in the order the answers start."""
-    from mlx_vlm_native import server as server_module
-
-    counts, original = [], server_module.Decoding.add
-
-    def add(self, token):
-        if not self.tokens:
-            self.count_index = len(counts)
-            counts.append(0)
-        counts[self.count_index] += 1
-        time.sleep(seconds_per_token)
-        original(self, token)
-
-    monkeypatch.setattr(server_module.Decoding, "add", add)
-    return counts
-
-
-def decode_batch_sizes(model, monkeypatch) -> list:
-    """The batch size of every decode (token-only) call of the model."""
-    sizes, original = [], type(model).__call__
-
-    def recording(self, inputs, cache=None, input_embeddings=None, positions=None):
-        if input_embeddings is None:
-            sizes.append(inputs.shape[0])
-        return original(self, inputs, cache=cache, input_embeddings=input_embeddings, positions=positions)
-
-    monkeypatch.setattr(type(model), "__call__", recording)
-    return sizes
 
 
 def wait_for(condition, seconds: float = 60) -> None:
