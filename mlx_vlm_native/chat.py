@@ -16,7 +16,7 @@ from typing import Iterable, Iterator, List, Optional
 
 from .generate import (
     DEFAULT_MODEL_NAME, PromptCache, PromptTooLongError, add_model_argument, add_runtime_arguments,
-    sampling_from_args, stream_chat,
+    add_sampling_arguments, sampling_from_args, stream_chat,
 )
 from .processors.image import ImageError, load_image
 from .utils import load
@@ -180,12 +180,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     add_model_argument(p)
     p.add_argument("--image", nargs="+", default=[], help="image paths or URLs to talk about")
     p.add_argument("--max-tokens", "-m", type=int, default=256, help="most tokens per answer")
-    p.add_argument("--temperature", "--temp", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--repetition-penalty", type=float, default=None,
-                   help="penalty for repeating tokens (> 0; 1 or unset: none)")
-    p.add_argument("--repetition-context-size", type=int, default=20)
+    add_sampling_arguments(p)
     p.add_argument("--verbose", action="store_true", help="print tokens/s after each answer")
     add_runtime_arguments(p)
     return p

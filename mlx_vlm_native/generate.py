@@ -461,6 +461,17 @@ def sampling_from_args(args: argparse.Namespace) -> dict:
     return checked
 
 
+def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
+    """mlx-lm's sampling flags, as generate and chat take them (`sampling_from_args` checks them)."""
+    p.add_argument("--temperature", "--temp", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--repetition-penalty", type=float, default=None,
+                   help="penalty for repeating tokens (> 0; 1 or unset: none)")
+    p.add_argument("--repetition-context-size", type=int, default=20,
+                   help="how many recent tokens the repetition penalty looks at")
+
+
 def add_runtime_arguments(p: argparse.ArgumentParser) -> None:
     """mlx-lm's flags for adapters, the system prompt and the KV cache, as
     generate, chat and serve take them."""
@@ -485,13 +496,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--video-frames", type=int, default=8, help="frames sampled from --video")
     p.add_argument("--prompt", default="Describe this image.")
     p.add_argument("--max-tokens", "-m", type=int, default=256)
-    p.add_argument("--temperature", "--temp", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--repetition-penalty", type=float, default=None,
-                   help="penalty for repeating tokens (> 0; 1 or unset: none)")
-    p.add_argument("--repetition-context-size", type=int, default=20,
-                   help="how many recent tokens the repetition penalty looks at")
+    add_sampling_arguments(p)
     p.add_argument("--no-chat-template", action="store_true",
                    help="use --prompt as the full prompt (it must contain the placeholders)")
     add_runtime_arguments(p)
