@@ -33,7 +33,7 @@ VISION = {"image_size": 128, "patch_size": 16, "width": 128, "layers": 4, "head_
           "stem_channels": [16, 32, 64, 128]}
 COLOURS, SHAPES, WORDS = list(shapes.COLOURS), list(shapes.SHAPES), list(shapes.WORDS)
 HEADS = {"colour": len(COLOURS) + 1, "shape": len(SHAPES) + 1, "cell": 10, "word": len(WORDS) + 1}
-WEIGHTS = {"colour": 1.0, "shape": 1.0, "cell": 1.0, "word": 1.0, "object_shape": 2.0}  # shape: the slowest
+WEIGHTS = {"colour": 1.0, "shape": 2.0, "cell": 1.0, "word": 1.0, "object_shape": 2.0}  # shape: the slowest
 
 
 def object_region(scene: shapes.Scene, item: shapes.Item, grid: int) -> np.ndarray:
@@ -122,7 +122,23 @@ def loss_fn(model, pixels, labels, counts, pools):
     valid = y >= 0
     ce = nn.losses.cross_entropy(logits["object_shape"], mx.maximum(y, 0)) * valid
     total = total + WEIGHTS["object_shape"] * ce.sum() / mx.maximum(valid.sum(), 1)
-    return total + nn.losses.cross_entropy(count_logits, counts).mean()
+    total = total + nn.losses.cross_entropy(count_logits, counts).mean()
+    return total, batch_accuracy(logits, count_logits, labels, counts)
+
+
+def batch_accuracy(logits, count_logits, labels, counts) -> dict:
+    """Training-batch accuracy of each head where it has a target (a cheap
+    learning curve between probes): object tokens, word tokens, objects, pictures."""
+    out = {}
+    for k in HEADS:
+        y = labels[k]
+        on = y > 0
+        out[k] = ((mx.argmax(logits[k], axis=-1) == y) * on).sum() / mx.maximum(on.sum(), 1)
+    y = labels["object_shape"]
+    valid = y >= 0
+    out["object_shape"] = ((mx.argmax(logits["object_shape"], axis=-1) == y) * valid).sum() / mx.maximum(valid.sum(), 1)
+    out["count"] = (mx.argmax(count_logits, axis=-1) == counts).mean()
+    return out
 
 
 def save_checkpoint(out: Path, model, opt, step: int) -> None:
@@ -143,19 +159,30 @@ def save_checkpoint(out: Path, model, opt, step: int) -> None:
         tmp.rename(final)
 
 
+def warm_start_weights(path: Path) -> dict:
+    """A stage-1 checkpoint's weights (`vit.*`, heads), or the vision tower of a
+    built model folder (`vision_tower.*` in its model.safetensors) as `vit.*`."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "model.safetensors"
+    weights = mx.load(str(path))
+    tower = {"vit." + k[len("vision_tower."):]: v for k, v in weights.items() if k.startswith("vision_tower.")}
+    return tower or weights
+
+
 def build_model(vision: dict) -> Dense:
     return Dense(VisionConfig.from_dict(vision))
 
 
 def train(out: Path, steps: int, batch: int = 32, lr: float = 2e-3, seed: int = 0, vision: dict = VISION,
-          log_every: int = 25, init: Path = None) -> Dense:
+          log_every: int = 25, init: Path = None, warmup: int = None) -> Dense:
     out.mkdir(parents=True, exist_ok=True)
     mx.random.seed(seed)
     model = build_model(vision)
     if init is not None and not (out / "checkpoint").exists():  # warm start (heads it lacks stay fresh)
-        model.load_weights(str(init), strict=False)
+        model.load_weights(list(warm_start_weights(init).items()), strict=False)
     config = model.vit.config
-    warmup = min(50, max(steps // 10, 1))
+    warmup = warmup or min(50, max(steps // 10, 1))
     schedule = optim.join_schedules([optim.linear_schedule(lr / 20, lr, warmup),
                                      optim.cosine_decay(lr, max(steps - warmup, 1), lr / 50)], [warmup])
     opt = optim.AdamW(learning_rate=schedule, weight_decay=0.01)
@@ -172,13 +199,15 @@ def train(out: Path, steps: int, batch: int = 32, lr: float = 2e-3, seed: int = 
     tic, recent = time.time(), []
     for step in range(start, steps):
         curriculum = 2 if step < steps // 5 else shapes.MAX_OBJECTS
-        loss, grads = step_fn(model, *make_batch(seed * 1_000_003 + step, batch, config.image_size, config.grid,
-                                                 curriculum))
+        (loss, accuracy), grads = step_fn(model, *make_batch(seed * 1_000_003 + step, batch, config.image_size,
+                                                             config.grid, curriculum))
         opt.update(model, grads)
-        mx.eval(model.parameters(), opt.state, loss)
-        recent.append(loss.item())
+        mx.eval(model.parameters(), opt.state, loss, accuracy)
+        recent.append({"loss": loss.item(), **{k: v.item() for k, v in accuracy.items()}})
         if (step + 1) % log_every == 0 or step + 1 == steps:
-            line = f"step {step + 1}/{steps} loss {np.mean(recent):.4f} {(time.time() - tic) / len(recent):.2f} s/step"
+            mean = {k: np.mean([r[k] for r in recent]) for k in recent[0]}
+            line = (f"step {step + 1}/{steps} loss {mean.pop('loss'):.4f} {(time.time() - tic) / len(recent):.2f} s/step"
+                    " | accuracy " + " ".join(f"{k} {v:.3f}" for k, v in mean.items()))
             print(line, flush=True)
             log.write(line + "\n")
             log.flush()
@@ -281,13 +310,15 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--warmup", type=int, default=None, help="warmup steps (default: a tenth of the steps, at most 50)")
     p.add_argument("--probe-only", action="store_true")
-    p.add_argument("--init", default=None, help="warm-start weights (a checkpoint's model.safetensors)")
+    p.add_argument("--init", default=None,
+                   help="warm-start weights: a checkpoint's model.safetensors, or a built model folder (its vision tower)")
     p.add_argument("--probe-pictures", type=int, default=1500)
     a = p.parse_args(argv)
     out = Path(a.out)
     if not a.probe_only and not (out / "done").exists():
-        train(out, a.steps, a.batch, a.lr, init=a.init and Path(a.init))
+        train(out, a.steps, a.batch, a.lr, init=a.init and Path(a.init), warmup=a.warmup)
     tic = time.time()
     results = probe(load_vit(out), a.probe_pictures, a.probe_pictures // 3)
     results["seconds"] = time.time() - tic
