@@ -180,7 +180,7 @@ nothing else; do not expect it to describe photos.
   The first fifth of the steps show at most two objects.{info.get('encoder_history', '')}
 - Stage 2: the ViT frozen; projector and decoder trained from scratch on {info['stage2_steps']} x
   {info['stage2_batch']} conversations (up to 3 questions each) about {info['train_images']} generated pictures,
-  loss on the answer tokens only.
+  loss on the answer tokens only.{info.get('stage2_history', '')}
 - Tokenizer: byte-level BPE with {info['vocab']} tokens trained on the generated text; ChatML template.
 - Weights: {info['size_mb']:.1f} MB (float32 safetensors).
 
@@ -229,6 +229,11 @@ Wrong answers (question -> model answer, expected):
 | step | wall min | CPU min |
 |---|---|---|
 {steps}
+
+The shipped weights are the checkpoint a later build continues from (a build's `runs/` do not
+outlive the machine): `python train/default_model/encoder.py --init mlx_vlm_native/default_model
+--out runs/default_model/encoder --steps N` trains the shipped encoder further (fresh heads,
+resumable every 100 steps), then `build.py` probes it and trains stage 2 on it.
 
 ## What it was trained to answer
 
@@ -342,6 +347,8 @@ def main(argv=None) -> None:
             "train_images": a.images, "timings": json.loads((out / "timings.json").read_text()),
             "encoder_history": (f" This build: {(enc / 'history.txt').read_text().strip()}."
                                 if (enc / "history.txt").exists() else ""),
+            "stage2_history": (f" This build: {(stage2 / 'history.txt').read_text().strip()}."
+                               if (stage2 / "history.txt").exists() else ""),
             "machine": "2 shared CPU cores (MLX CPU backend + OpenBLAS)",
         }
         print(f"installed in {install(model_dir, scores, probe, info)}")
