@@ -6,7 +6,6 @@ so the default tier stays fast."""
 
 import io
 import json
-import pickle
 import zipfile
 
 import pytest

@@ -25,7 +25,6 @@ from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
-from mlx.utils import tree_flatten
 
 from mlx_vlm_native import load
 from mlx_vlm_native.datasets import shapes

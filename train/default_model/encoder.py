@@ -15,7 +15,6 @@ objects and one-shape pictures, then the full mix.
 
 import argparse
 import json
-import math
 import time
 from pathlib import Path
 
