@@ -19,7 +19,8 @@ from .check import find_clang, to_cpp
 from .trace import cuda_kernel_name, cuda_source, metal_source
 
 HERE = Path(__file__).parent
-CACHE = Path(tempfile.gettempdir()) / "mlx_vlm_native_emulator"
+# one cache per user: a folder another user made under /tmp is not ours to write
+CACHE = Path(tempfile.gettempdir()) / f"mlx_vlm_native_emulator-{os.getuid()}"
 
 METAL_ATTRIBUTES = {
     "thread_position_in_grid": "emu::S.origin + emu::me().tpitg",
