@@ -15,7 +15,7 @@ from mlx.utils import tree_flatten
 from mlx_lm.utils import infer_quant_config, load_tokenizer, make_shards
 from tqdm import tqdm
 
-from . import openvision_checkpoint
+from . import host_ops, openvision_checkpoint
 from .adapters import load_adapters
 from .models.base import check_weights
 from .torch_pickle import load_torch_checkpoint
@@ -208,6 +208,7 @@ def load_model(path: Path, lazy: bool = False, strict: bool = True) -> Tuple[nn.
     model.load_weights(list(weights.items()), strict=strict)
     if not lazy:
         mx.eval(model.parameters())
+    host_ops.use_host_matvec(model)
     model.eval()
     return model, config
 

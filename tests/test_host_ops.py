@@ -56,3 +56,49 @@ def test_softmax_gradient_matches_mlx():
 def test_equal_length_runs():
     assert equal_length_runs([0, 4, 8, 12, 15, 18, 20]) == [(0, 4, 3), (12, 3, 2), (18, 2, 1)]
     assert equal_length_runs([0, 5]) == [(0, 5, 1)]
+
+
+def test_matvec_matches_mlx_with_gradients():
+    rng = np.random.default_rng(4)
+    x = mx.array(rng.standard_normal((1, 1, 48)).astype(np.float32))
+    w = mx.array(rng.standard_normal((40, 48)).astype(np.float32))
+    assert host_ops.matvec_applies(x, w)
+    assert float(mx.abs(host_ops.matvec(x, w) - x @ w.T).max()) <= 1e-5
+    g = mx.array(rng.standard_normal((1, 1, 40)).astype(np.float32))
+    ours = mx.grad(lambda x, w: (host_ops.matvec(x, w) * g).sum(), argnums=(0, 1))(x, w)
+    ref = mx.grad(lambda x, w: ((x @ w.T) * g).sum(), argnums=(0, 1))(x, w)
+    for a, b in zip(ours, ref):
+        assert a.shape == b.shape and float(mx.abs(a - b).max()) <= 1e-5
+    assert not host_ops.matvec_applies(mx.zeros((2, 48)), w)  # two rows: MLX's matmul
+    assert not host_ops.matvec_applies(x.astype(mx.bfloat16), w.astype(mx.bfloat16))
+
+
+def test_use_host_matvec_keeps_parameters_and_outputs():
+    from mlx.utils import tree_flatten
+    from mlx_lm.models import qwen2
+
+    args = qwen2.ModelArgs(model_type="qwen2", hidden_size=64, num_hidden_layers=2, intermediate_size=96,
+                           num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6, vocab_size=80,
+                           tie_word_embeddings=True)
+    mx.random.seed(0)
+    model = qwen2.Model(args)
+    nn.quantize(model.layers[1], group_size=32, bits=4)  # a quantized layer is left alone
+    before = dict(tree_flatten(model.parameters()))
+    ids = mx.array([[7]])
+    ref = model(ids)
+    host_ops.use_host_matvec(model)
+    after = dict(tree_flatten(model.parameters()))
+    assert before.keys() == after.keys() and all(before[k] is after[k] for k in before)
+    assert isinstance(model.layers[0].self_attn.q_proj, host_ops.Linear)
+    assert isinstance(model.model.embed_tokens, host_ops.Embedding)
+    assert isinstance(model.layers[1].self_attn.q_proj, nn.QuantizedLinear)
+    calls = []
+    real = host_ops._host_matvec
+    try:
+        host_ops._host_matvec = lambda x, w: calls.append(w.shape) or real(x, w)
+        out = model(ids)
+    finally:
+        host_ops._host_matvec = real
+    assert len(calls) == 7 + 1  # layer 0's seven projections and the tied head
+    assert float(mx.abs(out - ref).max()) <= 1e-5
+    assert float(mx.abs(model(mx.array([[7, 8, 9]]))[:, :1] - ref).max()) <= 1e-5  # rows > 1: MLX's path
