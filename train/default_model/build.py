@@ -102,10 +102,10 @@ def assemble(vision_dir: Path, tokenizer_dir: Path, dst: Path, seed: int = 0) ->
     return dst
 
 
-def run_stage(recipe: str, out: Path, **overrides) -> None:
+def run_stage(recipe: Path, out: Path, **overrides) -> None:
     from mlx_vlm_native.train import main as train
 
-    argv = ["--recipe", str(HERE / recipe)]
+    argv = ["--recipe", str(recipe)]
     for k, v in overrides.items():
         if v is not None:
             argv += [f"--{k.replace('_', '-')}", str(v)]
@@ -255,6 +255,36 @@ the image?", and with two images "Which image has a star?".
 """
 
 
+def stage2_recipe(out: Path, lr) -> Path:
+    """stage2.json, or a copy of it under `out` with another peak learning rate."""
+    if lr is None:
+        return HERE / "stage2.json"
+    recipe = json.loads((HERE / "stage2.json").read_text())
+    recipe["optim"]["lr"] = lr
+    dst = out / "stage2.json"
+    dst.write_text(json.dumps(recipe, indent=2))
+    return dst
+
+
+def continue_from(model: Path, tok_dir: Path, enc: Path, init: Path, out: Path) -> dict:
+    """Set a build up to train stage 2 further from a built model folder (the shipped one):
+    its tokenizer, its frozen encoder's probe and its weights become this build's, and its
+    build's timings are carried over so the card's total stays the whole cost."""
+    built = json.loads((model / "eval.json").read_text())
+    tok_dir.mkdir(parents=True, exist_ok=True)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (model / name).exists():
+            shutil.copy(model / name, tok_dir / name)
+    enc.mkdir(parents=True, exist_ok=True)
+    (enc / "probe.json").write_text(json.dumps(built["probe"], indent=2))
+    shutil.copytree(model, init, ignore=shutil.ignore_patterns("README.md", "eval.json"), dirs_exist_ok=True)
+    timings = {(k if "(" in k else f"{k} (previous build)"): v for k, v in built["build"]["timings"].items()}
+    if not (out / "timings.json").exists():
+        (out / "timings.json").write_text(json.dumps(timings, indent=2))
+    (out / "previous_build.json").write_text(json.dumps(built["build"], indent=2))
+    return built["build"]
+
+
 @contextlib.contextmanager
 def timed(out: Path, step: str):
     """Add the step's wall and CPU time to out/timings.json (what the model card reports)."""
@@ -287,6 +317,10 @@ def main(argv=None) -> None:
     p.add_argument("--probe-pictures", type=int, default=1500, help="pictures the probes are fitted on")
     p.add_argument("--ignore-probe", action="store_true", help="train stage 2 even when the probe misses 95%%")
     p.add_argument("--stage2-steps", type=int, default=None, help="override stage2.json steps")
+    p.add_argument("--stage2-lr", type=float, default=None, help="override stage2.json's peak learning rate")
+    p.add_argument("--from-model", default=None,
+                   help="train stage 2 further from this built model folder (e.g. mlx_vlm_native/default_model): "
+                        "its tokenizer and frozen encoder are kept, stage 1 is skipped")
     p.add_argument("--eval-per-type", type=int, default=200)
     p.add_argument("--install", action="store_true", help="copy the result into mlx_vlm_native/default_model/")
     a = p.parse_args(argv)
@@ -294,12 +328,17 @@ def main(argv=None) -> None:
     data, tok_dir, enc, init, stage2 = out / "data", out / "tokenizer", out / "encoder", out / "init", out / "stage2"
 
     out.mkdir(parents=True, exist_ok=True)
+    previous = {}
+    if a.from_model and not (init / "config.json").exists():
+        continue_from(Path(a.from_model), tok_dir, enc, init, out)
+    if (out / "previous_build.json").exists():
+        previous = json.loads((out / "previous_build.json").read_text())
     if not (data / "conversations.jsonl").exists():
         with timed(out, "data"):
             shapes.write_dataset(data, a.images, seed=0, two_image_fraction=0.1, progress=True)
     if not (tok_dir / "tokenizer.json").exists():
         train_tokenizer(data, tok_dir, a.vocab_size)
-    if not (enc / "done").exists():
+    if not previous and not (enc / "done").exists():
         with timed(out, "stage1"):
             encoder.train(enc, a.encoder_steps, a.encoder_batch)
     if not (enc / "probe.json").exists():
@@ -315,8 +354,8 @@ def main(argv=None) -> None:
         assemble(enc, tok_dir, init)
     if not (stage2 / "model" / "config.json").exists():
         with timed(out, "stage2"):
-            run_stage("stage2.json", stage2, model=init, data=data / "conversations.jsonl", output=stage2,
-                      steps=a.stage2_steps)
+            run_stage(stage2_recipe(out, a.stage2_lr), stage2, model=init, data=data / "conversations.jsonl",
+                      output=stage2, steps=a.stage2_steps)
     model_dir = stage2 / "model"
     trained = functools.lru_cache(maxsize=1)(lambda: load(str(model_dir)))  # loaded once, when first needed
     scored = out / "eval.json"
@@ -350,6 +389,16 @@ def main(argv=None) -> None:
                                if (stage2 / "history.txt").exists() else ""),
             "machine": "2 shared CPU cores (MLX CPU backend + OpenBLAS)",
         }
+        if previous:  # stage 2 continued from a built model: stage 1 is that model's
+            info.update({k: previous[k] for k in ("encoder_steps", "encoder_batch", "probe_train", "probe_test",
+                                                  "encoder_history")})
+            lr = a.stage2_lr or r2["optim"]["lr"]
+            info["stage2_steps"] = previous["stage2_steps"] + info["stage2_steps"]
+            info["stage2_history"] = (previous["stage2_history"] + f" Then {a.stage2_steps or r2['steps']} more "
+                                      f"steps from those weights (peak lr {lr:g}, {a.images} pictures)"
+                                      + (f": {(stage2 / 'history.txt').read_text().strip()}"
+                                         if (stage2 / "history.txt").exists() else "") + ".")
+            info["train_images"] = max(a.images, previous["train_images"])
         print(f"installed in {install(model_dir, scores, probe, info)}")
 
 
