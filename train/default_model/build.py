@@ -266,7 +266,12 @@ def stage2_recipe(out: Path, lr) -> Path:
     return dst
 
 
-def continue_from(model: Path, tok_dir: Path, enc: Path, init: Path, out: Path) -> dict:
+def as_previous(text: str) -> str:
+    """A built model's own "this build" words, as the build that continues it reads them."""
+    return text.replace("this build", "previous build").replace("This build", "Previous build")
+
+
+def continue_from(model: Path, tok_dir: Path, enc: Path, init: Path, out: Path) -> None:
     """Set a build up to train stage 2 further from a built model folder (the shipped one):
     its tokenizer, its frozen encoder's probe and its weights become this build's, and its
     build's timings are carried over so the card's total stays the whole cost."""
@@ -278,11 +283,12 @@ def continue_from(model: Path, tok_dir: Path, enc: Path, init: Path, out: Path) 
     enc.mkdir(parents=True, exist_ok=True)
     (enc / "probe.json").write_text(json.dumps(built["probe"], indent=2))
     shutil.copytree(model, init, ignore=shutil.ignore_patterns("README.md", "eval.json"), dirs_exist_ok=True)
-    timings = {(k if "(" in k else f"{k} (previous build)"): v for k, v in built["build"]["timings"].items()}
+    timings = {(as_previous(k) if "(" in k else f"{k} (previous build)"): v
+               for k, v in built["build"]["timings"].items()}
     if not (out / "timings.json").exists():
         (out / "timings.json").write_text(json.dumps(timings, indent=2))
-    (out / "previous_build.json").write_text(json.dumps(built["build"], indent=2))
-    return built["build"]
+    previous = {k: as_previous(v) if k.endswith("_history") else v for k, v in built["build"].items()}
+    (out / "previous_build.json").write_text(json.dumps(previous, indent=2))
 
 
 @contextlib.contextmanager
