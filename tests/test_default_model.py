@@ -140,7 +140,7 @@ def test_the_recipe_runs_end_to_end_at_toy_scale(tmp_path):
     out = tmp_path / "build"
     cmd = [sys.executable, str(ROOT / "train/default_model/build.py"), "--out", str(out), "--images", "40",
            "--encoder-steps", "2", "--encoder-batch", "4", "--probe-pictures", "30", "--ignore-probe",
-           "--stage2-steps", "2", "--eval-per-type", "2"]
+           "--stage2-steps", "2", "--eval-per-type", "2", "--mix", "colour=1,shape=1,position=2", "--turns", "2"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -150,7 +150,18 @@ def test_the_recipe_runs_end_to_end_at_toy_scale(tmp_path):
     assert set(scores["drawn"]) == {"colour", "shape", "count", "position"}
     assert {"colour", "shape", "cell", "word", "count"} <= set(json.loads((out / "encoder/probe.json").read_text()))
     assert len((out / "data/captions.jsonl").read_text().splitlines()) == 40
+    conversations = [[m["content"] for m in json.loads(line)["messages"] if m["role"] == "user"]
+                     for line in (out / "data/conversations.jsonl").read_text().splitlines()]
+    assert max(len(c) for c in conversations) == 2  # --turns
+    texts = [part["text"] for c in conversations for content in c for part in content if part["type"] == "text"]
+    assert texts and not any(t.startswith(("How many", "What word", "Describe")) for t in texts)  # only --mix's types
     model, processor = load(str(out / "stage2/model"))
     assert model.model_type == "openvision_llava"
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     assert again.returncode == 0 and "colour" in again.stdout and "train:" not in again.stderr
+
+
+def test_recipe_rejects_an_unknown_question_type():
+    r = subprocess.run([sys.executable, str(ROOT / "train/default_model/build.py"), "--mix", "colour=1,colour_name=2"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "colour_name" in r.stderr and "known: colour, shape" in r.stderr

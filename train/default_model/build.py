@@ -255,6 +255,31 @@ the image?", and with two images "Which image has a star?".
 """
 
 
+def parse_mix(text: str) -> dict:
+    """"colour=0.3,shape=0.3" -> {"colour": 0.3, "shape": 0.3}: question types the generator asks."""
+    mix = {}
+    for part in text.split(","):
+        kind, _, weight = part.partition("=")
+        kind = kind.strip()
+        if kind not in shapes.TRAIN_MIX:
+            raise argparse.ArgumentTypeError(f"unknown question type {kind!r} in --mix; known: {', '.join(shapes.TRAIN_MIX)}")
+        try:
+            mix[kind] = float(weight)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"--mix needs type=weight pairs, got {part!r}") from None
+        if mix[kind] < 0:
+            raise argparse.ArgumentTypeError(f"--mix weight of {kind} is negative: {weight}")
+    if not sum(mix.values()) > 0:
+        raise argparse.ArgumentTypeError("--mix weights sum to zero")
+    return mix
+
+
+def data_recipe(a) -> str:
+    mix = a.mix or shapes.TRAIN_MIX
+    return (f"{a.images} pictures, up to {a.turns} questions a conversation, {a.two_image_fraction:.0%} two-image, "
+            "mix " + " ".join(f"{k} {v / sum(mix.values()):.2f}" for k, v in mix.items()))
+
+
 def stage2_recipe(out: Path, lr) -> Path:
     """stage2.json, or a copy of it under `out` with another peak learning rate."""
     if lr is None:
@@ -327,6 +352,11 @@ def main(argv=None) -> None:
     p.add_argument("--from-model", default=None,
                    help="train stage 2 further from this built model folder (e.g. mlx_vlm_native/default_model): "
                         "its tokenizer and frozen encoder are kept, stage 1 is skipped")
+    p.add_argument("--mix", type=parse_mix, default=None,
+                   help="stage 2's question types and weights, e.g. colour=0.3,shape=0.3,position=0.3,word=0.1 "
+                        f"(default: {','.join(f'{k}={v:g}' for k, v in shapes.TRAIN_MIX.items())})")
+    p.add_argument("--turns", type=int, default=3, help="questions per training conversation")
+    p.add_argument("--two-image-fraction", type=float, default=0.1, help="share of two-image conversations")
     p.add_argument("--eval-per-type", type=int, default=200)
     p.add_argument("--install", action="store_true", help="copy the result into mlx_vlm_native/default_model/")
     a = p.parse_args(argv)
@@ -341,7 +371,8 @@ def main(argv=None) -> None:
         previous = json.loads((out / "previous_build.json").read_text())
     if not (data / "conversations.jsonl").exists():
         with timed(out, "data"):
-            shapes.write_dataset(data, a.images, seed=0, two_image_fraction=0.1, progress=True)
+            shapes.write_dataset(data, a.images, seed=0, turns=a.turns, two_image_fraction=a.two_image_fraction,
+                                 mix=a.mix, progress=True)
     if not (tok_dir / "tokenizer.json").exists():
         train_tokenizer(data, tok_dir, a.vocab_size)
     if not previous and not (enc / "done").exists():
@@ -401,7 +432,7 @@ def main(argv=None) -> None:
             lr = a.stage2_lr or r2["optim"]["lr"]
             info["stage2_steps"] = previous["stage2_steps"] + info["stage2_steps"]
             info["stage2_history"] = (previous["stage2_history"] + f" Then {a.stage2_steps or r2['steps']} more "
-                                      f"steps from those weights (peak lr {lr:g}, {a.images} pictures)"
+                                      f"steps from those weights (peak lr {lr:g}, {data_recipe(a)})"
                                       + (f": {(stage2 / 'history.txt').read_text().strip()}"
                                          if (stage2 / "history.txt").exists() else "") + ".")
             info["train_images"] = max(a.images, previous["train_images"])
