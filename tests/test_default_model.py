@@ -165,3 +165,17 @@ def test_recipe_rejects_an_unknown_question_type():
     r = subprocess.run([sys.executable, str(ROOT / "train/default_model/build.py"), "--mix", "colour=1,colour_name=2"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "colour_name" in r.stderr and "known: colour, shape" in r.stderr
+
+
+def test_continued_builds_keep_every_earlier_builds_cost():
+    """Stage 2 continued twice: the second continuation's card still counts the first build's steps."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("build", ROOT / "train/default_model/build.py")
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)
+    first = {"stage1": {"wall": 60.0, "cpu": 30.0}, "stage2": {"wall": 120.0, "cpu": 100.0}}
+    second = {**build.carried_timings(first), "stage2": {"wall": 240.0, "cpu": 200.0}}
+    third = build.carried_timings(second)
+    assert third == {"stage1 (previous build)": {"wall": 60.0, "cpu": 30.0},
+                     "stage2 (previous build)": {"wall": 360.0, "cpu": 300.0}}

@@ -178,7 +178,7 @@ nothing else; do not expect it to describe photos.
   printed over it, and the mean token the object count (linear heads, dropped afterwards).
   The first fifth of the steps show at most two objects.{info.get('encoder_history', '')}
 - Stage 2: the ViT frozen; projector and decoder trained from scratch on {info['stage2_steps']} x
-  {info['stage2_batch']} conversations (up to 3 questions each) about {info['train_images']} generated pictures,
+  {info['stage2_batch']} conversations (up to {info.get('turns', 3)} questions each) about {info['train_images']} generated pictures,
   loss on the answer tokens only.{info.get('stage2_history', '')}
 - Tokenizer: byte-level BPE with {info['vocab']} tokens trained on the generated text; ChatML template.
 - Weights: {info['size_mb']:.1f} MB (float32 safetensors).
@@ -296,6 +296,18 @@ def as_previous(text: str) -> str:
     return text.replace("this build", "previous build").replace("This build", "Previous build")
 
 
+def carried_timings(timings: dict) -> dict:
+    """A built model's step timings as the build continuing it records them: its own steps
+    become "(previous build)" rows, added to the rows of the builds before it of that name, so
+    the card's total stays the whole cost however many times stage 2 is continued."""
+    carried = {}
+    for step, t in timings.items():
+        name = as_previous(step) if "(" in step else f"{step} (previous build)"
+        done = carried.get(name, {"wall": 0.0, "cpu": 0.0})
+        carried[name] = {"wall": done["wall"] + t["wall"], "cpu": done["cpu"] + t["cpu"]}
+    return carried
+
+
 def continue_from(model: Path, tok_dir: Path, enc: Path, init: Path, out: Path) -> None:
     """Set a build up to train stage 2 further from a built model folder (the shipped one):
     its tokenizer, its frozen encoder's probe and its weights become this build's, and its
@@ -308,10 +320,8 @@ def continue_from(model: Path, tok_dir: Path, enc: Path, init: Path, out: Path) 
     enc.mkdir(parents=True, exist_ok=True)
     (enc / "probe.json").write_text(json.dumps(built["probe"], indent=2))
     shutil.copytree(model, init, ignore=shutil.ignore_patterns("README.md", "eval.json"), dirs_exist_ok=True)
-    timings = {(as_previous(k) if "(" in k else f"{k} (previous build)"): v
-               for k, v in built["build"]["timings"].items()}
     if not (out / "timings.json").exists():
-        (out / "timings.json").write_text(json.dumps(timings, indent=2))
+        (out / "timings.json").write_text(json.dumps(carried_timings(built["build"]["timings"]), indent=2))
     previous = {k: as_previous(v) if k.endswith("_history") else v for k, v in built["build"].items()}
     (out / "previous_build.json").write_text(json.dumps(previous, indent=2))
 
@@ -419,7 +429,7 @@ def main(argv=None) -> None:
             "vocab": t["vocab_size"], "encoder_steps": a.encoder_steps, "encoder_batch": a.encoder_batch,
             "probe_train": a.probe_pictures, "probe_test": max(a.probe_pictures // 3, 1),
             "stage2_steps": a.stage2_steps or r2["steps"], "stage2_batch": r2["micro_batch_size"],
-            "train_images": a.images, "timings": json.loads((out / "timings.json").read_text()),
+            "train_images": a.images, "turns": a.turns, "timings": json.loads((out / "timings.json").read_text()),
             "encoder_history": (f" This build: {(enc / 'history.txt').read_text().strip()}."
                                 if (enc / "history.txt").exists() else ""),
             "stage2_history": (f" This build: {(stage2 / 'history.txt').read_text().strip()}."
@@ -436,6 +446,7 @@ def main(argv=None) -> None:
                                       + (f": {(stage2 / 'history.txt').read_text().strip()}"
                                          if (stage2 / "history.txt").exists() else "") + ".")
             info["train_images"] = max(a.images, previous["train_images"])
+            info["turns"] = max(a.turns, previous.get("turns", 3))
         print(f"installed in {install(model_dir, scores, probe, info)}")
 
 
