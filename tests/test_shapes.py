@@ -164,3 +164,26 @@ def test_drawn_pictures_are_deterministic_and_show_their_colour():
         if q.kind == "colour":
             px = np.asarray(q.images[0]).reshape(-1, 3).astype(int)
             assert (np.abs(px - shapes.PAINT_COLOURS[q.expected]).max(axis=1) < 8).sum() > 20
+
+
+def test_list_answers_put_each_value_right_after_the_words_naming_its_object():
+    scene = shapes.Scene(width=240, height=240, background="white", items=[
+        shapes.Item("cross", "green", "large", 4), shapes.Item("circle", "red", "small", 0)], word=None)
+    pick = lambda options: options[0]  # noqa: E731
+    assert shapes.ask_list(scene, "colours", pick)[1] == "Colours: circle red and cross green."
+    assert shapes.ask_list(scene, "places", pick)[1] == "Places: red circle top left and green cross centre."
+    scene.items.append(shapes.Item("circle", "blue", "small", 8))
+    assert shapes.ask_list(scene, "colours", pick) is None  # "circle" no longer names one object
+
+
+def test_a_list_question_ends_its_conversation():
+    rng = np.random.default_rng(3)
+    mix = {"colour": 1.0, "colours": 0.5, "places": 0.5}  # every conversation tries to end with a list
+    endings = 0
+    for _ in range(60):
+        c = shapes.conversation(shapes.random_scene(rng, min_items=2), "x.png", rng, turns=3, mix=mix)
+        answers = [m["content"] for m in c["messages"] if m["role"] == "assistant"]
+        assert len(answers) <= 3 and c["messages"][0]["content"][0]["type"] == "image"
+        assert not any(a.startswith(("Colours:", "Places:")) for a in answers[:-1])
+        endings += answers[-1].startswith(("Colours:", "Places:"))
+    assert endings > 20

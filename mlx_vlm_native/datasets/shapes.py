@@ -58,6 +58,12 @@ BACKGROUNDS = {"plain": 0.22, "gradient": 0.2, "noise": 0.2, "white": 0.14, "bla
 HIDDEN_ON = {"white": {"white"}, "light": {"white"}, "black": {"black"}, "dark": {"black"}}  # colours a background hides
 QUESTION_TYPES = ("colour", "shape", "count", "position", "word", "caption", "multi_image")
 MAX_OBJECTS = 5
+# Training-only questions whose one answer names every shape's colour or place, each value right
+# after the word naming its object ("Colours: circle red, cross green."). A small decoder learns to
+# look an object up by the word it is reading far faster than by a word a few tokens back, which
+# is what "The cross is green." asks of it; the lists teach the first and it carries over (on frozen
+# tokens: 64% vs 14% of shape->colour lookups right after 200 steps).
+LIST_TYPES = ("colours", "places")
 
 
 @dataclass
@@ -333,7 +339,26 @@ def ask(scene: Scene, kind: str, rng: np.random.Generator, other: Optional[Scene
         return q, text, text
     if kind == "multi_image":
         return ask_two(scene, other, rng)
-    raise ValueError(f"unknown question type {kind!r}; known: {', '.join(QUESTION_TYPES + ('size',))}")
+    if kind in LIST_TYPES:
+        return ask_list(scene, kind, pick)
+    raise ValueError(f"unknown question type {kind!r}; known: {', '.join(QUESTION_TYPES + LIST_TYPES + ('size',))}")
+
+
+def ask_list(scene: Scene, kind: str, pick):
+    """Every shape's colour ("colours") or place ("places"), in reading order; None for
+    fewer than two shapes or when two share what names them."""
+    named_by = NAMED_BY["colour" if kind == "colours" else "position"]
+    items = sorted(scene.items, key=lambda i: i.cell)
+    if len(items) < 2 or len(unique(items, named_by)) < len(items):
+        return None
+    if kind == "colours":
+        q = pick(["What colour is each shape?", "Name the colour of every shape.", "List the shapes and their colours."])
+        parts = [f"{i.shape} {i.colour}" for i in items]
+    else:
+        q = pick(["Where is each shape?", "Name the place of every shape.", "List the shapes and where they are."])
+        parts = [f"{i.colour} {i.shape} {i.position}" for i in items]
+    text = ", ".join(parts[:-1]) + " and " + parts[-1]
+    return q, f"{kind.capitalize()}: {text}.", text
 
 
 def ask_two(first: Scene, second: Scene, rng: np.random.Generator):
@@ -387,15 +412,18 @@ TRAIN_MIX = {"colour": 0.2, "shape": 0.2, "count": 0.15, "position": 0.2, "word"
 def conversation(scene: Scene, image: str, rng: np.random.Generator, turns: int = 3,
                  mix: Optional[Dict[str, float]] = None) -> Optional[dict]:
     """An OpenAI-form conversation of `turns` questions about one image; the
-    image goes with the first question. Types are drawn from `mix` (TRAIN_MIX).
+    image goes with the first question. Types are drawn from `mix` (TRAIN_MIX); a
+    list type's weight is instead the share of conversations ending with one.
     A question whose answer an earlier answer already gives ("The circle is
     red." then "What shape is the red object?") is skipped: the model must read
     every answer off the image, as it must when asked once."""
     mix = mix or TRAIN_MIX
-    kinds, probs = list(mix), np.array(list(mix.values()))
+    ending = ending_list(scene, {k: w for k, w in mix.items() if k in LIST_TYPES}, rng)
+    kinds = [k for k in mix if k not in LIST_TYPES]
+    probs = np.array([mix[k] for k in kinds])
     messages, asked, answered = [], set(), ""
-    for _ in range(turns * 4):
-        if len(messages) == 2 * turns:
+    for _ in range(turns * 4 if kinds else 0):
+        if len(messages) == 2 * (turns - (ending is not None)):
             break
         kind = kinds[rng.choice(len(kinds), p=probs / probs.sum())]
         qa = ask(scene, kind, rng)
@@ -406,11 +434,28 @@ def conversation(scene: Scene, image: str, rng: np.random.Generator, turns: int 
             continue
         asked.add(qa[0])
         answered += f" {words(qa[1])} "
-        content = [{"type": "text", "text": qa[0]}]
-        if not messages:
-            content = [{"type": "image", "image": image}] + content
-        messages += [{"role": "user", "content": content}, {"role": "assistant", "content": qa[1]}]
+        messages += turn(qa, image if not messages else None)
+    if ending is not None:  # a list names every object, so nothing is asked after it
+        messages += turn(ending, image if not messages else None)
     return {"messages": messages} if messages else None
+
+
+def ending_list(scene: Scene, shares: Dict[str, float], rng: np.random.Generator):
+    """The list question (LIST_TYPES) a conversation ends with, or None: each list type's
+    weight in the mix is the share of conversations that end with it."""
+    u = rng.random()
+    for kind, share in shares.items():
+        if u < share:
+            return ask(scene, kind, rng)
+        u -= share
+    return None
+
+
+def turn(qa, image: Optional[str]) -> list:
+    content = [{"type": "text", "text": qa[0]}]
+    if image is not None:
+        content = [{"type": "image", "image": image}] + content
+    return [{"role": "user", "content": content}, {"role": "assistant", "content": qa[1]}]
 
 
 def two_image_conversation(first: str, second: str, qa) -> dict:

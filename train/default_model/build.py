@@ -261,8 +261,9 @@ def parse_mix(text: str) -> dict:
     for part in text.split(","):
         kind, _, weight = part.partition("=")
         kind = kind.strip()
-        if kind not in shapes.TRAIN_MIX:
-            raise argparse.ArgumentTypeError(f"unknown question type {kind!r} in --mix; known: {', '.join(shapes.TRAIN_MIX)}")
+        known = tuple(shapes.TRAIN_MIX) + shapes.LIST_TYPES
+        if kind not in known:
+            raise argparse.ArgumentTypeError(f"unknown question type {kind!r} in --mix; known: {', '.join(known)}")
         try:
             mix[kind] = float(weight)
         except ValueError:
@@ -276,8 +277,12 @@ def parse_mix(text: str) -> dict:
 
 def data_recipe(a) -> str:
     mix = a.mix or shapes.TRAIN_MIX
+    asked = {k: v for k, v in mix.items() if k not in shapes.LIST_TYPES}
+    lists = {k: v for k, v in mix.items() if k in shapes.LIST_TYPES}
     return (f"{a.images} pictures, up to {a.turns} questions a conversation, {a.two_image_fraction:.0%} two-image, "
-            "mix " + " ".join(f"{k} {v / sum(mix.values()):.2f}" for k, v in mix.items()))
+            "mix " + " ".join(f"{k} {v / sum(asked.values()):.2f}" for k, v in asked.items())
+            + ("; ending with a list of every shape's " + " or ".join(
+                f"{'colour' if k == 'colours' else 'place'} (share {v:.2f})" for k, v in lists.items()) if lists else ""))
 
 
 def stage2_recipe(out: Path, lr) -> Path:
