@@ -286,8 +286,13 @@ def caption(scene: Scene) -> str:
         parts.append(f'the word "{scene.word}" across the {row}')
     if not parts:
         return "An empty background."
-    text = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+    text = spoken_list(parts)
     return text[0].upper() + text[1:] + "."
+
+
+def spoken_list(parts: Sequence[str]) -> str:
+    """"a", "a and b", "a, b and c"."""
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
 def unique(items: Sequence[Item], key) -> List[Item]:
@@ -358,7 +363,7 @@ def ask_list(scene: Scene, kind: str, pick):
     else:
         q = pick(["Where is each shape?", "Name the place of every shape.", "List the shapes and where they are."])
         parts = [f"{i.colour} {i.shape} {i.position}" for i in items]
-    text = ", ".join(parts[:-1]) + " and " + parts[-1]
+    text = spoken_list(parts)
     return q, f"{kind.capitalize()}: {text}.", text
 
 
