@@ -167,15 +167,50 @@ def test_recipe_rejects_an_unknown_question_type():
     assert r.returncode == 2 and "colour_name" in r.stderr and "known: colour, shape" in r.stderr
 
 
-def test_continued_builds_keep_every_earlier_builds_cost():
-    """Stage 2 continued twice: the second continuation's card still counts the first build's steps."""
+def build_module():
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("build", ROOT / "train/default_model/build.py")
     build = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(build)
+    return build
+
+
+def test_continued_builds_keep_every_earlier_builds_cost():
+    """Stage 2 continued twice: the second continuation's card still counts the first build's steps."""
+    build = build_module()
     first = {"stage1": {"wall": 60.0, "cpu": 30.0}, "stage2": {"wall": 120.0, "cpu": 100.0}}
     second = {**build.carried_timings(first), "stage2": {"wall": 240.0, "cpu": 200.0}}
     third = build.carried_timings(second)
     assert third == {"stage1 (previous build)": {"wall": 60.0, "cpu": 30.0},
                      "stage2 (previous build)": {"wall": 360.0, "cpu": 300.0}}
+
+
+def test_a_fresh_decoder_keeps_only_the_encoder_and_its_cost(tmp_path):
+    """--from-model with --fresh-decoder: stage 1's output is the shipped ViT, weight for
+    weight; the decoder is not copied and only stage 1's rows of the cost are carried."""
+    import mlx.core as mx
+
+    build = build_module()
+    out = tmp_path / "build"
+    tok, enc, init = out / "tokenizer", out / "encoder", out / "init"
+    out.mkdir()
+    build.continue_from(DEFAULT_MODEL, tok, enc, init, out, fresh_decoder=True)
+    shipped = mx.load(str(DEFAULT_MODEL / "model.safetensors"))
+    kept = mx.load(str(enc / "vision.safetensors"))
+    assert kept and set(kept) == {k[len("vision_tower."):] for k in shipped if k.startswith("vision_tower.")}
+    assert all(mx.array_equal(v, shipped["vision_tower." + k]).item() for k, v in kept.items())
+    assert not init.exists() and (tok / "tokenizer.json").exists() and (enc / "probe.json").exists()
+    timings = json.loads((out / "timings.json").read_text())
+    assert timings and all(k.startswith(("stage1", "probe")) for k in timings)
+    assert json.loads((out / "previous_build.json").read_text())["fresh_decoder"] is True
+    from mlx.utils import tree_flatten
+
+    vit = build.encoder.load_vit(enc)  # strict: loads as stage 1's own output does
+    assert len(tree_flatten(vit.parameters())) == len(kept)
+
+
+def test_fresh_decoder_needs_a_model():
+    r = subprocess.run([sys.executable, str(ROOT / "train/default_model/build.py"), "--fresh-decoder"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "--fresh-decoder needs --from-model" in r.stderr

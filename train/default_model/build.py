@@ -313,10 +313,30 @@ def carried_timings(timings: dict) -> dict:
     return carried
 
 
-def continue_from(model: Path, tok_dir: Path, enc: Path, init: Path, out: Path) -> None:
+def stage1_rows(timings: dict) -> dict:
+    """The carried rows that made the encoder (stage 1 and its probe): what a build that keeps
+    only a model's encoder inherits of its cost."""
+    return {k: v for k, v in timings.items() if k.startswith(("stage1", "probe"))}
+
+
+def write_encoder(model: Path, enc: Path) -> None:
+    """A built model's frozen ViT as stage 1's output (vision_config.json, vision.safetensors)."""
+    config = json.loads((model / "config.json").read_text())
+    prefix = "vision_tower."
+    weights = {k[len(prefix):]: v for f in sorted(model.glob("*.safetensors"))
+               for k, v in mx.load(str(f)).items() if k.startswith(prefix)}
+    if not weights:
+        raise ValueError(f"{model} has no {prefix}* weights to keep as the encoder")
+    (enc / "vision_config.json").write_text(json.dumps(config["vision_config"], indent=2))
+    mx.save_safetensors(str(enc / "vision.safetensors"), weights)
+
+
+def continue_from(model: Path, tok_dir: Path, enc: Path, init: Path, out: Path, fresh_decoder: bool = False) -> None:
     """Set a build up to train stage 2 further from a built model folder (the shipped one):
     its tokenizer, its frozen encoder's probe and its weights become this build's, and its
-    build's timings are carried over so the card's total stays the whole cost."""
+    build's timings are carried over so the card's total stays the whole cost. With
+    `fresh_decoder` only the tokenizer and the encoder are kept (and only stage 1's cost):
+    the projector and decoder start from a fresh initialisation."""
     built = json.loads((model / "eval.json").read_text())
     tok_dir.mkdir(parents=True, exist_ok=True)
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
@@ -324,11 +344,16 @@ def continue_from(model: Path, tok_dir: Path, enc: Path, init: Path, out: Path) 
             shutil.copy(model / name, tok_dir / name)
     enc.mkdir(parents=True, exist_ok=True)
     (enc / "probe.json").write_text(json.dumps(built["probe"], indent=2))
-    shutil.copytree(model, init, ignore=shutil.ignore_patterns("README.md", "eval.json"), dirs_exist_ok=True)
+    carried = carried_timings(built["build"]["timings"])
+    if fresh_decoder:
+        write_encoder(model, enc)
+        carried = stage1_rows(carried)
+    else:
+        shutil.copytree(model, init, ignore=shutil.ignore_patterns("README.md", "eval.json"), dirs_exist_ok=True)
     if not (out / "timings.json").exists():
-        (out / "timings.json").write_text(json.dumps(carried_timings(built["build"]["timings"]), indent=2))
+        (out / "timings.json").write_text(json.dumps(carried, indent=2))
     previous = {k: as_previous(v) if k.endswith("_history") else v for k, v in built["build"].items()}
-    (out / "previous_build.json").write_text(json.dumps(previous, indent=2))
+    (out / "previous_build.json").write_text(json.dumps({**previous, "fresh_decoder": fresh_decoder}, indent=2))
 
 
 @contextlib.contextmanager
@@ -367,6 +392,9 @@ def main(argv=None) -> None:
     p.add_argument("--from-model", default=None,
                    help="train stage 2 further from this built model folder (e.g. mlx_vlm_native/default_model): "
                         "its tokenizer and frozen encoder are kept, stage 1 is skipped")
+    p.add_argument("--fresh-decoder", action="store_true",
+                   help="with --from-model: keep only its tokenizer and frozen encoder; the projector and "
+                        "decoder are trained from scratch")
     p.add_argument("--mix", type=parse_mix, default=None,
                    help="stage 2's question types and weights, e.g. colour=0.3,shape=0.3,position=0.3,word=0.1 "
                         f"(default: {','.join(f'{k}={v:g}' for k, v in shapes.TRAIN_MIX.items())})")
@@ -380,8 +408,10 @@ def main(argv=None) -> None:
 
     out.mkdir(parents=True, exist_ok=True)
     previous = {}
-    if a.from_model and not (init / "config.json").exists():
-        continue_from(Path(a.from_model), tok_dir, enc, init, out)
+    if a.fresh_decoder and not a.from_model:
+        p.error("--fresh-decoder needs --from-model (the model whose encoder is kept)")
+    if a.from_model and not (out / "previous_build.json").exists():
+        continue_from(Path(a.from_model), tok_dir, enc, init, out, a.fresh_decoder)
     if (out / "previous_build.json").exists():
         previous = json.loads((out / "previous_build.json").read_text())
     if not (data / "conversations.jsonl").exists():
@@ -441,9 +471,10 @@ def main(argv=None) -> None:
                                if (stage2 / "history.txt").exists() else ""),
             "machine": "2 shared CPU cores (MLX CPU backend + OpenBLAS)",
         }
-        if previous:  # stage 2 continued from a built model: stage 1 is that model's
+        if previous:  # stage 1 is the built model's
             info.update({k: previous[k] for k in ("encoder_steps", "encoder_batch", "probe_train", "probe_test",
                                                   "encoder_history")})
+        if previous and not previous.get("fresh_decoder"):  # and so is stage 2 up to these steps
             lr = a.stage2_lr or r2["optim"]["lr"]
             info["stage2_steps"] = previous["stage2_steps"] + info["stage2_steps"]
             info["stage2_history"] = (previous["stage2_history"] + f" Then {a.stage2_steps or r2['steps']} more "
@@ -452,6 +483,9 @@ def main(argv=None) -> None:
                                          if (stage2 / "history.txt").exists() else "") + ".")
             info["train_images"] = max(a.images, previous["train_images"])
             info["turns"] = max(a.turns, previous.get("turns", 3))
+        else:
+            info["stage2_history"] = (f" Peak lr {a.stage2_lr or r2['optim']['lr']:g}, {data_recipe(a)}."
+                                      + info["stage2_history"])
         print(f"installed in {install(model_dir, scores, probe, info)}")
 
 
