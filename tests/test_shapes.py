@@ -2,6 +2,7 @@
 that score back to their values, datasets the finetuning reader accepts."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -99,6 +100,34 @@ def test_dataset_feeds_the_finetuning_reader(tmp_path, tiny_hf_dir):
     for i in range(5):
         inputs, mask = tokenize(processor, data.read(i))
         assert mask.any() and len(inputs.pixel_values) >= 1
+
+
+def test_two_image_conversations_ask_about_several_shapes(tmp_path):
+    """With two_image_turns, a two-image conversation asks about a different shape each
+    turn, gives both images with the first question only, and every answer names the
+    image that alone has the shape; the default keeps one question."""
+    def two_image_records(root, **kw):
+        shapes.write_dataset(root, 60, seed=0, two_image_fraction=1.0, **kw)
+        records = [json.loads(x)["messages"] for x in (root / "conversations.jsonl").read_text().splitlines()]
+        return [m for m in records if sum(c["type"] == "image" for c in m[0]["content"]) == 2]
+
+    single = two_image_records(tmp_path / "one")
+    assert single and all(len(m) == 2 for m in single)
+    several = two_image_records(tmp_path / "four", two_image_turns=4)
+    assert max(len(m) for m in several) == 8 and min(len(m) for m in several) >= 2
+    captions = {}
+    for line in (tmp_path / "four" / "captions.jsonl").read_text().splitlines():
+        record = json.loads(line)  # the first image's scene, without its printed word
+        captions[record["image"]] = shapes.words(re.sub(r'the word "[^"]*"', "", record["caption"]))
+    for m in several:
+        questions = [turn["content"][-1]["text"] for turn in m[0::2]]
+        assert len(set(questions)) == len(questions)
+        assert all(c["type"] == "text" for turn in m[2::2] for c in turn["content"])
+        in_first = captions[m[0]["content"][0]["image"]]
+        for question, answer in zip(questions, [turn["content"] for turn in m[1::2]]):
+            shape = question.removeprefix("Which image has a ").rstrip("?")
+            which = "first" if f" {shape} " in f" {in_first} " else "second"
+            assert answer == f"The {which} image has a {shape}."
 
 
 def test_held_out_questions_cover_every_type():

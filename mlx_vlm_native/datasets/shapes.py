@@ -367,14 +367,28 @@ def ask_list(scene: Scene, kind: str, pick):
     return q, f"{kind.capitalize()}: {text}.", text
 
 
+def shapes_in_one_image(first: Scene, second: Scene) -> List[Tuple[str, str]]:
+    """(shape, "first" or "second") for every shape only one of two images has."""
+    a, b = {i.shape for i in first.items}, {i.shape for i in second.items}
+    return [(s, "first") for s in sorted(a - b)] + [(s, "second") for s in sorted(b - a)]
+
+
+def which_image(shape: str, which: str):
+    return f"Which image has a {shape}?", f"The {which} image has a {shape}.", which
+
+
 def ask_two(first: Scene, second: Scene, rng: np.random.Generator):
     """Which of two images has a shape the other lacks."""
-    a, b = {i.shape for i in first.items}, {i.shape for i in second.items}
-    only = [(s, "first") for s in sorted(a - b)] + [(s, "second") for s in sorted(b - a)]
+    only = shapes_in_one_image(first, second)
     if not only:
         return None
-    shape, which = only[int(rng.integers(len(only)))]
-    return f"Which image has a {shape}?", f"The {which} image has a {shape}.", which
+    return which_image(*only[int(rng.integers(len(only)))])
+
+
+def ask_two_all(first: Scene, second: Scene, rng: np.random.Generator, limit: int) -> list:
+    """Up to `limit` "Which image has a ...?" questions, each about another shape."""
+    only = shapes_in_one_image(first, second)
+    return [which_image(*only[i]) for i in rng.permutation(len(only))[:limit]]
 
 
 # ---------------------------------------------------------------- scoring
@@ -464,16 +478,22 @@ def turn(qa, image: Optional[str]) -> list:
     return [{"role": "user", "content": content}, {"role": "assistant", "content": qa[1]}]
 
 
-def two_image_conversation(first: str, second: str, qa) -> dict:
-    content = [{"type": "image", "image": first}, {"type": "image", "image": second},
-               {"type": "text", "text": qa[0]}]
-    return {"messages": [{"role": "user", "content": content}, {"role": "assistant", "content": qa[1]}]}
+def two_image_conversation(first: str, second: str, qas: Sequence) -> dict:
+    """Questions about two images, both given with the first question."""
+    messages = []
+    for qa in qas:
+        messages += turn(qa, None)
+    messages[0]["content"] = ([{"type": "image", "image": first}, {"type": "image", "image": second}]
+                              + messages[0]["content"])
+    return {"messages": messages}
 
 
 def write_dataset(dst, count: int, seed: int, turns: int = 3, two_image_fraction: float = 0.08,
-                  mix: Optional[Dict[str, float]] = None, progress: bool = False) -> Path:
+                  mix: Optional[Dict[str, float]] = None, two_image_turns: int = 1,
+                  progress: bool = False) -> Path:
     """`count` training conversations (images under dst/images, conversations
-    in dst/conversations.jsonl, captions in dst/captions.jsonl)."""
+    in dst/conversations.jsonl, captions in dst/captions.jsonl); a two-image
+    conversation asks about up to `two_image_turns` shapes."""
     dst = Path(dst)
     (dst / "images").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -488,9 +508,10 @@ def write_dataset(dst, count: int, seed: int, turns: int = 3, two_image_fraction
                 other = random_scene(rng, with_word=False)
                 other_name = f"images/{n:06d}b.png"
                 render(other, rng).save(dst / other_name)
-                qa = ask_two(scene, other, rng)
-                if qa is not None:
-                    record = two_image_conversation(name, other_name, qa)
+                qas = ([ask_two(scene, other, rng)] if two_image_turns == 1
+                       else ask_two_all(scene, other, rng, two_image_turns))
+                if qas and qas[0] is not None:
+                    record = two_image_conversation(name, other_name, qas)
             if record is None:
                 record = conversation(scene, name, rng, turns, mix)
             if record is not None:

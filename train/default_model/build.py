@@ -279,7 +279,8 @@ def data_recipe(a) -> str:
     mix = a.mix or shapes.TRAIN_MIX
     asked = {k: v for k, v in mix.items() if k not in shapes.LIST_TYPES}
     lists = {k: v for k, v in mix.items() if k in shapes.LIST_TYPES}
-    return (f"{a.images} pictures, up to {a.turns} questions a conversation, {a.two_image_fraction:.0%} two-image, "
+    return (f"{a.images} pictures, up to {a.turns} questions a conversation, {a.two_image_fraction:.0%} two-image"
+            + (f" (up to {a.two_image_turns} questions)" if a.two_image_turns > 1 else "") + ", "
             "mix " + " ".join(f"{k} {v / sum(asked.values()):.2f}" for k, v in asked.items())
             + ("; ending with a list of every shape's " + " or ".join(
                 f"{'colour' if k == 'colours' else 'place'} (share {v:.2f})" for k, v in lists.items()) if lists else ""))
@@ -400,6 +401,7 @@ def main(argv=None) -> None:
                         f"(default: {','.join(f'{k}={v:g}' for k, v in shapes.TRAIN_MIX.items())})")
     p.add_argument("--turns", type=int, default=3, help="questions per training conversation")
     p.add_argument("--two-image-fraction", type=float, default=0.1, help="share of two-image conversations")
+    p.add_argument("--two-image-turns", type=int, default=1, help="questions per two-image conversation (at most)")
     p.add_argument("--eval-per-type", type=int, default=200)
     p.add_argument("--install", action="store_true", help="copy the result into mlx_vlm_native/default_model/")
     a = p.parse_args(argv)
@@ -417,7 +419,7 @@ def main(argv=None) -> None:
     if not (data / "conversations.jsonl").exists():
         with timed(out, "data"):
             shapes.write_dataset(data, a.images, seed=0, turns=a.turns, two_image_fraction=a.two_image_fraction,
-                                 mix=a.mix, progress=True)
+                                 mix=a.mix, two_image_turns=a.two_image_turns, progress=True)
     if not (tok_dir / "tokenizer.json").exists():
         train_tokenizer(data, tok_dir, a.vocab_size)
     if not previous and not (enc / "done").exists():
