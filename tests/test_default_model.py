@@ -214,3 +214,51 @@ def test_fresh_decoder_needs_a_model():
     r = subprocess.run([sys.executable, str(ROOT / "train/default_model/build.py"), "--fresh-decoder"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "--fresh-decoder needs --from-model" in r.stderr
+
+
+def test_more_encoder_steps_need_a_fresh_decoder():
+    r = subprocess.run([sys.executable, str(ROOT / "train/default_model/build.py"), "--from-model", str(DEFAULT_MODEL),
+                        "--more-encoder-steps", "10"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "--more-encoder-steps needs --from-model and --fresh-decoder" in r.stderr
+
+
+def test_stage1_loss_weights_scale_their_terms():
+    """The stage-1 loss is linear in each term's weight: raising the word weight by 2
+    adds twice the word term, and the other terms are unchanged."""
+    import mlx.core as mx
+
+    encoder = build_module().encoder
+    mx.random.seed(0)
+    model = encoder.build_model(encoder.VISION)
+    batch = encoder.make_batch(5, 2, 128, model.vit.config.grid, shapes.MAX_OBJECTS)
+    loss = {w: encoder.loss_fn(model, *batch, weights={**encoder.WEIGHTS, "word": w})[0].item() for w in (0.0, 1.0, 3.0)}
+    word_term = loss[1.0] - loss[0.0]
+    assert word_term > 0.1  # fresh heads: a cross-entropy of several nats
+    assert abs((loss[3.0] - loss[0.0]) - 3 * word_term) < 1e-4 * loss[3.0]
+    assert abs(encoder.loss_fn(model, *batch)[0].item() - loss[encoder.WEIGHTS["word"]]) < 1e-6 * loss[1.0]
+
+
+@pytest.mark.slow
+def test_a_fresh_decoder_build_can_train_the_kept_encoder_further(tmp_path):
+    """--from-model --fresh-decoder --more-encoder-steps: the kept ViT is trained further
+    (its weights change), probed again, and that stage 1 is timed and described."""
+    import mlx.core as mx
+
+    out = tmp_path / "build"
+    cmd = [sys.executable, str(ROOT / "train/default_model/build.py"), "--out", str(out), "--from-model",
+           str(DEFAULT_MODEL), "--fresh-decoder", "--more-encoder-steps", "2", "--encoder-batch", "4",
+           "--encoder-lr", "1e-3", "--word-weight", "3", "--images", "30", "--probe-pictures", "30",
+           "--ignore-probe", "--stage2-steps", "2", "--eval-per-type", "1", "--mix", "colour=1,shape=1"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    shipped = mx.load(str(DEFAULT_MODEL / "model.safetensors"))
+    trained = mx.load(str(out / "encoder/vision.safetensors"))
+    assert set(trained) == {k[len("vision_tower."):] for k in shipped if k.startswith("vision_tower.")}
+    assert not all(mx.array_equal(v, shipped["vision_tower." + k]).item() for k, v in trained.items())
+    probe = json.loads((out / "encoder/probe.json").read_text())
+    assert probe["objects"] < json.loads((DEFAULT_MODEL / "eval.json").read_text())["probe"]["objects"]  # 30 pictures
+    timings = json.loads((out / "timings.json").read_text())
+    assert "stage1" in timings and "probe" in timings and "stage2" in timings
+    assert (out / "encoder/history.txt").read_text() == ("2 more steps from that encoder with fresh heads "
+                                                         "(lr 0.001, word loss weight 3)")

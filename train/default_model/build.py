@@ -332,19 +332,22 @@ def write_encoder(model: Path, enc: Path) -> None:
     mx.save_safetensors(str(enc / "vision.safetensors"), weights)
 
 
-def continue_from(model: Path, tok_dir: Path, enc: Path, init: Path, out: Path, fresh_decoder: bool = False) -> None:
+def continue_from(model: Path, tok_dir: Path, enc: Path, init: Path, out: Path, fresh_decoder: bool = False,
+                  keep_probe: bool = True) -> None:
     """Set a build up to train stage 2 further from a built model folder (the shipped one):
     its tokenizer, its frozen encoder's probe and its weights become this build's, and its
     build's timings are carried over so the card's total stays the whole cost. With
     `fresh_decoder` only the tokenizer and the encoder are kept (and only stage 1's cost):
-    the projector and decoder start from a fresh initialisation."""
+    the projector and decoder start from a fresh initialisation. Without `keep_probe`
+    (an encoder trained further) the probe is run again."""
     built = json.loads((model / "eval.json").read_text())
     tok_dir.mkdir(parents=True, exist_ok=True)
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
         if (model / name).exists():
             shutil.copy(model / name, tok_dir / name)
     enc.mkdir(parents=True, exist_ok=True)
-    (enc / "probe.json").write_text(json.dumps(built["probe"], indent=2))
+    if keep_probe:
+        (enc / "probe.json").write_text(json.dumps(built["probe"], indent=2))
     carried = carried_timings(built["build"]["timings"])
     if fresh_decoder:
         write_encoder(model, enc)
@@ -386,6 +389,11 @@ def main(argv=None) -> None:
     p.add_argument("--vocab-size", type=int, default=512)
     p.add_argument("--encoder-steps", type=int, default=2200)
     p.add_argument("--encoder-batch", type=int, default=32)
+    p.add_argument("--encoder-lr", type=float, default=2e-3)
+    p.add_argument("--word-weight", type=float, default=encoder.WEIGHTS["word"], help="stage 1's per-token word loss weight")
+    p.add_argument("--more-encoder-steps", type=int, default=0,
+                   help="with --from-model --fresh-decoder: train the kept encoder this many more steps first "
+                        "(fresh heads), then probe it again")
     p.add_argument("--probe-pictures", type=int, default=1500, help="pictures the probes are fitted on")
     p.add_argument("--ignore-probe", action="store_true", help="train stage 2 even when the probe misses 95%%")
     p.add_argument("--stage2-steps", type=int, default=None, help="override stage2.json steps")
@@ -412,8 +420,10 @@ def main(argv=None) -> None:
     previous = {}
     if a.fresh_decoder and not a.from_model:
         p.error("--fresh-decoder needs --from-model (the model whose encoder is kept)")
+    if a.more_encoder_steps and not a.fresh_decoder:
+        p.error("--more-encoder-steps needs --from-model and --fresh-decoder (a changed encoder needs a new decoder)")
     if a.from_model and not (out / "previous_build.json").exists():
-        continue_from(Path(a.from_model), tok_dir, enc, init, out, a.fresh_decoder)
+        continue_from(Path(a.from_model), tok_dir, enc, init, out, a.fresh_decoder, keep_probe=not a.more_encoder_steps)
     if (out / "previous_build.json").exists():
         previous = json.loads((out / "previous_build.json").read_text())
     if not (data / "conversations.jsonl").exists():
@@ -424,7 +434,13 @@ def main(argv=None) -> None:
         train_tokenizer(data, tok_dir, a.vocab_size)
     if not previous and not (enc / "done").exists():
         with timed(out, "stage1"):
-            encoder.train(enc, a.encoder_steps, a.encoder_batch)
+            encoder.train(enc, a.encoder_steps, a.encoder_batch, a.encoder_lr, weights={"word": a.word_weight})
+    if previous and a.more_encoder_steps and not (enc / "done").exists():
+        with timed(out, "stage1"):
+            encoder.train(enc, a.more_encoder_steps, a.encoder_batch, a.encoder_lr, init=Path(a.from_model),
+                          weights={"word": a.word_weight})
+        (enc / "history.txt").write_text(f"{a.more_encoder_steps} more steps from that encoder with fresh heads "
+                                         f"(lr {a.encoder_lr:g}, word loss weight {a.word_weight:g})")
     if not (enc / "probe.json").exists():
         with timed(out, "probe"):
             probe = encoder.probe(encoder.load_vit(enc), a.probe_pictures, max(a.probe_pictures // 3, 1))
@@ -473,9 +489,13 @@ def main(argv=None) -> None:
                                if (stage2 / "history.txt").exists() else ""),
             "machine": "2 shared CPU cores (MLX CPU backend + OpenBLAS)",
         }
-        if previous:  # stage 1 is the built model's
-            info.update({k: previous[k] for k in ("encoder_steps", "encoder_batch", "probe_train", "probe_test",
-                                                  "encoder_history")})
+        if previous:  # stage 1 is the built model's, perhaps trained further here
+            info.update({k: previous[k] for k in ("encoder_steps", "encoder_batch", "encoder_history")})
+            if a.more_encoder_steps:
+                info["encoder_steps"] += a.more_encoder_steps
+                info["encoder_history"] += f" Then {(enc / 'history.txt').read_text().strip()}."
+            else:
+                info.update({k: previous[k] for k in ("probe_train", "probe_test")})
         if previous and not previous.get("fresh_decoder"):  # and so is stage 2 up to these steps
             lr = a.stage2_lr or r2["optim"]["lr"]
             info["stage2_steps"] = previous["stage2_steps"] + info["stage2_steps"]

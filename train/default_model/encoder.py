@@ -14,6 +14,7 @@ objects and one-shape pictures, then the full mix.
 """
 
 import argparse
+import functools
 import json
 import time
 from pathlib import Path
@@ -108,19 +109,20 @@ class Dense(nn.Module):
         return logits, self.count(tokens.mean(axis=1))
 
 
-def loss_fn(model, pixels, labels, counts, pools):
+def loss_fn(model, pixels, labels, counts, pools, weights=WEIGHTS):
     """Per-token colour/shape/cell/word (object tokens weighted 3x), each object's
-    shape from its mean token, and the count from the mean of all tokens."""
+    shape from its mean token, and the count from the mean of all tokens; each
+    term scaled by its entry in `weights`."""
     logits, count_logits = model(pixels, pools)
     total = 0.0
     for k in HEADS:
         y = labels[k]
         w = mx.where(y > 0, 3.0, 1.0)
-        total = total + WEIGHTS[k] * (nn.losses.cross_entropy(logits[k], y) * w).sum() / w.sum()
+        total = total + weights[k] * (nn.losses.cross_entropy(logits[k], y) * w).sum() / w.sum()
     y = labels["object_shape"]
     valid = y >= 0
     ce = nn.losses.cross_entropy(logits["object_shape"], mx.maximum(y, 0)) * valid
-    total = total + WEIGHTS["object_shape"] * ce.sum() / mx.maximum(valid.sum(), 1)
+    total = total + weights["object_shape"] * ce.sum() / mx.maximum(valid.sum(), 1)
     total = total + nn.losses.cross_entropy(count_logits, counts).mean()
     return total, batch_accuracy(logits, count_logits, labels, counts)
 
@@ -174,7 +176,8 @@ def build_model(vision: dict) -> Dense:
 
 
 def train(out: Path, steps: int, batch: int = 32, lr: float = 2e-3, seed: int = 0, vision: dict = VISION,
-          log_every: int = 25, init: Path = None, warmup: int = None) -> Dense:
+          log_every: int = 25, init: Path = None, warmup: int = None, weights: dict = None) -> Dense:
+    """Train (or resume) stage 1 in `out`; `weights` overrides entries of WEIGHTS."""
     out.mkdir(parents=True, exist_ok=True)
     mx.random.seed(seed)
     model = build_model(vision)
@@ -193,7 +196,7 @@ def train(out: Path, steps: int, batch: int = 32, lr: float = 2e-3, seed: int = 
         opt.state = tree_unflatten(list(mx.load(str(ck / "optimizer.safetensors")).items()))
         start = json.loads((ck / "state.json").read_text())["step"]
         print(f"resumed at step {start}", flush=True)
-    step_fn = nn.value_and_grad(model, loss_fn)
+    step_fn = nn.value_and_grad(model, functools.partial(loss_fn, weights={**WEIGHTS, **(weights or {})}))
     log = open(out / "log.txt", "a")
     tic, recent = time.time(), []
     for step in range(start, steps):
@@ -314,10 +317,12 @@ def main(argv=None):
     p.add_argument("--init", default=None,
                    help="warm-start weights: a checkpoint's model.safetensors, or a built model folder (its vision tower)")
     p.add_argument("--probe-pictures", type=int, default=1500)
+    p.add_argument("--word-weight", type=float, default=WEIGHTS["word"], help="weight of the per-token word loss")
     a = p.parse_args(argv)
     out = Path(a.out)
     if not a.probe_only and not (out / "done").exists():
-        train(out, a.steps, a.batch, a.lr, init=a.init and Path(a.init), warmup=a.warmup)
+        train(out, a.steps, a.batch, a.lr, init=a.init and Path(a.init), warmup=a.warmup,
+              weights={"word": a.word_weight})
     tic = time.time()
     results = probe(load_vit(out), a.probe_pictures, a.probe_pictures // 3)
     results["seconds"] = time.time() - tic
