@@ -216,10 +216,35 @@ def test_fresh_decoder_needs_a_model():
     assert r.returncode == 2 and "--fresh-decoder needs --from-model" in r.stderr
 
 
-def test_more_encoder_steps_need_a_fresh_decoder():
-    r = subprocess.run([sys.executable, str(ROOT / "train/default_model/build.py"), "--from-model", str(DEFAULT_MODEL),
-                        "--more-encoder-steps", "10"], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2 and "--more-encoder-steps needs --from-model and --fresh-decoder" in r.stderr
+def test_more_encoder_steps_need_a_model():
+    r = subprocess.run([sys.executable, str(ROOT / "train/default_model/build.py"), "--more-encoder-steps", "10"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "--more-encoder-steps needs --from-model" in r.stderr
+
+
+def test_swap_encoder_replaces_only_the_vision_tower(tmp_path):
+    import shutil
+
+    import mlx.core as mx
+
+    build = build_module()
+    model, enc = tmp_path / "model", tmp_path / "enc"
+    shutil.copytree(DEFAULT_MODEL, model)
+    enc.mkdir()
+    build.write_encoder(DEFAULT_MODEL, enc)
+    vision = {k: v + 1.0 for k, v in mx.load(str(enc / "vision.safetensors")).items()}
+    mx.save_safetensors(str(enc / "vision.safetensors"), vision)
+    build.swap_encoder(model, enc)
+    shipped, swapped = mx.load(str(DEFAULT_MODEL / "model.safetensors")), mx.load(str(model / "model.safetensors"))
+    assert set(shipped) == set(swapped) and sorted(model.glob("*.safetensors")) == [model / "model.safetensors"]
+    for k, v in swapped.items():
+        expected = vision[k[len("vision_tower."):]] if k.startswith("vision_tower.") else shipped[k]
+        assert mx.array_equal(v, expected).item(), k
+    load(str(model))  # still a loadable folder
+    name = sorted(vision)[0]
+    mx.save_safetensors(str(enc / "vision.safetensors"), {k: v for k, v in vision.items() if k != name})
+    with pytest.raises(ValueError, match=f"missing \\['{name}'"):
+        build.swap_encoder(model, enc)
 
 
 def test_stage1_loss_weights_scale_their_terms():
@@ -239,16 +264,19 @@ def test_stage1_loss_weights_scale_their_terms():
 
 
 @pytest.mark.slow
-def test_a_fresh_decoder_build_can_train_the_kept_encoder_further(tmp_path):
-    """--from-model --fresh-decoder --more-encoder-steps: the kept ViT is trained further
-    (its weights change), probed again, and that stage 1 is timed and described."""
+@pytest.mark.parametrize("decoder", ["fresh", "continued"])
+def test_a_build_can_train_the_kept_encoder_further(tmp_path, decoder):
+    """--from-model --more-encoder-steps: the kept ViT is trained further (its weights
+    change), probed again, and that stage 1 is timed and described; stage 2 starts from
+    a fresh decoder or (without --fresh-decoder) the model's, on the new encoder."""
     import mlx.core as mx
 
     out = tmp_path / "build"
     cmd = [sys.executable, str(ROOT / "train/default_model/build.py"), "--out", str(out), "--from-model",
-           str(DEFAULT_MODEL), "--fresh-decoder", "--more-encoder-steps", "2", "--encoder-batch", "4",
+           str(DEFAULT_MODEL), "--more-encoder-steps", "2", "--encoder-batch", "4",
            "--encoder-lr", "1e-3", "--word-weight", "3", "--images", "30", "--probe-pictures", "30",
            "--ignore-probe", "--stage2-steps", "2", "--eval-per-type", "1", "--mix", "colour=1,shape=1"]
+    cmd += ["--fresh-decoder"] if decoder == "fresh" else []
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -262,3 +290,14 @@ def test_a_fresh_decoder_build_can_train_the_kept_encoder_further(tmp_path):
     assert "stage1" in timings and "probe" in timings and "stage2" in timings
     assert (out / "encoder/history.txt").read_text() == ("2 more steps from that encoder with fresh heads "
                                                          "(lr 0.001, word loss weight 3)")
+    init = mx.load(str(out / "init/model.safetensors"))
+    if decoder == "continued":  # the model's projector and decoder, on the new encoder
+        assert set(init) == set(shipped)
+        assert all(mx.array_equal(v, trained[k[len("vision_tower."):]] if k.startswith("vision_tower.")
+                                  else shipped[k]).item() for k, v in init.items())
+        assert "stage2 (previous build)" in timings
+    else:
+        decoder_weights = [k for k, v in init.items() if k.startswith("language_model.") and v.size > 1000]
+        assert decoder_weights and set(decoder_weights) <= set(shipped)
+        assert not any(mx.array_equal(init[k], shipped[k]).item() for k in decoder_weights)
+        assert "stage2 (previous build)" not in timings

@@ -332,6 +332,24 @@ def write_encoder(model: Path, enc: Path) -> None:
     mx.save_safetensors(str(enc / "vision.safetensors"), weights)
 
 
+def swap_encoder(model: Path, enc: Path) -> None:
+    """Put stage 1's ViT (enc/vision.safetensors) into a model folder's weights in place of its vision tower."""
+    prefix = "vision_tower."
+    vision = mx.load(str(enc / "vision.safetensors"))
+    for f in sorted(model.glob("*.safetensors")):
+        weights = mx.load(str(f))
+        tower = {k[len(prefix):] for k in weights if k.startswith(prefix)}
+        if not tower:
+            continue
+        if tower != set(vision):
+            raise ValueError(f"{enc / 'vision.safetensors'} does not fit {f}'s vision tower: missing "
+                             f"{sorted(tower - set(vision))[:5]}, unexpected {sorted(set(vision) - tower)[:5]}")
+        weights.update({prefix + k: v for k, v in vision.items()})
+        tmp = f.with_name(f.name + ".tmp.safetensors")
+        mx.save_safetensors(str(tmp), weights, metadata={"format": "mlx"})
+        tmp.replace(f)
+
+
 def continue_from(model: Path, tok_dir: Path, enc: Path, init: Path, out: Path, fresh_decoder: bool = False,
                   keep_probe: bool = True) -> None:
     """Set a build up to train stage 2 further from a built model folder (the shipped one):
@@ -392,8 +410,8 @@ def main(argv=None) -> None:
     p.add_argument("--encoder-lr", type=float, default=2e-3)
     p.add_argument("--word-weight", type=float, default=encoder.WEIGHTS["word"], help="stage 1's per-token word loss weight")
     p.add_argument("--more-encoder-steps", type=int, default=0,
-                   help="with --from-model --fresh-decoder: train the kept encoder this many more steps first "
-                        "(fresh heads), then probe it again")
+                   help="with --from-model: train its encoder this many more steps first (fresh heads), then "
+                        "probe it again; stage 2 continues the model's decoder on it (or a fresh one)")
     p.add_argument("--probe-pictures", type=int, default=1500, help="pictures the probes are fitted on")
     p.add_argument("--ignore-probe", action="store_true", help="train stage 2 even when the probe misses 95%%")
     p.add_argument("--stage2-steps", type=int, default=None, help="override stage2.json steps")
@@ -420,8 +438,8 @@ def main(argv=None) -> None:
     previous = {}
     if a.fresh_decoder and not a.from_model:
         p.error("--fresh-decoder needs --from-model (the model whose encoder is kept)")
-    if a.more_encoder_steps and not a.fresh_decoder:
-        p.error("--more-encoder-steps needs --from-model and --fresh-decoder (a changed encoder needs a new decoder)")
+    if a.more_encoder_steps and not a.from_model:
+        p.error("--more-encoder-steps needs --from-model (the model whose encoder is trained further)")
     if a.from_model and not (out / "previous_build.json").exists():
         continue_from(Path(a.from_model), tok_dir, enc, init, out, a.fresh_decoder, keep_probe=not a.more_encoder_steps)
     if (out / "previous_build.json").exists():
@@ -452,6 +470,8 @@ def main(argv=None) -> None:
                  "fix stage 1 before training the VLM, or pass --ignore-probe")
     if not (init / "config.json").exists():
         assemble(enc, tok_dir, init)
+    elif a.more_encoder_steps and not (stage2 / "model" / "config.json").exists():
+        swap_encoder(init, enc)  # the decoder continues from the model's, on the further-trained encoder
     if not (stage2 / "model" / "config.json").exists():
         with timed(out, "stage2"):
             run_stage(stage2_recipe(out, a.stage2_lr), stage2, model=init, data=data / "conversations.jsonl",
@@ -500,7 +520,9 @@ def main(argv=None) -> None:
             lr = a.stage2_lr or r2["optim"]["lr"]
             info["stage2_steps"] = previous["stage2_steps"] + info["stage2_steps"]
             info["stage2_history"] = (previous["stage2_history"] + f" Then {a.stage2_steps or r2['steps']} more "
-                                      f"steps from those weights (peak lr {lr:g}, {data_recipe(a)})"
+                                      "steps from those weights" + (" on the further-trained encoder"
+                                                                    if a.more_encoder_steps else "")
+                                      + f" (peak lr {lr:g}, {data_recipe(a)})"
                                       + (f": {(stage2 / 'history.txt').read_text().strip()}"
                                          if (stage2 / "history.txt").exists() else "") + ".")
             info["train_images"] = max(a.images, previous["train_images"])
