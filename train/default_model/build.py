@@ -230,9 +230,10 @@ Wrong answers (question -> model answer, expected):
 {steps}
 
 The shipped weights are the checkpoint a later build continues from (a build's `runs/` do not
-outlive the machine): `python train/default_model/encoder.py --init mlx_vlm_native/default_model
---out runs/default_model/encoder --steps N` trains the shipped encoder further (fresh heads,
-resumable every 100 steps), then `build.py` probes it and trains stage 2 on it.
+outlive the machine): `python train/default_model/build.py --from-model mlx_vlm_native/default_model`
+continues its stage 2; with `--more-encoder-steps N` it first trains the shipped encoder N steps
+further (fresh heads) and probes it again; with `--fresh-decoder` stage 2 starts afresh
+(`train/README.md` lists the flags).
 
 ## What it was trained to answer
 
