@@ -53,19 +53,36 @@ def test_questions_are_unambiguous_or_refused():
     assert shapes.ask(two_circles, "colour", rng) is None  # which circle?
     assert shapes.ask(two_circles, "word", rng) is None
     q, a, value = shapes.ask(two_circles, "shape", rng)
-    assert value == "circle" and a.endswith("is a circle.")
+    assert value == "circle" and a in ("It is a red circle.", "It is a blue circle.")
     q, a, value = shapes.ask(two_circles, "count", rng)
     assert (a, value) == ("There are two shapes.", "two")
     with pytest.raises(ValueError, match="unknown question type"):
         shapes.ask(two_circles, "smell", rng)
 
 
+def test_answers_name_the_value_right_after_the_object():
+    """The trained answer forms put the value straight after the words that pick the
+    object out, and the scorer reads the value back from them."""
+    rng = np.random.default_rng(0)
+    scene = shapes.Scene(200, 200, "plain", [shapes.Item("star", "red", "small", 0),
+                                             shapes.Item("circle", "blue", "large", 8)])
+    for kind, value in (("shape", "circle"), ("position", "bottom right")):
+        while True:
+            q, a, v = shapes.ask(scene, kind, rng)
+            if "blue" in q:
+                break
+        assert v == value and shapes.answer_value(kind, a) == value
+        assert a in ("It is a blue circle.", "The blue circle is bottom right.")
+
+
 @pytest.mark.parametrize("kind,answer,value", [
     ("colour", "The star is red.", "red"),
     ("colour", "The star is Color red", "red"),
     ("shape", "The red shape is a triangle.", "triangle"),
+    ("shape", "It is a red triangle.", "triangle"),
     ("shape", "two crosses", "cross"),
     ("position", "The red star is at the top left.", "top left"),
+    ("position", "The red star is top left.", "top left"),
     ("position", "The red star is on the left.", "left"),
     ("position", "The red star is in the center.", "centre"),
     ("count", "There are four shapes.", "four"),

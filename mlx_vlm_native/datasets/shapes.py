@@ -96,6 +96,23 @@ class Scene:
     word_box: Optional[Tuple[float, float, float, float]] = field(default=None, compare=False)  # once drawn
 
 
+def shape_answer(colour: str, shape: str) -> str:
+    """"It is a red cross.": the shape named right after the colour that picks the object out.
+    A small decoder looks an object up by the word it is reading far more easily than by a
+    word a few tokens back: on the previous model's own scenes of 2-5 shapes, teacher-forced,
+    "The red shape is a [cross]" was right 54% of the time and "star [blue]" in a list 95%."""
+    return f"It is a {colour} {shape}."
+
+
+def place_answer(name: str, position: str) -> str:
+    """"The black circle is bottom right.": the cell right after the object, no preposition
+    (at/on/in would first ask a grouping of the cells: teacher-forced 74% right, where the
+    list form "black circle bottom" was right 98% of the time). Not "The black circle:
+    bottom right.": a colon starts the training lists, which name the shapes in reading
+    order, and the decoder then looked at the first shape rather than the one named."""
+    return f"The {name} is {position}."
+
+
 def position_phrase(position: str) -> str:
     return "in the centre" if position == "centre" else (
         f"on the {position}" if position in ("left", "right") else f"at the {position}")
@@ -323,7 +340,7 @@ def ask(scene: Scene, kind: str, rng: np.random.Generator, other: Optional[Scene
         q = pick([f"What shape is the {item.colour} object?", f"Which shape is {item.colour}?",
                   f"What is the {item.colour} shape?"]
                  + (["What shape is this?", "What shape is it?", "What shape is in the image?"] if lone else []))
-        return q, f"The {item.colour} shape is a {item.shape}.", item.shape
+        return q, shape_answer(item.colour, item.shape), item.shape
     if kind == "count":
         n = len(scene.items)
         q = pick(["How many shapes are there?", "How many objects are in the image?", "Count the shapes."])
@@ -331,7 +348,7 @@ def ask(scene: Scene, kind: str, rng: np.random.Generator, other: Optional[Scene
     if kind == "position":
         name = f"{item.colour} {item.shape}"
         q = pick([f"Where is the {name}?", f"Where is the {name} in the image?"] + (["Where is the shape?"] if lone else []))
-        return q, f"The {name} is {position_phrase(item.position)}.", item.position
+        return q, place_answer(name, item.position), item.position
     if kind == "size":  # not in the default model's training mix: the LoRA example teaches it
         return f"What size is the {item.shape}?", f"The {item.shape} is {item.size}.", item.size
     if kind == "word":
@@ -655,13 +672,13 @@ def drawn_questions(per_type: int, seed: int, kinds: Sequence[str] = ("colour", 
                                     "What color is it?"]), f"The {shape} is {colour}.", colour
             elif kind == "shape":
                 q, a, value = pick(["What shape is this?", f"What shape is the {colour} object?",
-                                    "What shape is in the image?"]), f"The {colour} shape is a {shape}.", shape
+                                    "What shape is in the image?"]), shape_answer(colour, shape), shape
             elif kind == "count":
                 q, a, value = pick(["How many shapes are there?", "How many objects are in the image?"]), \
                     "There is one shape.", "one"
             elif kind == "position":
-                q, a, value = f"Where is the {colour} {shape}?", \
-                    f"The {colour} {shape} is {position_phrase(POSITIONS[cell])}.", POSITIONS[cell]
+                q, a, value = f"Where is the {colour} {shape}?", place_answer(f"{colour} {shape}", POSITIONS[cell]), \
+                    POSITIONS[cell]
             else:
                 raise ValueError(f"drawn pictures have no {kind!r} questions")
             out.append(Question(kind, q, a, value, [image]))

@@ -33,6 +33,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 sys.path[:0] = [str(HERE), str(ROOT)]
 import encoder  # noqa: E402  (stage 1: train/default_model/encoder.py)
+import lookup  # noqa: E402  (stage 2 with the lookup loss: train/default_model/lookup.py)
 from convert.random_checkpoint import CHAT_TEMPLATE  # noqa: E402  (the tests' ChatML template)
 PACKAGE_MODEL = ROOT / "mlx_vlm_native" / "default_model"
 
@@ -280,7 +281,10 @@ def data_recipe(a) -> str:
     mix = a.mix or shapes.TRAIN_MIX
     asked = {k: v for k, v in mix.items() if k not in shapes.LIST_TYPES}
     lists = {k: v for k, v in mix.items() if k in shapes.LIST_TYPES}
-    return (f"{a.images} pictures, up to {a.turns} questions a conversation, {a.two_image_fraction:.0%} two-image"
+    pictures = (f"a fresh picture each conversation, lookup loss weight {a.lookup_weight:g} on heads "
+                + ", ".join(f"{h} of layer {layer}" for layer, h in lookup.LOOKUP_HEADS) if a.lookup_weight
+                else f"{a.images} pictures")
+    return (f"{pictures}, up to {a.turns} questions a conversation, {a.two_image_fraction:.0%} two-image"
             + (f" (up to {a.two_image_turns} questions)" if a.two_image_turns > 1 else "") + ", "
             "mix " + " ".join(f"{k} {v / sum(asked.values()):.2f}" for k, v in asked.items())
             + ("; ending with a list of every shape's " + " or ".join(
@@ -429,6 +433,10 @@ def main(argv=None) -> None:
     p.add_argument("--turns", type=int, default=3, help="questions per training conversation")
     p.add_argument("--two-image-fraction", type=float, default=0.1, help="share of two-image conversations")
     p.add_argument("--two-image-turns", type=int, default=1, help="questions per two-image conversation (at most)")
+    p.add_argument("--lookup-weight", type=float, default=0.0,
+                   help="train stage 2 on conversations generated on the fly, adding this weight times the "
+                        "lookup loss (train/default_model/lookup.py: heads taught to look at the object an "
+                        "answer is about); 0: stage2.json on the generated files")
     p.add_argument("--eval-per-type", type=int, default=200)
     p.add_argument("--install", action="store_true", help="copy the result into mlx_vlm_native/default_model/")
     a = p.parse_args(argv)
@@ -445,7 +453,10 @@ def main(argv=None) -> None:
         continue_from(Path(a.from_model), tok_dir, enc, init, out, a.fresh_decoder, keep_probe=not a.more_encoder_steps)
     if (out / "previous_build.json").exists():
         previous = json.loads((out / "previous_build.json").read_text())
-    if not (data / "conversations.jsonl").exists():
+    if a.lookup_weight < 0:
+        p.error("--lookup-weight must be >= 0")
+    needs_files = not a.lookup_weight or not (tok_dir / "tokenizer.json").exists()  # the tokenizer is trained on them
+    if needs_files and not (data / "conversations.jsonl").exists():
         with timed(out, "data"):
             shapes.write_dataset(data, a.images, seed=0, turns=a.turns, two_image_fraction=a.two_image_fraction,
                                  mix=a.mix, two_image_turns=a.two_image_turns, progress=True)
@@ -473,6 +484,12 @@ def main(argv=None) -> None:
         assemble(enc, tok_dir, init)
     elif a.more_encoder_steps and not (stage2 / "model" / "config.json").exists():
         swap_encoder(init, enc)  # the decoder continues from the model's, on the further-trained encoder
+    if not (stage2 / "model" / "config.json").exists() and a.lookup_weight:
+        recipe = json.loads((HERE / "stage2.json").read_text())
+        with timed(out, "stage2"):
+            lookup.train(init, stage2, a.stage2_steps or recipe["steps"], a.stage2_lr or recipe["optim"]["lr"],
+                         a.lookup_weight, a.mix, a.turns, a.two_image_fraction, a.two_image_turns,
+                         recipe["micro_batch_size"], recipe["seed"], recipe["checkpoint_every"])
     if not (stage2 / "model" / "config.json").exists():
         with timed(out, "stage2"):
             run_stage(stage2_recipe(out, a.stage2_lr), stage2, model=init, data=data / "conversations.jsonl",
