@@ -45,6 +45,32 @@ def test_the_named_object_is_the_one_whose_colour_and_shape_the_answer_says(look
     assert lookup.named_item(scene, "Colours: star red, circle red and cross white.") is None
 
 
+def test_in_captions_and_lists_each_object_is_its_own_words(lookup):
+    scene = shapes.Scene(200, 200, "plain", [shapes.Item("star", "red", "small", 0),
+                                             shapes.Item("circle", "blue", "large", 8)])
+    text = shapes.caption(scene)  # "A small red star at the top left and a large blue circle at the bottom right."
+    spans = lookup.mentions(scene, text, in_lists=True)
+    assert [(i.shape, text[a:b]) for i, a, b in spans] == [("star", "A small red star at the top left"),
+                                                             ("circle", "a large blue circle at the bottom right")]
+    assert lookup.mentions(scene, text) == []  # answers about one object only
+    listed = "Places: red star top left and blue circle bottom right."
+    assert [listed[a:b] for _, a, b in lookup.mentions(scene, listed, True)] == ["red star top left",
+                                                                                  "blue circle bottom right"]
+    assert [(i.shape, a, b) for i, a, b in lookup.mentions(scene, "It is a blue circle.", True)] == [("circle", 0, 20)]
+
+
+def test_the_rows_of_a_mention_predict_its_tokens(lookup, default):
+    _, processor = default
+    tokenizer = processor.tokenizer
+    answer = "Colours: star red and circle blue."
+    ids = np.array(tokenizer.encode(answer, add_special_tokens=False) + [2])  # the end token follows
+    rows = np.arange(len(ids)) + 40
+    said = lookup.mention_rows(tokenizer, answer, ids, rows, answer.index("circle"), answer.index("blue") + 4)
+    assert tokenizer.decode(ids[said - 40].tolist()).strip() == "circle blue"
+    with pytest.raises(ValueError, match="is not the text of its tokens"):
+        lookup.mention_rows(tokenizer, answer + " Extra", ids, rows, 0, 3)
+
+
 def test_supervised_positions_are_those_predicting_each_answer(lookup):
     mask = np.array([0, 0, 1, 1, 0, 0, 0, 1, 1, 1, 0], bool)
     runs = lookup.answer_runs(mask)
@@ -132,8 +158,8 @@ def test_a_build_trains_stage_two_with_the_lookup_loss(tmp_path):
 
     out = tmp_path / "build"
     cmd = [sys.executable, str(ROOT / "train/default_model/build.py"), "--out", str(out), "--from-model",
-           str(DEFAULT_MODEL), "--lookup-weight", "0.1", "--stage2-steps", "2", "--eval-per-type", "1",
-           "--mix", "colour=1,shape=1,position=1"]
+           str(DEFAULT_MODEL), "--lookup-weight", "0.1", "--lookup-in-lists", "--stage2-steps", "2",
+           "--eval-per-type", "1", "--mix", "colour=1,shape=1,position=1,caption=1"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -142,7 +168,9 @@ def test_a_build_trains_stage_two_with_the_lookup_loss(tmp_path):
     load(str(out / "stage2/model"))
 
 
-def test_lookup_weight_must_not_be_negative():
-    r = subprocess.run([sys.executable, str(ROOT / "train/default_model/build.py"), "--lookup-weight", "-1"],
+@pytest.mark.parametrize("flags,message", [(["--lookup-weight", "-1"], "--lookup-weight must be >= 0"),
+                                           (["--lookup-in-lists"], "--lookup-in-lists needs --lookup-weight")])
+def test_lookup_flags_are_checked(flags, message):
+    r = subprocess.run([sys.executable, str(ROOT / "train/default_model/build.py"), *flags],
                        capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2 and "--lookup-weight must be >= 0" in r.stderr
+    assert r.returncode == 2 and message in r.stderr

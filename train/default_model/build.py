@@ -282,7 +282,9 @@ def data_recipe(a) -> str:
     asked = {k: v for k, v in mix.items() if k not in shapes.LIST_TYPES}
     lists = {k: v for k, v in mix.items() if k in shapes.LIST_TYPES}
     pictures = (f"a fresh picture each conversation, lookup loss weight {a.lookup_weight:g} on heads "
-                + ", ".join(f"{h} of layer {layer}" for layer, h in lookup.LOOKUP_HEADS) if a.lookup_weight
+                + ", ".join(f"{h} of layer {layer}" for layer, h in lookup.LOOKUP_HEADS)
+                + (" (answers about one shape, and each shape's words in captions and lists)" if a.lookup_in_lists
+                   else " (answers about one shape)") if a.lookup_weight
                 else f"{a.images} pictures")
     return (f"{pictures}, up to {a.turns} questions a conversation, {a.two_image_fraction:.0%} two-image"
             + (f" (up to {a.two_image_turns} questions)" if a.two_image_turns > 1 else "") + ", "
@@ -437,6 +439,9 @@ def main(argv=None) -> None:
                    help="train stage 2 on conversations generated on the fly, adding this weight times the "
                         "lookup loss (train/default_model/lookup.py: heads taught to look at the object an "
                         "answer is about); 0: stage2.json on the generated files")
+    p.add_argument("--lookup-in-lists", action="store_true",
+                   help="with --lookup-weight: also teach the heads to look at each shape while its own words "
+                        "in a caption or list are said")
     p.add_argument("--eval-per-type", type=int, default=200)
     p.add_argument("--install", action="store_true", help="copy the result into mlx_vlm_native/default_model/")
     a = p.parse_args(argv)
@@ -455,6 +460,8 @@ def main(argv=None) -> None:
         previous = json.loads((out / "previous_build.json").read_text())
     if a.lookup_weight < 0:
         p.error("--lookup-weight must be >= 0")
+    if a.lookup_in_lists and not a.lookup_weight:
+        p.error("--lookup-in-lists needs --lookup-weight")
     needs_files = not a.lookup_weight or not (tok_dir / "tokenizer.json").exists()  # the tokenizer is trained on them
     if needs_files and not (data / "conversations.jsonl").exists():
         with timed(out, "data"):
@@ -489,7 +496,8 @@ def main(argv=None) -> None:
         with timed(out, "stage2"):
             lookup.train(init, stage2, a.stage2_steps or recipe["steps"], a.stage2_lr or recipe["optim"]["lr"],
                          a.lookup_weight, a.mix, a.turns, a.two_image_fraction, a.two_image_turns,
-                         recipe["micro_batch_size"], recipe["seed"], recipe["checkpoint_every"])
+                         recipe["micro_batch_size"], recipe["seed"], recipe["checkpoint_every"],
+                         in_lists=a.lookup_in_lists)
     if not (stage2 / "model" / "config.json").exists():
         with timed(out, "stage2"):
             run_stage(stage2_recipe(out, a.stage2_lr), stage2, model=init, data=data / "conversations.jsonl",

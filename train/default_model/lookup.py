@@ -19,7 +19,7 @@ import contextlib
 import json
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
 import numpy as np
@@ -48,9 +48,29 @@ def named_item(scene: shapes.Scene, answer: str) -> Optional[shapes.Item]:
     return found[0] if len(found) == 1 else None
 
 
+def mentions(scene: shapes.Scene, answer: str, in_lists: bool = False) -> List[Tuple[shapes.Item, int, int]]:
+    """(object, start, end) of the characters of `answer` about each object: the whole answer
+    when it names one object; with `in_lists`, also each object's own words in a caption
+    ("a small red circle at the top left") or a list ("circle red", "red circle top left")."""
+    one = named_item(scene, answer)
+    if one is not None:
+        return [(one, 0, len(answer))]
+    if not in_lists:
+        return []
+    text, found = answer.lower(), []
+    for item in scene.items:
+        forms = (f"{item.phrase()} {shapes.position_phrase(item.position)}", f"{item.shape} {item.colour}",
+                 f"{item.colour} {item.shape} {item.position}")
+        at = next(((text.find(f), f) for f in forms if text.count(f) == 1), None)
+        if at is not None:
+            found.append((item, at[0], at[0] + len(at[1])))
+    return found
+
+
 def sample(rng: np.random.Generator, mix: Optional[Dict[str, float]], turns: int, two_image_fraction: float,
-           two_image_turns: int, grid: int):
-    """(Conversation with PIL images, [object token mask or None per assistant turn]) or None."""
+           two_image_turns: int, grid: int, in_lists: bool = False):
+    """(Conversation with PIL images, [[(object token mask, start, end) of each object the answer is
+    about] per assistant turn]) or None."""
     scene = shapes.random_scene(rng)
     image = shapes.render(scene, rng)
     if rng.random() < two_image_fraction:
@@ -59,12 +79,14 @@ def sample(rng: np.random.Generator, mix: Optional[Dict[str, float]], turns: int
         qas = shapes.ask_two_all(scene, other, rng, two_image_turns)
         if qas:
             record = shapes.two_image_conversation("first", "second", qas)
-            return as_conversation(record, [image, second]), [None] * len(qas)
+            return as_conversation(record, [image, second]), [[] for _ in qas]
     record = shapes.conversation(scene, "image", rng, turns, mix)
     if record is None:
         return None
-    items = [named_item(scene, answer["content"]) for answer in record["messages"][1::2]]
-    return as_conversation(record, [image]), [None if i is None else object_region(scene, i, grid) for i in items]
+    about = [[(object_region(scene, item, grid), start, end)
+              for item, start, end in mentions(scene, answer["content"], in_lists)]
+             for answer in record["messages"][1::2]]
+    return as_conversation(record, [image]), about
 
 
 def as_conversation(record: dict, images: list) -> Conversation:
@@ -81,6 +103,22 @@ def answer_runs(mask: np.ndarray) -> List[np.ndarray]:
     return np.split(rows, np.flatnonzero(np.diff(rows) > 1) + 1) if len(rows) else []
 
 
+def mention_rows(tokenizer, answer: str, ids: np.ndarray, rows: np.ndarray, start: int, end: int) -> np.ndarray:
+    """The positions predicting the answer's tokens that overlap characters start..end (`ids`:
+    the answer's tokens as the conversation holds them, `rows`: the positions predicting them)."""
+    said, done = [], 0
+    for t in range(len(ids)):
+        text = tokenizer.decode(ids[: t + 1].tolist())
+        if not answer.startswith(text):  # the end token
+            break
+        if done < end and len(text) > start:
+            said.append(rows[t])
+        done = len(text)
+    if done != len(answer):
+        raise ValueError(f"the answer {answer!r} is not the text of its tokens {ids.tolist()}")
+    return np.array(said, int)
+
+
 def batches(processor, seed: int, micro_batch: int, position: Optional[dict], grid: int, image_token: int,
             **data):
     """Yield ([(inputs, mask, [(query rows, object token positions)])], position after it)."""
@@ -92,11 +130,17 @@ def batches(processor, seed: int, micro_batch: int, position: Optional[dict], gr
             index += 1
             if made is None:
                 continue
-            conversation, regions = made
+            conversation, about = made
             inputs, mask = tokenize(processor, conversation)
-            image_at = np.flatnonzero(np.asarray(inputs.input_ids) == image_token)
-            runs = answer_runs(mask)
-            lookups = [(rows, image_at[region]) for rows, region in zip(runs, regions) if region is not None]
+            ids = np.asarray(inputs.input_ids)
+            image_at = np.flatnonzero(ids == image_token)
+            answers = [m["content"] for m in conversation.messages if m["role"] == "assistant"]
+            lookups = []
+            for rows, answer, objects in zip(answer_runs(mask), answers, about):
+                for region, start, end in objects:
+                    whole = start == 0 and end == len(answer)
+                    said = rows if whole else mention_rows(processor.tokenizer, answer, ids[rows + 1], rows, start, end)
+                    lookups.append((said, image_at[region]))
             batch.append((inputs, mask, lookups))
         yield batch, {"index": index}
 
@@ -159,9 +203,10 @@ def make_loss(weight: float, scale: float, stats: dict):
 
 def train(model_dir: Path, out: Path, steps: int, lr: float, weight: float, mix=None, turns: int = 5,
           two_image_fraction: float = 0.15, two_image_turns: int = 4, micro_batch: int = 16, seed: int = 0,
-          checkpoint_every: int = 200, progress: bool = True) -> Path:
+          checkpoint_every: int = 200, progress: bool = True, in_lists: bool = False) -> Path:
     """Train a built model's projector and decoder (the ViT frozen) on generated conversations with
-    the answer loss plus `weight` x the lookup loss; resumes from out/checkpoints; writes out/model."""
+    the answer loss plus `weight` x the lookup loss (`in_lists`: also on each object's words in
+    captions and lists); resumes from out/checkpoints; writes out/model."""
     mx.random.seed(seed)
     model, processor = load(str(model_dir))
     set_trainable(model, "full", ["vision_tower"])
@@ -172,7 +217,8 @@ def train(model_dir: Path, out: Path, steps: int, lr: float, weight: float, mix=
     vision = model.args.vision_config
     grid = vision.image_size // vision.patch_size
     data = batches(processor, seed, micro_batch, position, grid, model.args.image_token_index, mix=mix,
-                   turns=turns, two_image_fraction=two_image_fraction, two_image_turns=two_image_turns)
+                   turns=turns, two_image_fraction=two_image_fraction, two_image_turns=two_image_turns,
+                   in_lists=in_lists)
     attention = model.layers[0].self_attn
     stats = {}
     config = TrainConfig(steps=steps, checkpoint_dir=str(ckpt_dir), checkpoint_every=checkpoint_every,
