@@ -454,14 +454,14 @@ def main(argv=None) -> None:
         p.error("--fresh-decoder needs --from-model (the model whose encoder is kept)")
     if a.more_encoder_steps and not a.from_model:
         p.error("--more-encoder-steps needs --from-model (the model whose encoder is trained further)")
-    if a.from_model and not (out / "previous_build.json").exists():
-        continue_from(Path(a.from_model), tok_dir, enc, init, out, a.fresh_decoder, keep_probe=not a.more_encoder_steps)
-    if (out / "previous_build.json").exists():
-        previous = json.loads((out / "previous_build.json").read_text())
     if a.lookup_weight < 0:
         p.error("--lookup-weight must be >= 0")
     if a.lookup_in_lists and not a.lookup_weight:
         p.error("--lookup-in-lists needs --lookup-weight")
+    if a.from_model and not (out / "previous_build.json").exists():
+        continue_from(Path(a.from_model), tok_dir, enc, init, out, a.fresh_decoder, keep_probe=not a.more_encoder_steps)
+    if (out / "previous_build.json").exists():
+        previous = json.loads((out / "previous_build.json").read_text())
     needs_files = not a.lookup_weight or not (tok_dir / "tokenizer.json").exists()  # the tokenizer is trained on them
     if needs_files and not (data / "conversations.jsonl").exists():
         with timed(out, "data"):
@@ -498,7 +498,7 @@ def main(argv=None) -> None:
                          a.lookup_weight, a.mix, a.turns, a.two_image_fraction, a.two_image_turns,
                          recipe["micro_batch_size"], recipe["seed"], recipe["checkpoint_every"],
                          in_lists=a.lookup_in_lists)
-    if not (stage2 / "model" / "config.json").exists():
+    elif not (stage2 / "model" / "config.json").exists():
         with timed(out, "stage2"):
             run_stage(stage2_recipe(out, a.stage2_lr), stage2, model=init, data=data / "conversations.jsonl",
                       output=stage2, steps=a.stage2_steps)

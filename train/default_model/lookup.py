@@ -71,22 +71,15 @@ def sample(rng: np.random.Generator, mix: Optional[Dict[str, float]], turns: int
            two_image_turns: int, grid: int, in_lists: bool = False):
     """(Conversation with PIL images, [[(object token mask, start, end) of each object the answer is
     about] per assistant turn]) or None."""
-    scene = shapes.random_scene(rng)
-    image = shapes.render(scene, rng)
-    if rng.random() < two_image_fraction:
-        other = shapes.random_scene(rng, with_word=False)
-        second = shapes.render(other, rng)
-        qas = shapes.ask_two_all(scene, other, rng, two_image_turns)
-        if qas:
-            record = shapes.two_image_conversation("first", "second", qas)
-            return as_conversation(record, [image, second]), [[] for _ in qas]
-    record = shapes.conversation(scene, "image", rng, turns, mix)
+    record, scene, images = shapes.training_conversation(rng, ("image", "second"), turns, two_image_fraction, mix,
+                                                         two_image_turns)
     if record is None:
         return None
-    about = [[(object_region(scene, item, grid), start, end)
-              for item, start, end in mentions(scene, answer["content"], in_lists)]
-             for answer in record["messages"][1::2]]
-    return as_conversation(record, [image]), about
+    answers = [m["content"] for m in record["messages"][1::2]]
+    about = [[] for _ in answers] if len(images) > 1 else [
+        [(object_region(scene, item, grid), start, end) for item, start, end in mentions(scene, answer, in_lists)]
+        for answer in answers]
+    return as_conversation(record, images), about
 
 
 def as_conversation(record: dict, images: list) -> Conversation:
@@ -170,8 +163,7 @@ def recorded_queries_and_keys(model, layers: Sequence[int]):
 
 def lookup_loss(seen: dict, lookups: Sequence, scale: float) -> mx.array:
     """Mean over heads and supervised positions of -log(attention mass on the named object)."""
-    queries, keys = seen[LOOKUP_HEADS[0][0]]
-    B, H, T, _ = queries.shape
+    B, _, T, _ = seen[LOOKUP_HEADS[0][0]][0].shape
     target = np.zeros((B, T, T), bool)
     for b, sample_lookups in enumerate(lookups):
         for rows, tokens in sample_lookups:
