@@ -2,7 +2,6 @@
 optionally casting and quantizing: `mlx-vlm-native convert`."""
 
 import argparse
-import importlib
 import os
 import shutil
 import sys
@@ -16,6 +15,7 @@ from mlx_lm.convert import mixed_quant_predicate_builder
 from mlx_lm.utils import quantize_model
 
 from . import openvision_checkpoint
+from .models.base import VisionLanguageModel
 from .utils import OPEN_CLIP_CONFIG, copy_side_files, get_model_path, load_model, save_config, save_weights
 
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
@@ -155,9 +155,8 @@ def write_converted(src: Path, dst: Path, dtype, quantize, q_bits, q_group_size,
             raise ValueError(f"no layer could be quantized with group size {q_group_size}: no weight's input "
                              "dimension is a multiple of it")
     weights = dict(tree_flatten(model.parameters()))
-    layout = getattr(importlib.import_module(type(model).__module__), "mlx_vlm_layout", None)
-    if layout is not None:  # the peer has this architecture: write its layout, which loads in both
-        weights, config = layout(weights, config, model.args)
+    if isinstance(model, VisionLanguageModel):  # OpenVision 2's captioner keeps its own layout
+        weights, config = model.saved_layout(weights, config)
     save_weights(dst, weights)
     copy_side_files(src, dst)
     save_config(config, dst)

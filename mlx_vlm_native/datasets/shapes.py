@@ -596,19 +596,6 @@ def evaluate(model, processor, questions: Sequence[Question], max_tokens: int = 
     return scores
 
 
-def lone_colour_accuracy(model, processor, count: int, seed: int) -> float:
-    """Colour questions about fresh pictures that hold a single shape."""
-    rng, right = np.random.default_rng(seed), 0
-    for _ in range(count):
-        scene = random_scene(rng, with_word=False)
-        scene.items = scene.items[:1]
-        item = scene.items[0]
-        answer = generate(model, processor, f"What colour is the {item.shape}?", images=[render(scene, rng)],
-                          max_tokens=12).text
-        right += answer_value("colour", answer) == item.colour
-    return right / count
-
-
 # ---------------------------------------------------------------- pictures people draw
 
 

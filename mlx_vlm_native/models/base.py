@@ -56,6 +56,9 @@ class VisionLanguageModel(nn.Module):
     offset); a call past the prompt without them continues from what the KV
     cache holds (Qwen2-VL's `MRoPECache` keeps the M-RoPE delta)."""
 
+    # the checkpoint layouts `sanitize` maps, named in a missing-key error
+    layouts: Tuple[str, ...] = ()
+
     @property
     def layers(self) -> list:
         """The decoder layers, one KV cache each."""
@@ -77,6 +80,11 @@ class VisionLanguageModel(nn.Module):
                  positions: Optional[np.ndarray] = None) -> mx.array:
         """Logits of (B, L) token ids, or of their `input_embeddings` (B, L, D)."""
         raise NotImplementedError
+
+    def saved_layout(self, weights: dict, config: dict) -> Tuple[dict, dict]:
+        """The parameters and config as `convert` writes them: ours, unless the
+        peer (mlx-vlm) has the architecture, whose layout loads in both."""
+        return weights, config
 
 
 def _first(keys, n: int = 5) -> str:

@@ -157,6 +157,8 @@ class VisionTokenizer(nn.Module):
 
 
 class Model(VisionLanguageModel):
+    layouts = LAYOUTS
+
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args

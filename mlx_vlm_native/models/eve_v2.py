@@ -56,6 +56,7 @@ class ModelArgs(BaseModelArgs):
 
 class Model(eve.Model):
     """EVE v1's embedding and loading around the decoupled decoder."""
+    layouts = LAYOUTS
 
     def build(self, args: ModelArgs) -> None:
         self.vision_tower = VisionTokenizer(args)

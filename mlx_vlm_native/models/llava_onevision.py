@@ -133,6 +133,8 @@ class ModelArgs(BaseModelArgs):
 
 
 class Model(VisionLanguageModel):
+    layouts = LAYOUTS
+
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args

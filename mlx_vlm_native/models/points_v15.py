@@ -96,6 +96,8 @@ def split_custom_llama(key: str, value: mx.array, args: ModelArgs) -> dict:
 
 
 class Model(VisionLanguageModel):
+    layouts = LAYOUTS
+
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args

@@ -228,6 +228,8 @@ class BatchMRoPECache(BatchKVCache):
 
 
 class Model(VisionLanguageModel):
+    layouts = LAYOUTS
+
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
@@ -319,6 +321,9 @@ class Model(VisionLanguageModel):
             out = {k: v for k, v in out.items() if not k.startswith("language_model.lm_head.")}
         out.update({"visual." + k: v for k, v in self.visual.sanitize(vision).items()})
         return out
+
+    def saved_layout(self, weights: dict, config: dict):
+        return mlx_vlm_layout(weights, config, self.args)
 
 
 def flat_config(config: dict) -> dict:

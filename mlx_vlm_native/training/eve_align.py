@@ -219,9 +219,6 @@ def new_aligner(eve: Model, teacher_width: int) -> PatchAligner:
     return PatchAligner(t.hidden_size, t.num_hidden_layers, teacher_width)
 
 
-STAGES = {1: "LLM-guided pre-aligning", 2: "generative pre-training", 3: "supervised fine-tuning"}
-
-
 def trainable_modules(stage: int) -> Tuple[str, ...]:
     """Stage 1 trains the patch embedding, projector and aligner (LLM frozen);
     stages 2 and 3 train everything. The teacher never trains."""
