@@ -202,6 +202,21 @@ def test_kernel_modes_force_and_recheck(monkeypatch):
         native.gpu_backend()
 
 
+def test_a_first_need_inside_grad_or_compile_is_validated(monkeypatch):
+    """Training's first step (inside mx.grad) or a compiled forward may be where a
+    variant is first needed: the check runs on its own arrays there too."""
+    gpu = SimulatedKernels(monkeypatch)
+    cu, (q, k, v) = pack([3, 4, 17], 2, 64, n=3)
+    g = mx.grad(lambda q: pa.packed_attention(q, k, v, cu).sum())(q)
+    ref = mx.grad(lambda q: pa.packed_attention(q, k, v, cu, path="dense").sum())(q)
+    assert mx.abs(g - ref).max().item() <= 1e-5 and validation.cached_verdicts("metal")
+    assert gpu.launches[-3:] == ["varlen_attention_fwd", "varlen_attention_bwd_dkdv", "varlen_attention_bwd_dq"]
+    validation.forget_session()
+    monkeypatch.setenv("MLX_VLM_NATIVE_KERNELS", "check")
+    out = mx.compile(lambda q: pa.packed_attention(q, k, v, cu))(q)
+    assert mx.abs(out - pa.packed_attention(q, k, v, cu, path="dense")).max().item() <= 1e-5
+
+
 def test_verdicts_are_kept_per_device_mlx_version_and_source(monkeypatch):
     SimulatedKernels(monkeypatch)
     cu, (q, k, v) = pack([3, 4], 1, 64, n=3)
