@@ -195,6 +195,8 @@ def main(argv: Optional[List[str]] = None) -> None:
         model, processor = load(args.model, adapter_path=args.adapter_path)
     except (ImageError, ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
+    if args.verbose:
+        print(f"execution path: {model.execution_path}", file=sys.stderr, flush=True)
     print("ready: ask about the image(s); /help lists the commands", file=sys.stderr, flush=True)
     prompt = "> " if sys.stdin.isatty() else ""
     chat_loop(model, processor, conversation, read_lines(prompt), sampling, args.verbose)

@@ -514,6 +514,7 @@ def main(argv: Optional[List[str]] = None) -> None:
             apply_chat_template=not args.no_chat_template, system_prompt=args.system_prompt,
             verbose=True, **sampling,
         )
+        print(f"Execution path: {model.execution_path}")
     except (ImageError, ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
 

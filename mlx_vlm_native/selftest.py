@@ -10,6 +10,10 @@ references, then time them.
    images: the kernel, the segmented reference, and one dense-mask
    `scaled_dot_product_attention`.
 
+3. The verdicts the "auto" dispatch goes by (`native/validation.py`): for every
+   kernel variant, whether it is used on this device and why, as cached in the
+   user's cache folder (MLX_VLM_NATIVE_KERNELS=check checks them all again).
+
 Without a Metal or CUDA backend the kernel path is the pure-MLX reference of the
 same algorithm (FlashAttention-2 forward/backward with its custom vjp): the
 checks still run, and the report says that no GPU kernel was exercised.
@@ -19,21 +23,27 @@ import argparse
 import json
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 
 from . import native
+from .native import validation
+from .native.validation import TOLERANCE
 from .packed_attention import dense_attention, segmented_attention
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
-TOLERANCE = {mx.float32: 2e-4, mx.float16: 2e-2, mx.bfloat16: 6e-2}  # max |diff|, unit-normal inputs
 CASES = ([1, 5, 17, 33], [64, 1, 100, 7], [130])
 
 
 def max_diff(a, b) -> float:
     return mx.abs(a.astype(mx.float32) - b.astype(mx.float32)).max().item()
+
+
+def error_text(e: Exception) -> str:
+    return f"{type(e).__name__}: {e}".replace("\n", " ")[:200]
 
 
 def attention_checks(backend, head_dims, dtypes, heads=2):
@@ -47,6 +57,11 @@ def attention_checks(backend, head_dims, dtypes, heads=2):
                 q, k, v, w = (mx.random.normal((cu[-1], heads, d)).astype(dtype) for _ in range(4))
                 name = f"lengths={lengths} D={d} {dtype}".replace("mlx.core.", "")
                 tol = TOLERANCE[dtype]
+                try:
+                    mx.eval(native.varlen_attention(q, k, v, cu, backend=backend))
+                except Exception as e:  # noqa: BLE001 - a kernel that does not build is a failed check
+                    rows.append((f"attention fwd  {name}: {error_text(e)}", float("nan"), tol))
+                    continue
                 out = native.varlen_attention(q, k, v, cu, backend=backend)
                 rows.append((f"attention fwd  {name}", max_diff(out, dense_attention(q, k, v, cu, d**-0.5)), tol))
                 if dtype != mx.float32:
@@ -80,7 +95,12 @@ def rope_checks(backend, head_dims, dtypes):
             cos, sin = mx.cos(angles), mx.sin(angles)
             name = f"D={d} {dtype}".replace("mlx.core.", "")
             tol = TOLERANCE[dtype] / 10
-            qr, kr = native.rope_2d(q, k, cos, sin, backend=backend)
+            try:
+                qr, kr = native.rope_2d(q, k, cos, sin, backend=backend)
+                mx.eval(qr, kr)
+            except Exception as e:  # noqa: BLE001 - a kernel that does not build is a failed check
+                rows.append((f"rope fwd {name}: {error_text(e)}", float("nan"), tol))
+                continue
             rows.append((f"rope fwd {name}", max(max_diff(qr, rope_reference(q, cos, sin)),
                                                   max_diff(kr, rope_reference(k, cos, sin))), tol))
             if dtype == mx.float32:
@@ -146,6 +166,29 @@ def print_timings(rows, kernel_label):
         print(f"| {r['images']} | {r['tokens']} | " + " | ".join(cells) + f" | {ratio:.2f}x |")
 
 
+def kernel_verdicts(gpu, head_dims, dtypes) -> list:
+    """(variant, Verdict) for every kernel variant on this device: the cached
+    verdict, or checked now (as the first model that needs it would)."""
+    if not gpu:
+        return []
+    with warnings.catch_warnings():  # the table says it
+        warnings.simplefilter("ignore", validation.KernelWarning)
+        return [(validation.variant(kernel, gpu, dtype, d), validation.verdict(kernel, gpu, dtype, d))
+                for kernel in validation.KERNELS for d in head_dims for dtype in dtypes]
+
+
+def print_verdicts(gpu, verdicts) -> None:
+    if not gpu:
+        print(f"\nkernel verdicts: none, no GPU kernel runs here ({validation.ENV}={validation.mode()}, "
+              f"device {mx.default_device()})")
+        return
+    print(f"\nkernel verdicts for {validation.device_context(gpu)} ({validation.cache_file()}):")
+    print("\n| kernel variant | used | why |")
+    print("|---|---|---|")
+    for name, v in verdicts:
+        print(f"| {name} | {'yes' if v.ok else 'NO'} | {v.reason} |")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="mlx-vlm-native selftest", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="fewer head dims and dtypes, small packs, 1 run")
@@ -175,6 +218,8 @@ def main(argv=None) -> int:
     for name, diff, tol in rows:
         print(f"| {name} | {diff:.2e} | {tol:.0e} | {'ok' if diff <= tol else 'MISMATCH'} |")
     print(f"\n{len(rows) - len(failed)}/{len(rows)} checks passed")
+    verdicts = kernel_verdicts(gpu, head_dims, dtypes)
+    print_verdicts(gpu, verdicts)
 
     timings = []
     if not args.no_timing:
@@ -190,6 +235,7 @@ def main(argv=None) -> int:
         report = {"mlx": mx.__version__, "device": str(mx.default_device()), "kernels": gpu,
                   "checks": [{"name": n, "max_abs_diff": d, "tolerance": t, "ok": d <= t} for n, d, t in rows],
                   "passed": len(rows) - len(failed), "total": len(rows),
+                  "verdicts": [{"variant": n, **vars(v)} for n, v in verdicts],
                   "timing": {"heads": args.heads, "head_dim": args.head_dim, "dtype": args.dtype, "runs": args.runs,
                              "rows": timings}}
         args.json.write_text(json.dumps(report, indent=1))

@@ -15,9 +15,10 @@ from mlx.utils import tree_flatten
 from mlx_lm.utils import infer_quant_config, load_tokenizer, make_shards
 from tqdm import tqdm
 
-from . import host_ops, openvision_checkpoint
+from . import openvision_checkpoint
 from .adapters import load_adapters
 from .models.base import check_weights
+from .native import execution
 from .torch_pickle import load_torch_checkpoint
 from .weight_files import check_safetensors, read_json_file
 
@@ -190,11 +191,23 @@ def quantize_for_checkpoint(model: nn.Module, config: dict, weights: dict) -> No
 
 
 def load_model(path: Path, lazy: bool = False, strict: bool = True) -> Tuple[nn.Module, dict]:
+    """The model of a folder and its config. Its execution path is chosen here,
+    once, for MLX's default device (`native.execution.apply`: NumPy host ops on
+    the CPU, plain MLX on a GPU) and recorded as `model.execution_path`."""
     path = Path(path)
     config = load_config(path)
     if config.get("model_type") == "openvision2":
         model = openvision_checkpoint.load(path)
-        return model, openvision_checkpoint.config_dict(model.args)
+        config = openvision_checkpoint.config_dict(model.args)
+    else:
+        model = build_model(path, config, lazy, strict)
+    execution.apply(model)
+    model.eval()
+    return model, config
+
+
+def build_model(path: Path, config: dict, lazy: bool = False, strict: bool = True) -> nn.Module:
+    """The family's Model with the folder's weights (quantized where they are)."""
     weights = load_weights(path)
     family = detect_family(config, weights)
     config.setdefault("model_type", family.model_types[0])
@@ -208,9 +221,7 @@ def load_model(path: Path, lazy: bool = False, strict: bool = True) -> Tuple[nn.
     model.load_weights(list(weights.items()), strict=strict)
     if not lazy:
         mx.eval(model.parameters())
-    host_ops.use_host_matvec(model)
-    model.eval()
-    return model, config
+    return model
 
 
 def load_processor(path: Path, model):

@@ -9,6 +9,13 @@ import pytest
 from PIL import Image
 
 
+@pytest.fixture(autouse=True, scope="session")
+def kernel_verdict_cache(tmp_path_factory):
+    """Kernel verdicts (native/validation.py) of a test run, subprocesses included,
+    go to a temporary folder, never the user's cache."""
+    os.environ["MLX_VLM_NATIVE_CACHE_DIR"] = str(tmp_path_factory.mktemp("kernel_verdicts"))
+
+
 def make_image(h: int, w: int, seed: int = 0) -> Image.Image:
     """Smooth gradients plus noise: resampling differences show, unlike flat colour."""
     rng = np.random.default_rng(seed)

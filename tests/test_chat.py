@@ -173,6 +173,7 @@ def test_chat_command_with_piped_stdin(model_dir, images, tmp_path):
     (p1, a1), (p2, _), (p3, _), (p4, _), (p5, _) = stats
     assert p2 > p1 + a1 and p3 == p1 and p4 > p3 and p5 != p1
     assert "image not found" in r.stderr and "new conversation about" in r.stdout
+    assert "execution path: cpu: MLX with NumPy host ops" in r.stderr or "execution path: gpu: plain MLX" in r.stderr
     r = subprocess.run([sys.executable, "-m", "mlx_vlm_native.cli", "chat", "--model", str(model_dir),
                         "--image", str(tmp_path / "nope.png")], input="", capture_output=True, text=True, timeout=60)
     assert r.returncode != 0 and "image not found" in r.stderr

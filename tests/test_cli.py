@@ -26,6 +26,7 @@ def test_generate_streams_answer_and_stats(tiny_hf_dir, tmp_path):
     r = run("generate", "--model", str(tiny_hf_dir), "--image", str(image),
             "--prompt", "What is this?", "--max-tokens", "12", "--seed", "0")
     assert "Prompt:" in r.stdout and "tokens-per-sec" in r.stdout and "Peak memory" in r.stdout
+    assert "Execution path: cpu: MLX with NumPy host ops" in r.stdout or "Execution path: gpu: plain MLX" in r.stdout
     answer = r.stdout.split("==========")[0].strip()
     assert answer, "no text generated"
 

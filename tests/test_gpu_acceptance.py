@@ -80,8 +80,28 @@ def test_rehearsal_runs_every_step(tmp_path):
     assert all("error" not in results[s] for s in acceptance.STEPS), results
     assert results["selftest"]["passed"] == results["selftest"]["total"] > 0
     assert results["training_parity"]["max_abs_loss_diff"] == 0.0  # CPU twice in a rehearsal
+    assert results["tests"]["passed"] > 0 and results["tests"]["failed_tests"] == []
     for key in ("tiny bfloat16", "tiny 4bit", "qwen2-vl-tiny bfloat16", "qwen2-vl-tiny 4bit"):
         assert results["generation"][key]["mlx-vlm-native"]["generation_tps"] > 0
     assert "dry run, would run:" in r.stdout and "summary" not in r.stderr
     assert (out / "summary.txt").read_text().startswith("GPU acceptance")
     assert sorted(p.name for p in out.iterdir()) == ["raw.tar.gz", "results.json", "summary.txt"]
+
+
+def test_the_test_step_names_each_failure(tmp_path):
+    """The junit report of a test run with a failure and an error becomes counts
+    and one line per failing test in the summary."""
+    (tmp_path / "tests.xml").write_text(
+        '<testsuites><testsuite name="pytest" tests="4" failures="1" errors="1" skipped="1">'
+        '<testcase classname="tests.test_a" name="test_ok"/>'
+        '<testcase classname="tests.test_a" name="test_bad"><failure message="assert 1 == 2&#10;more">tb</failure>'
+        '</testcase><testcase classname="tests.test_b" name="test_boom"><error message="RuntimeError: no">tb</error>'
+        '</testcase><testcase classname="tests.test_b" name="test_skip"><skipped message="no GPU"/></testcase>'
+        '</testsuite></testsuites>')
+    result = acceptance.junit_failures(tmp_path / "tests.xml")
+    assert (result["passed"], result["failures"], result["errors"], result["skipped"]) == (1, 1, 1, 1)
+    assert result["failed_tests"] == ["tests.test_a::test_bad (failure): assert 1 == 2",
+                                      "tests.test_b::test_boom (error): RuntimeError: no"]
+    summary = acceptance.summarise({"env": {}, "rehearse": False, "tests": result})
+    assert "tests (default tier): 1 passed, 1 failed, 1 errors, 1 skipped" in summary
+    assert "  FAILED tests.test_a::test_bad (failure): assert 1 == 2" in summary

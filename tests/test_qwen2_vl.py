@@ -1,6 +1,7 @@
 """Qwen2-VL and Qwen2.5-VL (packed tower + M-RoPE decoder) against transformers
 on tiny random checkpoints that transformers loads and re-saves (fp32;
-tolerances: logits max-abs-diff <= 1e-4 at every position, greedy tokens equal)."""
+tolerances: logits max-abs-diff <= 1e-4 at every position, greedy tokens equal;
+bf16: see BF16_TOL)."""
 
 import json
 import shutil
@@ -16,6 +17,12 @@ from mlx_vlm_native.models import qwen2_vl
 from convert.random_checkpoint import TINY_MAX_PIXELS, TINY_MIN_PIXELS, write_checkpoint
 
 TOL = 1e-4
+# bf16 weights and activations in both against transformers' bf16 on the CPU: max |diff| over
+# all logits (scale ~4) and its mean. Measured on whichever path the run loads: with host ops
+# 0.086 / 0.0098 (Qwen2-VL), 0.068 / 0.0089 (Qwen2.5-VL); plain MLX (MLX_VLM_NATIVE_HOST_OPS=0)
+# 0.109 / 0.0096 and 0.066 / 0.0091; transformers' own bf16 logits are up to 0.118 (Qwen2-VL) and
+# 0.077 (Qwen2.5-VL) from its fp32 ones.
+BF16_TOL, BF16_MEAN_TOL = 0.15, 0.015
 FAMILIES = {"qwen2-vl-tiny": "Qwen2VLForConditionalGeneration",
             "qwen2.5-vl-tiny": "Qwen2_5_VLForConditionalGeneration"}
 
@@ -196,3 +203,31 @@ def test_bad_inputs(family):
     config["text_config"]["rope_parameters"]["mrope_section"] = [2, 2, 2]
     with pytest.raises(ValueError, match="mrope_section"):
         qwen2_vl.ModelArgs.from_dict(config)
+
+
+def test_bf16_logits_match_transformers(family, tmp_path):
+    """A bf16 folder (our convert) against transformers in bf16, two images; the
+    path the model takes is this run's (host ops, or plain MLX in .ci/run's second pass)."""
+    import copy
+
+    from mlx_vlm_native.convert import convert
+
+    hf, hf_dir, _, _ = family
+    convert(str(hf_dir), str(tmp_path / "bf16"), dtype="bfloat16")
+    model, processor = load(str(tmp_path / "bf16"))
+    assert model.language_model.model.embed_tokens.weight.dtype == mx.bfloat16
+    images = [make_image(300, 500, 1), make_image(120, 70, 2)]
+    inputs = processor(processor.format_prompt("What is here?", 2), images=images)
+    embeds, positions = model.get_input_embeddings(inputs)
+    ours = model(mx.array(inputs.input_ids)[None], input_embeddings=embeds, positions=positions)[0]
+    assert ours.dtype == mx.bfloat16
+    ours = np.array(ours.astype(mx.float32))
+    hf_bf16 = copy.deepcopy(hf).to(torch.bfloat16)
+    with torch.inference_mode():
+        ref = hf_bf16(
+            input_ids=torch.from_numpy(inputs.input_ids.astype(np.int64))[None],
+            mm_token_type_ids=torch.from_numpy(inputs.token_types.astype(np.int64))[None],
+            pixel_values=torch.from_numpy(inputs.pack.patches), image_grid_thw=torch.tensor(inputs.image_grids),
+        ).logits[0].float().numpy()
+    diff = np.abs(ours - ref)
+    assert diff.max() <= BF16_TOL and diff.mean() <= BF16_MEAN_TOL, (diff.max(), diff.mean())

@@ -18,7 +18,7 @@ import mlx.nn as nn
 import numpy as np
 from PIL import Image
 
-from ..packed_attention import packed_attention
+from ..packed_attention import PackedAttention
 from ..packing import Pack, patchify, segment_ids
 from .base import BaseModelArgs
 
@@ -129,11 +129,12 @@ class Attention(nn.Module):
         self.num_heads = num_heads
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
+        self.attend = PackedAttention()
 
     def __call__(self, x: mx.array, cu_seqlens: np.ndarray) -> mx.array:
         T, D = x.shape
         q, k, v = self.qkv(x).reshape(T, 3, self.num_heads, D // self.num_heads).transpose(1, 0, 2, 3)
-        return self.proj(packed_attention(q, k, v, cu_seqlens).reshape(T, D))
+        return self.proj(self.attend(q, k, v, cu_seqlens).reshape(T, D))
 
 
 class Block(nn.Module):

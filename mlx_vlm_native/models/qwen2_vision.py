@@ -12,14 +12,14 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .. import host_ops, native
-from ..packed_attention import packed_attention
+from .. import native
+from ..packed_attention import PackedAttention
 from ..packing import Pack
 from .base import BaseModelArgs
 
-ACTIVATIONS = {  # the sigmoid-based ones through host_ops: MLX's CPU exp is slow
-    "quick_gelu": host_ops.quick_gelu, "gelu": nn.gelu,
-    "gelu_pytorch_tanh": nn.gelu_approx, "silu": host_ops.silu,
+ACTIVATIONS = {  # as layers: the CPU backend gives quick_gelu and silu a NumPy body at load time
+    "quick_gelu": lambda: nn.GELU(approx="fast"), "gelu": nn.GELU,
+    "gelu_pytorch_tanh": lambda: nn.GELU(approx="precise"), "silu": nn.SiLU,
 }
 
 
@@ -82,9 +82,9 @@ def apply_rope(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
 
 
 def rotate_qk(q: mx.array, k: mx.array, cos: mx.array, sin: mx.array):
-    """`apply_rope` on q and k; on a GPU both in one launch of the fused
-    native kernel (`native.rope_2d`)."""
-    if native.gpu_backend() is not None:
+    """`apply_rope` on q and k; on a GPU whose fused kernel passed validation,
+    both in one launch of it (`native.rope_2d`)."""
+    if native.rope_applies(q):
         return native.rope_2d(q, k, cos, sin)
     return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
@@ -114,19 +114,20 @@ class Attention(nn.Module):
         self.num_heads = num_heads
         self.qkv = nn.Linear(dim, 3 * dim, bias=True)
         self.proj = nn.Linear(dim, dim)
+        self.attend = PackedAttention()
 
     def __call__(self, x, cu_seqlens, cos, sin):
         N, D = x.shape
         q, k, v = self.qkv(x).reshape(N, 3, self.num_heads, -1).transpose(1, 0, 2, 3)
         q, k = rotate_qk(q, k, cos, sin)
-        return self.proj(packed_attention(q, k, v, cu_seqlens).reshape(N, D))
+        return self.proj(self.attend(q, k, v, cu_seqlens).reshape(N, D))
 
 
 class MLP(nn.Module):
     def __init__(self, dim: int, hidden: int, act: str):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
-        self.act = ACTIVATIONS[act]
+        self.act = ACTIVATIONS[act]()
         self.fc2 = nn.Linear(hidden, dim)
 
     def __call__(self, x):
@@ -139,7 +140,7 @@ class GatedMLP(nn.Module):
         self.gate_proj = nn.Linear(dim, hidden)
         self.up_proj = nn.Linear(dim, hidden)
         self.down_proj = nn.Linear(hidden, dim)
-        self.act = ACTIVATIONS[act]
+        self.act = ACTIVATIONS[act]()
 
     def __call__(self, x):
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))

@@ -92,7 +92,8 @@ def build_kernel(spec: KernelSpec):
 
 
 def run(launch: Launch) -> list:
-    """Launch on the GPU. Errors name the kernel; there is no silent fallback."""
+    """Launch on the GPU. Errors name the kernel (the "auto" dispatch never gets
+    here with a variant `validation` has not trusted)."""
     try:
         return build_kernel(launch.spec)(**launch.call_kwargs())
     except Exception as e:  # noqa: BLE001 - re-raised with the kernel's name

@@ -33,6 +33,7 @@ from PIL import Image
 from ..datasets import shapes
 from ..models.base import masked_cross_entropy
 from ..models.navit import Model, ModelArgs, image_tokens, scale_to_long_side
+from ..native import execution
 from ..packing import Pack, greedy_pack
 from .checkpoint import resume_state
 from .loop import TrainConfig, train
@@ -423,6 +424,7 @@ def load_model(path) -> Model:
         raise FileNotFoundError(f"{path} has no config.json: not a NaViT model folder")
     model = Model(ModelArgs.from_dict(json.loads((path / "config.json").read_text())))
     model.load_weights(str(path / "model.safetensors"))
+    execution.apply(model)
     model.eval()
     return model
 
@@ -474,6 +476,7 @@ def run(recipe: dict, resume: Optional[str] = None, progress: bool = True, on_st
     mx.random.seed(seed)
     model = Model(args)
     mx.eval(model.parameters())
+    execution.apply(model)
     optimizer = build_optimizer(recipe["optim"], steps)
     out = Path(recipe["output"])
     ckpt_dir = out / "checkpoints"

@@ -1,30 +1,30 @@
-"""Elementwise work that MLX's CPU backend does slowly, done by NumPy.
+"""The CPU backend: NumPy in place of the MLX CPU ops that are slow, put into a
+loaded model by `install` (`execution.apply` calls it when the model runs on
+the CPU). Model code never imports this module; on a GPU nothing here runs.
 
 On the CPU, MLX evaluates `exp` and row reductions element by element, several
 times slower than NumPy's vectorised loops (on a 2-core x86 box: `mx.exp`
 ~40 ns per float32, `np.exp` ~3 ns). In a vision tower that makes the softmax
 of the attention scores and the MLP's sigmoid-based activation most of the
-time. These functions compute them in NumPy on the CPU backend, and in MLX on
-a GPU.
+time: `PackedAttention`, `QuickGELU` and `SiLU` compute them in NumPy.
 
 Decoding one token is one matrix-vector product per weight. MLX's CPU backend
 hands it to BLAS as a one-row `sgemm`, which moves the weights at about half
 the speed of NumPy's `gemv` (4 against 8 GB/s on that box, one thread), and
 decode time is almost all weight traffic. `Linear` and `Embedding.as_linear`
-take NumPy's path for one float32 row on the CPU; `use_host_matvec` puts them in
-a loaded model. Each is an `mx.custom_function` with its usual vjp in MLX, so training
-still differentiates through them; they evaluate their inputs, so they are
-not for use inside `mx.compile`.
+take NumPy's path for one float32 row.
+
+Each op is an `mx.custom_function` with its usual vjp in MLX, so training still
+differentiates through them; they evaluate their inputs (`mx.eval` inside the
+forward), so a model with them installed cannot be wrapped in `mx.compile`:
+load it with MLX_VLM_NATIVE_HOST_OPS=0 for that.
 """
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx.utils import tree_unflatten
 
-
-def on_cpu() -> bool:
-    return mx.default_device() == mx.cpu
+from ..packed_attention import PackedAttention as _PackedAttention
 
 
 def _tuple(x):
@@ -77,25 +77,12 @@ def _x_sigmoid_op(a: float):
     return op
 
 
-_host_quick_gelu, _host_silu = _x_sigmoid_op(1.702), _x_sigmoid_op(1.0)
+quick_gelu, silu = _x_sigmoid_op(1.702), _x_sigmoid_op(1.0)
 
 
 def softmax_rows(*scores) -> list:
-    """The softmax over the last axis of each array (all in one host round trip)."""
-    if not scores:
-        return []
-    if not on_cpu():
-        return [mx.softmax(s, axis=-1, precise=True) for s in scores]
-    return list(_tuple(_host_softmax(*scores)))
-
-
-def quick_gelu(x: mx.array) -> mx.array:
-    """x * sigmoid(1.702 x), as `nn.gelu_fast_approx` and transformers' quick_gelu."""
-    return _host_quick_gelu(x) if on_cpu() else x * mx.sigmoid(1.702 * x)
-
-
-def silu(x: mx.array) -> mx.array:
-    return _host_silu(x) if on_cpu() else x * mx.sigmoid(x)
+    """The softmax over the last axis of each array, all in one host round trip."""
+    return list(_tuple(_host_softmax(*scores))) if scores else []
 
 
 @mx.custom_function
@@ -112,17 +99,20 @@ def _host_matvec_vjp(primals, cotangent, output):
 
 
 def matvec_applies(x: mx.array, weight: mx.array) -> bool:
-    """One float32 row against a float32 weight, on the CPU backend."""
-    return on_cpu() and x.size == x.shape[-1] and x.dtype == mx.float32 and weight.dtype == mx.float32
+    """One float32 row against a float32 weight."""
+    return x.size == x.shape[-1] and x.dtype == mx.float32 and weight.dtype == mx.float32
 
 
 def matvec(x: mx.array, weight: mx.array) -> mx.array:
-    """x @ weight.T for x of one row; NumPy's gemv where `matvec_applies`."""
+    """x @ weight.T; NumPy's gemv where `matvec_applies`."""
     return _host_matvec(x, weight) if matvec_applies(x, weight) else x @ weight.T
 
 
+# ---- the modules `install` puts in place of MLX's (same state, NumPy inside) --------
+
+
 class Linear(nn.Linear):
-    """nn.Linear (same parameters) whose one-row float32 products on the CPU are NumPy's gemv."""
+    """nn.Linear whose one-row float32 products are NumPy's gemv."""
 
     def __call__(self, x: mx.array) -> mx.array:
         if not matvec_applies(x, self.weight):
@@ -138,22 +128,46 @@ class Embedding(nn.Embedding):
         return matvec(x, self.weight)
 
 
-def use_host_matvec(model: nn.Module) -> nn.Module:
-    """Put `Linear` / `Embedding` in place of the model's plain nn.Linear /
-    nn.Embedding modules (quantized and LoRA layers are left as they are);
-    parameter names and values do not change."""
-    swapped = []
-    for name, module in model.named_modules():
-        if type(module) is nn.Linear:
-            new = Linear(1, 1, bias=False)
-        elif type(module) is nn.Embedding:
-            new = Embedding(1, 1)
-        else:
-            continue
-        for key, value in module.items():
-            if isinstance(value, mx.array):
-                setattr(new, key, value)
-        swapped.append((name, new))
-    if swapped:
-        model.update_modules(tree_unflatten(swapped))
+class QuickGELU(nn.GELU):
+    """nn.GELU(approx="fast"), x * sigmoid(1.702 x), in NumPy."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return quick_gelu(x)
+
+
+class SiLU(nn.SiLU):
+    def __call__(self, x: mx.array) -> mx.array:
+        return silu(x)
+
+
+class PackedAttention(_PackedAttention):
+    """The packed attention's "auto" path with the softmax of every segment
+    batch in one NumPy call (a forced path is still honoured)."""
+
+    softmax = staticmethod(softmax_rows)
+
+
+def host_class(module: nn.Module):
+    """The CPU backend's class for `module`, or None where it keeps MLX's
+    (quantized and LoRA layers, exact GELU, anything else)."""
+    kind = type(module)
+    if kind is nn.GELU:
+        return QuickGELU if module._approx == "fast" else None
+    return {nn.Linear: Linear, nn.Embedding: Embedding, nn.SiLU: SiLU, _PackedAttention: PackedAttention}.get(kind)
+
+
+def install(model: nn.Module) -> nn.Module:
+    """Give each plain nn.Linear / nn.Embedding / fast nn.GELU / nn.SiLU /
+    PackedAttention of `model` its NumPy class above; parameter names, values
+    and module identities do not change."""
+    for _, module in model.named_modules():
+        cls = host_class(module)
+        if cls is not None:
+            module.__class__ = cls
     return model
+
+
+def installed(model: nn.Module) -> list:
+    """The names of the modules of `model` that run CPU-backend code."""
+    own = (Linear, Embedding, QuickGELU, SiLU, PackedAttention)
+    return [name for name, m in model.named_modules() if isinstance(m, own)]
