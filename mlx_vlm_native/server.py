@@ -882,9 +882,9 @@ class Handler(BaseHTTPRequestHandler):
 
 def make_server(model, processor, model_id: str, host: str = "127.0.0.1", port: int = 8080,
                 limits: Limits = Limits(), system_prompt: Optional[str] = None,
-                cache_options: Optional[dict] = None) -> ChatServer:
+                cache_options: Optional[dict] = None, prefill_step_size: int = 512) -> ChatServer:
     """A server ready for `serve_forever()`; port 0 picks a free port (`server.server_address`)."""
-    service = ChatService(model, processor, model_id, limits, system_prompt, cache_options)
+    service = ChatService(model, processor, model_id, limits, system_prompt, cache_options, prefill_step_size)
     return ChatServer((host, port), service)
 
 
@@ -909,6 +909,8 @@ def setup_arg_parser() -> argparse.ArgumentParser:
                    help="most answers decoded together as one batch")
     p.add_argument("--max-queued", type=int, default=d.max_queued,
                    help="requests that may wait for a place in the batch; more are answered 503")
+    p.add_argument("--prefill-step-size", type=int, default=512,
+                   help="prompt tokens prefilled between two decode steps of the running answers")
     add_runtime_arguments(p)
     return p
 
@@ -921,7 +923,7 @@ def main(argv: Optional[List[str]] = None) -> None:
                     max_request_pixels=args.max_request_pixels, max_queued=args.max_queued,
                     max_batch=args.max_batch)
     for name in ("max_tokens", "max_request_bytes", "max_image_bytes", "max_image_pixels", "max_images",
-                 "max_request_pixels", "max_queued", "max_batch"):
+                 "max_request_pixels", "max_queued", "max_batch", "prefill_step_size"):
         if getattr(args, name) < 1:
             sys.exit(f"error: --{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if not args.image_timeout > 0 or args.image_timeout == float("inf"):
@@ -933,7 +935,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         print(f"loading {model_id} ...", file=sys.stderr, flush=True)
         model, processor = load(args.model, adapter_path=args.adapter_path)
         server = make_server(model, processor, model_id, args.host, args.port, limits,
-                             args.system_prompt, cache_options)
+                             args.system_prompt, cache_options, args.prefill_step_size)
     except (ValueError, FileNotFoundError, OSError) as e:
         sys.exit(f"error: {e}")
     host, port = server.server_address[:2]
