@@ -18,6 +18,7 @@ stopped. Every bad request gets an error in OpenAI's shape, {"error":
 
 import argparse
 import contextlib
+import dataclasses
 import ctypes
 import hashlib
 import itertools
@@ -153,7 +154,37 @@ def sampling_options(request: dict, default_max_tokens: int) -> dict:
     except GenerationParameterError as e:
         param = name if e.param == "max_tokens" else e.param
         raise APIError(400, str(e).replace("max_tokens", param, 1), "invalid_value", param)
+    top = request.get("top_logprobs")
+    if top is not None and (isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= 20):
+        raise APIError(400, f"top_logprobs must be an integer from 0 to 20, got {short(repr(top))}",
+                       "invalid_value", "top_logprobs")
+    if top is not None and not flag(request, "logprobs"):
+        raise APIError(400, "top_logprobs needs logprobs: true", "invalid_value", "top_logprobs")
+    options["top_logprobs"] = (top or 0) if flag(request, "logprobs") else None
+    stop = request.get("stop")
+    stop = [stop] if isinstance(stop, str) else stop
+    if stop is not None and (not isinstance(stop, list) or len(stop) > 4
+                             or not all(isinstance(x, str) and x for x in stop)):
+        raise APIError(400, "stop must be a non-empty string or a list of at most 4 of them", "invalid_value", "stop")
+    options["stop"] = stop or []
     return options
+
+
+def until_stop(responses: Iterator, stops: List[str]) -> Iterator:
+    """The responses with the answer cut before the first of the `stop` strings
+    (finish_reason "stop"); text that may begin one is held back until it cannot."""
+    held, hold = "", max(map(len, stops), default=1) - 1
+    for r in responses:
+        held += r.text
+        cuts = [i for i in (held.find(x) for x in stops) if i >= 0]
+        if cuts:
+            yield dataclasses.replace(r, text=held[: min(cuts)], finish_reason="stop")
+            return
+        if r.finish_reason is not None:
+            yield dataclasses.replace(r, text=held)
+            return
+        out, held = held[: max(len(held) - hold, 0)], held[max(len(held) - hold, 0) :]
+        yield dataclasses.replace(r, text=out)
 
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
@@ -268,20 +299,22 @@ def request_images(urls: List[str], limits: Limits) -> List[RequestImage]:
 # ------------------------------------------------------------------------- replies
 
 
-def completion(request_id: str, created: int, model_id: str, text: str, finish_reason: str, usage: dict) -> dict:
+def completion(request_id: str, created: int, model_id: str, text: str, finish_reason: str, usage: dict,
+               logprobs: Optional[list] = None) -> dict:
     return {
         "id": request_id, "object": "chat.completion", "created": created, "model": model_id,
         "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                     "finish_reason": finish_reason, "logprobs": None}],
+                     "finish_reason": finish_reason, "logprobs": None if logprobs is None else {"content": logprobs}}],
         "usage": usage,
     }
 
 
 def completion_chunk(request_id: str, created: int, model_id: str, delta: dict,
-                     finish_reason: Optional[str] = None) -> dict:
+                     finish_reason: Optional[str] = None, logprobs: Optional[list] = None) -> dict:
     return {
         "id": request_id, "object": "chat.completion.chunk", "created": created, "model": model_id,
-        "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}],
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason,
+                     "logprobs": None if logprobs is None else {"content": logprobs}}],
     }
 
 
@@ -569,7 +602,7 @@ class ChatService:
         messages = self.messages_of(job)
         images = [image.decode(self.limits) for image in job.images]
         top = job.options.get("top_logprobs")
-        options = {k: v for k, v in job.options.items() if k not in ("top_logprobs",)}
+        options = {k: v for k, v in job.options.items() if k not in ("top_logprobs", "stop")}
         for response in stream_chat(self.model, self.processor, messages, images, **options, **self.cache_options):
             if self.stopping:
                 raise APIError(503, "the server stopped during the answer", "server_stopping")
@@ -846,14 +879,17 @@ class Handler(BaseHTTPRequestHandler):
         answer = s.answer(messages, images, options, self.client_gone)
         with contextlib.closing(answer):  # a reply cut short stops the generation
             first = next(answer)  # bad input raises here, before any reply is sent
+            responses = until_stop(itertools.chain([first], answer), options["stop"])
             if stream:
-                self.stream_reply(itertools.chain([first], answer), request_id, created, include_usage)
+                self.stream_reply(responses, request_id, created, include_usage)
                 return
-            text, last = first.text, first
-            for last in answer:
+            text, entries = "", []
+            for last in responses:
                 text += last.text
+                entries += [last.logprobs] if isinstance(last.logprobs, dict) else []
         self.note = f" {last.prompt_tokens}+{last.generation_tokens} tokens"
-        self.send_json(200, completion(request_id, created, s.model_id, text, last.finish_reason, usage_of(last)))
+        self.send_json(200, completion(request_id, created, s.model_id, text, last.finish_reason, usage_of(last),
+                                       entries if options["top_logprobs"] is not None else None))
 
     def stream_reply(self, stream, request_id: str, created: int, include_usage: bool) -> None:
         model_id = self.server.service.model_id
@@ -867,8 +903,10 @@ class Handler(BaseHTTPRequestHandler):
             self.send_event(completion_chunk(request_id, created, model_id, {"role": "assistant", "content": ""}))
             last = None
             for last in stream:
-                if last.text:
-                    self.send_event(completion_chunk(request_id, created, model_id, {"content": last.text}))
+                entry = last.logprobs if isinstance(last.logprobs, dict) else None
+                if last.text or entry:
+                    self.send_event(completion_chunk(request_id, created, model_id, {"content": last.text},
+                                                     logprobs=None if entry is None else [entry]))
             self.send_event(completion_chunk(request_id, created, model_id, {}, last.finish_reason))
             if include_usage:
                 self.send_event({**completion_chunk(request_id, created, model_id, {}), "choices": [],
