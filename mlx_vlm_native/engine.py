@@ -151,8 +151,8 @@ class PromptReader(nn.Module):
             if not all(reading):
                 raise RuntimeError("a call mixes prompt and decode rows, which mlx-lm's batches never do")
             embeds = mx.stack([p.rows(n) for p in prompts])
-        if any(p is not None and p.positions is not None for p in prompts):
-            positions = np.stack([p.next_positions(n) for p in prompts])
+        if any(p is not None and p.positions is not None and p.consumed < p.positions.shape[1] for p in prompts):
+            positions = np.stack([p.next_positions(n) for p in prompts])  # else: offset + delta, the model's own
         for p, k in zip(prompts, lengths):
             if p is not None:
                 p.consumed += k

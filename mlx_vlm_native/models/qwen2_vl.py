@@ -182,8 +182,8 @@ class PositionedCache:
     is the cache's own. This is how positions reach mlx-lm's Qwen2 layers with
     each call, not as state on a shared module."""
 
-    def __init__(self, cache, tables: RopeTables):
-        self.cache, self.offset = cache, tables
+    def __init__(self, cache, tables):
+        self.cache, self.offset = cache, tables  # RopeTables, or 1-D offsets
 
     def update_and_fetch(self, keys, values):
         return (keys, values) if self.cache is None else self.cache.update_and_fetch(keys, values)
@@ -200,18 +200,16 @@ class PositionedCache:
         return getattr(cache, name)
 
 
-def continued_positions(cache, n: int) -> np.ndarray:
-    """The positions of `n` tokens with no prompt positions given: from what the
-    cache holds, past the prompt its sequences carry; (B, 3, n) or (3, n)."""
+def continued_offset(cache):
+    """Where tokens with no prompt positions given sit: past the prompt all three
+    positions are equal, `offset + delta` of each sequence (an int, or (B,))."""
     first = cache[0] if cache else None
     if first is None:
-        return np.broadcast_to(np.arange(n), (3, n))
+        return 0
     prompts = prompts_of(cache)
-    offsets = np.array(first.offset.tolist() if isinstance(first.offset, mx.array) else [first.offset])
-    deltas = np.array([p.delta if p is not None else 0 for p in prompts])
-    pos = (offsets + deltas)[:, None] + np.arange(n)
-    pos = np.broadcast_to(pos[:, None], (len(offsets), 3, n))
-    return pos if isinstance(first.offset, mx.array) else pos[0]
+    if isinstance(first.offset, mx.array):
+        return first.offset + mx.array([0 if p is None else p.delta for p in prompts])
+    return first.offset + (0 if prompts[0] is None else prompts[0].delta)
 
 
 class MRoPECache(PromptKVCache):
@@ -304,9 +302,11 @@ class Model(VisionLanguageModel):
         n tokens, or a whole prompt's (3, L) for a chunk of it at the cache's
         offset. Without them the tokens continue what the cache holds."""
         n = inputs.shape[1] if input_embeddings is None else input_embeddings.shape[1]
-        if positions is None:
-            positions = continued_positions(cache, n)
-        elif positions.ndim == 2 and cache:  # a chunk of one prompt's (3, L) positions, at the cache's offset
+        if positions is None:  # mlx-lm's fast 1-D rope at each sequence's offset
+            rope = continued_offset(cache)
+            caches = [PositionedCache(c, rope) for c in (cache or [None] * len(self.layers))]
+            return self.language_model(inputs, cache=caches, input_embeddings=input_embeddings)
+        if positions.ndim == 2 and cache:  # a chunk of one prompt's (3, L) positions, at the cache's offset
             if getattr(cache[0], "prompt", None) is None:  # generation continues at its delta
                 cache[0].prompt = Prompt(delta=prompt_delta(positions))
             positions = positions[:, cache[0].offset : cache[0].offset + n]
