@@ -118,16 +118,16 @@ class Ours:
         """(prompt tokens, TTFT s, decode tok/s) of one image prompt, greedy."""
         import mlx.core as mx
         from mlx_lm.generate import generate_step
-        from mlx_lm.models.cache import make_prompt_cache
-        from mlx_vlm_native.generate import PromptForward
+        from mlx_vlm_native.engine import PromptReader, attach_prompt
 
         inputs = self.processor(self.processor.format_prompt(PROMPT, 1), images=[image()])
 
         def run():
             embeds, positions = self.model.get_input_embeddings(inputs)
-            return time_stream(generate_step(mx.array(inputs.input_ids), PromptForward(self.model, positions),
-                                             max_tokens=DECODE + 1, input_embeddings=embeds[0],
-                                             prompt_cache=make_prompt_cache(self.model)))
+            cache = self.model.make_cache()
+            attach_prompt(cache, embeds[0], positions)
+            return time_stream(generate_step(mx.array(inputs.input_ids), PromptReader(self.model),
+                                             max_tokens=DECODE + 1, prompt_cache=cache))
         return len(inputs.input_ids), run
 
     def batch(self, n):

@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import List, Optional, Sequence, Union
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
-from mlx_lm.models.cache import KVCache
+from mlx_lm.generate import generate_step
 from mlx_lm.sample_utils import make_sampler
 
 from . import openvision_checkpoint as ovc
@@ -27,9 +28,26 @@ def preprocess(images: Sequence[ImageInput], image_size: int, mean=ovc.IMAGE_MEA
     return mx.array(np.stack([center_crop_pixels(load_image(i), image_size, mean, std) for i in images]))
 
 
+class CaptionModel(nn.Module):
+    """The caption decoder as mlx-lm's `generate_step` calls it: the image's
+    tokens go in with the first call (the prefill), text alone after it."""
+
+    def __init__(self, decoder, image_tokens: mx.array):
+        super().__init__()
+        self.decoder, self.image_tokens = decoder, image_tokens
+
+    @property
+    def layers(self):
+        return self.decoder.blocks
+
+    def __call__(self, inputs: mx.array, cache=None) -> mx.array:
+        image = self.image_tokens if cache[0].offset == 0 else None
+        return self.decoder(image, inputs, cache=cache)
+
+
 def generate_captions(model, pixels: mx.array, max_tokens: int = 64, temperature: float = 0.0,
                       top_p: float = 1.0, keep_ratio: float = 1.0, seed: Optional[int] = None) -> List[List[int]]:
-    """Token ids (without bos/eos) for each image of the batch."""
+    """Token ids (without bos/eos) for each image of the batch, each decoded by mlx-lm's `generate_step`."""
     if "decoder" not in model:
         raise ValueError("this checkpoint has no caption decoder (caption_decoder.safetensors)")
     if seed is not None:
@@ -37,23 +55,15 @@ def generate_captions(model, pixels: mx.array, max_tokens: int = 64, temperature
     cfg = model.decoder.config
     sampler = make_sampler(temp=temperature, top_p=top_p)
     tokens = mask_image_tokens(model.vision(pixels)["tokens"], keep_ratio)
-    B = tokens.shape[0]
-    cache = [KVCache() for _ in model.decoder.blocks]
-    text = mx.full((B, 1), cfg.bos_token_id, dtype=mx.int32)
-    logits = model.decoder(tokens, text, cache=cache)[:, -1]
-    out, done = [[] for _ in range(B)], np.zeros(B, dtype=bool)
-    for _ in range(max_tokens):
-        next_ids = sampler(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
-        ids = np.array(next_ids)
-        for b in range(B):
-            if not done[b]:
-                if ids[b] == cfg.eos_token_id:
-                    done[b] = True
-                else:
-                    out[b].append(int(ids[b]))
-        if done.all():
-            break
-        logits = model.decoder(None, next_ids[:, None].astype(mx.int32), cache=cache)[:, -1]
+    out = []
+    for b in range(tokens.shape[0]):
+        ids = []
+        for token, _ in generate_step(mx.array([cfg.bos_token_id]), CaptionModel(model.decoder, tokens[b : b + 1]),
+                                      max_tokens=max_tokens, sampler=sampler):
+            if token == cfg.eos_token_id:
+                break
+            ids.append(token)
+        out.append(ids)
     return out
 
 

@@ -7,10 +7,12 @@ from dataclasses import dataclass, field
 from typing import Generator, List, Optional, Sequence
 
 import mlx.core as mx
-from mlx_lm.generate import BatchGenerator, generate_step
+from mlx_lm.generate import BatchGenerator
+from mlx_lm.generate import stream_generate as mlx_stream_generate
 from mlx_lm.models.cache import RotatingKVCache, can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
+from .engine import PromptReader, attach_prompt
 from .params import GenerationParameterError, check_cache_params, check_generation_params
 from .processors.image import ImageError, load_video_frames
 from .utils import load
@@ -29,6 +31,7 @@ class GenerationResponse:
     peak_memory: float  # GB
     finish_reason: Optional[str] = None
     cached_tokens: int = 0  # prompt tokens a PromptCache already held
+    logprobs: Optional[mx.array] = None  # (vocab,) log-probabilities this token was sampled from
 
 
 def context_length(model) -> int:
@@ -142,143 +145,81 @@ def cached_embeddings(model, inputs, cache: PromptCache):
     return model.get_input_embeddings(inputs, vision_features=cache.vision_features)
 
 
-def stream_generate(
-    model,
-    processor,
-    prompt: str,
-    images: Optional[Sequence] = None,
-    videos: Optional[Sequence[Sequence]] = None,
-    max_tokens: int = 256,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    seed: Optional[int] = None,
-    apply_chat_template: bool = True,
-    repetition_penalty: Optional[float] = None,
-    repetition_context_size: int = 20,
-    system_prompt: Optional[str] = None,
-    kv_bits: Optional[int] = None,
-    kv_group_size: int = 64,
-    quantized_kv_start: int = 5000,
-    max_kv_size: Optional[int] = None,
-) -> Generator[GenerationResponse, None, None]:
+def stream_generate(model, processor, prompt: str, images: Optional[Sequence] = None,
+                    videos: Optional[Sequence[Sequence]] = None, apply_chat_template: bool = True,
+                    system_prompt: Optional[str] = None, **options) -> Generator[GenerationResponse, None, None]:
     """Yield the answer piece by piece; the last response carries the stats.
-    A bad sampling parameter raises `GenerationParameterError` (a ValueError)
-    at the first `next()`, before any image is processed. The KV-cache
-    options are mlx-lm's (`check_cache_params`)."""
-    tic = time.perf_counter()
-    sampling = check_generation_params(max_tokens, temperature, top_p, seed, repetition_penalty,
-                                       repetition_context_size)
-    sampling.update(check_cache_params(kv_bits, kv_group_size, quantized_kv_start, max_kv_size))
-    check_kv_group_size(model, kv_bits, kv_group_size)
+    `options` are `check_generation_params`' (max_tokens, temperature, top_p,
+    seed, repetition_penalty, repetition_context_size) and the KV-cache ones of
+    `check_cache_params`; a bad one raises `GenerationParameterError` (a
+    ValueError) at the first `next()`, before any image is processed."""
+    sampling = checked_options(model, **options)
     inputs = prepare_inputs(model, processor, prompt, images, videos, apply_chat_template, system_prompt)
-    yield from stream_from_inputs(model, processor, inputs, tic, **sampling)
+    yield from stream_from_inputs(model, processor, inputs, **sampling)
 
 
-def stream_chat(
-    model,
-    processor,
-    messages: list,
-    images: Sequence = (),
-    max_tokens: int = 256,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    seed: Optional[int] = None,
-    prompt_cache: Optional[PromptCache] = None,
-    repetition_penalty: Optional[float] = None,
-    repetition_context_size: int = 20,
-    kv_bits: Optional[int] = None,
-    kv_group_size: int = 64,
-    quantized_kv_start: int = 5000,
-    max_kv_size: Optional[int] = None,
-) -> Generator[GenerationResponse, None, None]:
+def stream_chat(model, processor, messages: list, images: Sequence = (), prompt_cache: Optional[PromptCache] = None,
+                **options) -> Generator[GenerationResponse, None, None]:
     """`stream_generate` for a conversation: `messages` as in `prepare_chat_inputs`.
     With a `prompt_cache` kept across the turns of one conversation, each turn
     prefills only its new tokens. Bad input (a sampling parameter out of range,
     a prompt too long for the context) raises on the first `next()`."""
-    tic = time.perf_counter()
-    sampling = check_generation_params(max_tokens, temperature, top_p, seed, repetition_penalty,
-                                       repetition_context_size)
-    sampling.update(check_cache_params(kv_bits, kv_group_size, quantized_kv_start, max_kv_size))
-    check_kv_group_size(model, kv_bits, kv_group_size)
+    sampling = checked_options(model, **options)
     inputs = prepare_chat_inputs(model, processor, messages, images)
     if prompt_cache is None:
-        yield from stream_from_inputs(model, processor, inputs, tic, **sampling)
+        yield from stream_from_inputs(model, processor, inputs, **sampling)
         return
     embeddings, positions = cached_embeddings(model, inputs, prompt_cache)
     ids = [int(i) for i in inputs.input_ids]
     keep = prompt_cache.reuse(model, ids)
-    for r in stream_from_embeddings(model, processor.tokenizer, inputs.input_ids, embeddings[0], positions, tic,
-                                    kv_cache=prompt_cache.kv, cached=keep, **sampling):
+    sampling.pop("max_kv_size")  # the conversation's cache is the model's own
+    for r in decode(model, processor.tokenizer, ids, embeddings[0], positions, prompt_cache.kv, keep, **sampling):
         if r.token is not None:
             prompt_cache.ids.append(r.token)
         yield r
 
 
-def stream_from_inputs(model, processor, inputs, tic, **sampling):
+def checked_options(model, max_tokens=256, temperature=0.0, top_p=1.0, seed=None, repetition_penalty=None,
+                    repetition_context_size=20, kv_bits=None, kv_group_size=64, quantized_kv_start=5000,
+                    max_kv_size=None) -> dict:
+    sampling = check_generation_params(max_tokens, temperature, top_p, seed, repetition_penalty,
+                                       repetition_context_size)
+    sampling.update(check_cache_params(kv_bits, kv_group_size, quantized_kv_start, max_kv_size))
+    check_kv_group_size(model, kv_bits, kv_group_size)
+    return sampling
+
+
+def stream_from_inputs(model, processor, inputs, tic=None, max_kv_size=None, **sampling):
+    """Generate after processed `inputs` (`tic` is accepted for older callers)."""
     embeddings, positions = model.get_input_embeddings(inputs)
-    yield from stream_from_embeddings(model, processor.tokenizer, inputs.input_ids, embeddings[0], positions, tic,
-                                      **sampling)
+    yield from decode(model, processor.tokenizer, [int(i) for i in inputs.input_ids], embeddings[0], positions,
+                      new_cache(model, max_kv_size), 0, **sampling)
 
 
-class PromptForward:
-    """`model` as mlx-lm's `generate_step` calls it (tokens, cache,
-    input_embeddings), with the prompt's positions passed to every forward."""
-
-    def __init__(self, model, positions):
-        self.model, self.positions = model, positions
-
-    def __call__(self, inputs, cache=None, input_embeddings=None):
-        return self.model(inputs, cache=cache, input_embeddings=input_embeddings, positions=self.positions)
-
-
-def stream_from_embeddings(model, tokenizer, input_ids, embeddings, positions, tic, max_tokens=256,
-                           temperature=0.0, top_p=1.0, seed=None, kv_cache=None, cached=0,
-                           repetition_penalty=None, repetition_context_size=20, kv_bits=None,
-                           kv_group_size=64, quantized_kv_start=5000, max_kv_size=None):
-    """Generate after the prompt `input_ids` / `embeddings` / `positions` (as
-    `get_input_embeddings` gives them), of which the first `cached` tokens are
-    already in `kv_cache`. The sampling parameters are those
-    `check_generation_params` passed."""
-    n_prompt = len(input_ids)
-    max_tokens = min(max_tokens, context_length(model) - n_prompt)
+def decode(model, tokenizer, ids: List[int], embeddings: mx.array, positions, cache: list, cached: int = 0,
+           max_tokens=256, temperature=0.0, top_p=1.0, seed=None, repetition_penalty=None,
+           repetition_context_size=20, kv_bits=None, kv_group_size=64, quantized_kv_start=5000,
+           prefill_step_size: int = 2048) -> Generator[GenerationResponse, None, None]:
+    """The one-sequence decode: mlx-lm's `stream_generate` over the prompt `ids`
+    (with its (L, D) `embeddings` and `positions`), of which `cache` already
+    holds the first `cached`. Each response carries its token's log-probabilities."""
     if seed is not None:
         mx.random.seed(seed)
-    detok = tokenizer.detokenizer
-    detok.reset()
-    sampler = make_sampler(temp=temperature, top_p=top_p)
-    steps = generate_step(
-        mx.array(input_ids[cached:]),
-        PromptForward(model, positions),
-        max_tokens=max_tokens,
-        sampler=sampler,
+    attach_prompt(cache, embeddings, positions)
+    limit = min(max_tokens, context_length(model) - len(ids))
+    steps = mlx_stream_generate(
+        PromptReader(model), tokenizer, mx.array(ids[cached:]), max_tokens=limit,
+        sampler=make_sampler(temp=temperature, top_p=top_p),
         logits_processors=make_logits_processors(None, repetition_penalty, repetition_context_size),
-        prompt_cache=kv_cache if kv_cache is not None else new_cache(model, max_kv_size),
-        kv_bits=kv_bits,
-        kv_group_size=kv_group_size,
-        quantized_kv_start=quantized_kv_start,
-        input_embeddings=embeddings[cached:],
-    )
-    n, token = 0, None
-    prompt_tps = gen_tic = None
-    for n, (token, _) in enumerate(steps, start=1):
-        if n == 1:
-            prompt_time = time.perf_counter() - tic
-            prompt_tps = (n_prompt - cached) / prompt_time
-            gen_tic = time.perf_counter()
-        if token in tokenizer.eos_token_ids:
-            break
-        detok.add_token(token)
-        yield GenerationResponse(
-            detok.last_segment, token, n_prompt, prompt_tps, n,
-            n / max(time.perf_counter() - gen_tic, 1e-9), mx.get_peak_memory() / 1e9, None, cached,
-        )
-    detok.finalize()
-    finish = "stop" if token in tokenizer.eos_token_ids else "length"
-    gen_time = time.perf_counter() - gen_tic if gen_tic else 0.0
-    yield GenerationResponse(
-        detok.last_segment, None, n_prompt, prompt_tps or 0.0, n,
-        n / gen_time if gen_time else 0.0, mx.get_peak_memory() / 1e9, finish, cached,
-    )
+        prompt_cache=cache, prefill_step_size=prefill_step_size, kv_bits=kv_bits, kv_group_size=kv_group_size,
+        quantized_kv_start=quantized_kv_start)
+    for r in steps:
+        stats = (len(ids), r.prompt_tps, r.generation_tokens, r.generation_tps, r.peak_memory)
+        if r.finish_reason is None or r.finish_reason == "length":
+            yield GenerationResponse(r.text, r.token, *stats, None, cached, r.logprobs)
+        if r.finish_reason is not None:
+            yield GenerationResponse("" if r.finish_reason == "length" else r.text, None, *stats,
+                                     r.finish_reason, cached)
 
 
 @dataclass
@@ -304,43 +245,68 @@ def chat_generate(model, processor, messages: list, images: Sequence = (), verbo
     return collect(stream_chat(model, processor, messages, images, **kwargs), verbose)
 
 
-def prefill(model, input_ids, embeddings: mx.array, positions, cache: list, sampler, logits_processors=(),
-            step: int = 2048) -> int:
-    """Run a prompt ((L,) ids, (L, D) embeddings, its positions as
-    `get_input_embeddings` gives them) into `cache` in chunks as mlx-lm's
-    `generate_step` does (all but the last token, then the last one alone) and
-    sample the first answer token, after the `logits_processors` (which see the
-    prompt's ids, as in `generate_step`)."""
-    n = len(input_ids)
-    for a in range(0, n - 1, step):
-        b = min(a + step, n - 1)
-        model(mx.array(input_ids[a:b])[None], cache=cache, input_embeddings=embeddings[None, a:b], positions=positions)
-        mx.eval([c.state for c in cache])
-    logits = model(mx.array(input_ids[n - 1 :])[None], cache=cache, input_embeddings=embeddings[None, n - 1 :],
-                   positions=positions)
-    logits = logits[:, -1, :]
-    if logits_processors:
-        context = mx.array(input_ids)
-        for processor in logits_processors:
-            logits = processor(context, logits)
-    return sampler(logits - mx.logsumexp(logits, keepdims=True)).item()
+class Decoded:
+    """One answer of a `BatchGenerator`: its tokens, text and timings, as
+    `GenerationResponse`s (batch_generate and the server both use it)."""
+
+    def __init__(self, tokenizer, prompt_tokens: int, cached: int = 0, tic: Optional[float] = None):
+        self.detok = tokenizer.detokenizer
+        self.detok.reset()
+        self.eos = set(tokenizer.eos_token_ids)
+        self.prompt_tokens, self.cached, self.tokens = prompt_tokens, cached, []
+        self.tic = time.perf_counter() if tic is None else tic
+        self.prompt_tps, self.gen_tic = 0.0, None
+
+    def response(self, text: str, token: Optional[int], finish_reason=None, logprobs=None) -> GenerationResponse:
+        elapsed = time.perf_counter() - self.gen_tic
+        decoded = len(self.tokens) - 1  # the first token comes with the prefill
+        return GenerationResponse(text, token, self.prompt_tokens, self.prompt_tps, len(self.tokens),
+                                  decoded / elapsed if decoded > 0 and elapsed > 0 else 0.0,
+                                  mx.get_peak_memory() / 1e9, finish_reason, self.cached, logprobs)
+
+    def add(self, token: int, logprobs=None) -> Optional[GenerationResponse]:
+        """Count `token`; its response, or None for an end-of-sequence token."""
+        if not self.tokens:
+            self.gen_tic = time.perf_counter()
+            self.prompt_tps = (self.prompt_tokens - self.cached) / max(self.gen_tic - self.tic, 1e-9)
+        self.tokens.append(token)
+        if token in self.eos:
+            return None
+        self.detok.add_token(token)
+        return self.response(self.detok.last_segment, token, logprobs=logprobs)
+
+    def finish(self, reason: str) -> GenerationResponse:
+        self.detok.finalize()
+        self.final = self.response(self.detok.last_segment, None, reason)
+        return self.final
+
+
+def insert_prompt(gen: BatchGenerator, model, ids: List[int], embeddings: mx.array, positions, max_tokens: int,
+                  cache: Optional[list] = None, cached: int = 0, **per_sequence) -> int:
+    """Put one prompt into `gen` (its prefill then runs in `gen`'s chunks,
+    batched with the prompts that arrive with it); its uid. `cache` holds the
+    first `cached` tokens of `ids` already."""
+    cache = cache if cache is not None else model.make_cache()
+    attach_prompt(cache, embeddings, positions)
+    limit = min(max_tokens, context_length(model) - len(ids))
+    (uid,) = gen.insert([ids[cached:]], max_tokens=[limit], caches=[cache], all_tokens=[ids[:cached]],
+                        **{k: [v] for k, v in per_sequence.items()})
+    return uid
 
 
 def batch_generate(model, processor, prompts: Sequence[str], images: Optional[Sequence[Sequence]] = None,
                    apply_chat_template: bool = True, max_tokens: int = 256, temperature: float = 0.0,
-                   top_p: float = 1.0, seed: Optional[int] = None,
-                   completion_batch_size: int = 32) -> List["GenerationResult"]:
+                   top_p: float = 1.0, seed: Optional[int] = None, completion_batch_size: int = 32,
+                   prefill_step_size: int = 2048) -> List["GenerationResult"]:
     """Answer several prompts, each with its own images, decoding them as ONE
     batch. `encode_vision` encodes the images of all prompts in one call (one
-    packed tower call for the packed families); each prompt is then prefilled
-    alone into its own KV cache, and mlx-lm's `BatchGenerator` merges the
-    caches into a batch cache and decodes up to `completion_batch_size`
-    sequences together, each leaving the batch when it finishes. Greedy answers are the ones
-    `generate` gives, token for token.
+    packed tower call for the packed families); mlx-lm's `BatchGenerator` then
+    prefills the prompts together in chunks and decodes up to
+    `completion_batch_size` sequences together, each leaving the batch when it
+    finishes. Greedy answers are the ones `generate` gives, token for token.
 
-    `prompt_tps` of each result counts its own prefill plus its share of the
-    packed encoding (by vision tokens); `generation_tps` its tokens over the
-    batch's decode time until it finished."""
+    `prompt_tps` of each result counts its prompt over the time to its first
+    token; `generation_tps` its tokens over the batch's decode time until it finished."""
     checked = check_generation_params(max_tokens, temperature, top_p, seed)
     max_tokens, temperature, top_p, seed = (checked[k] for k in ("max_tokens", "temperature", "top_p", "seed"))
     images = list(images) if images is not None else [[] for _ in prompts]
@@ -349,77 +315,31 @@ def batch_generate(model, processor, prompts: Sequence[str], images: Optional[Se
     if seed is not None:
         mx.random.seed(seed)
     tokenizer = processor.tokenizer
-    eos = set(tokenizer.eos_token_ids)
-    sampler = make_sampler(temp=temperature, top_p=top_p)
     tic = time.perf_counter()
     batch = [prepare_inputs(model, processor, p, i, (), apply_chat_template) for p, i in zip(prompts, images)]
     features = model.encode_vision(batch)
-    mx.eval([f for f in features if f is not None])
-    vision_rows = [0 if f is None else f.shape[0] for f in features]
-    encode_shares = [(time.perf_counter() - tic) * r / max(sum(vision_rows), 1) for r in vision_rows]
-
-    answers = [Answer(tokenizer, len(inputs.input_ids)) for inputs in batch]
-    pending = {}  # BatchGenerator uid -> index of the prompt
-    gen = BatchGenerator(model, stop_tokens=[[t] for t in eos], sampler=sampler,
-                         completion_batch_size=completion_batch_size,
+    gen = BatchGenerator(PromptReader(model), stop_tokens=[[t] for t in tokenizer.eos_token_ids],
+                         sampler=make_sampler(temp=temperature, top_p=top_p),
+                         completion_batch_size=completion_batch_size, prefill_step_size=prefill_step_size,
                          prefill_batch_size=min(len(batch), completion_batch_size) or 1)
+    answers = {}
     try:
-        for i, (inputs, feats) in enumerate(zip(batch, features)):
-            t0 = time.perf_counter()
+        for inputs, feats in zip(batch, features):
             embeddings, positions = model.get_input_embeddings(inputs, vision_features=feats)
-            cache = make_prompt_cache(model)
-            first = prefill(model, inputs.input_ids, embeddings[0], positions, cache, sampler)
-            answer = answers[i]
-            answer.prompt_tps = answer.prompt_tokens / (time.perf_counter() - t0 + encode_shares[i])
-            limit = min(max_tokens, context_length(model) - answer.prompt_tokens)
-            if answer.add(first, eos) and limit > 1:
-                (uid,) = gen.insert([[first]], max_tokens=[limit - 1], caches=[cache])
-                pending[uid] = i
-            else:
-                answer.finish("stop" if first in eos else "length")
-        decode_tic = time.perf_counter()
-        for a in answers:
-            a.decode_tic = decode_tic
+            ids = [int(i) for i in inputs.input_ids]
+            uid = insert_prompt(gen, model, ids, embeddings[0], positions, max_tokens)
+            answers[uid] = Decoded(tokenizer, len(ids), tic=tic)
+        pending = set(answers)
         while pending:
             for r in gen.next_generated():
-                answer = answers[pending[r.uid]]
-                answer.add(r.token, eos)
+                answers[r.uid].add(r.token)
                 if r.finish_reason is not None:
-                    answer.finish(r.finish_reason)
-                    del pending[r.uid]
+                    answers[r.uid].finish(r.finish_reason)
+                    pending.discard(r.uid)
     finally:
         gen.close()
-    return [a.result() for a in answers]
-
-
-class Answer:
-    """One sequence of a batch: its tokens, text and timings."""
-
-    def __init__(self, tokenizer, prompt_tokens: int):
-        self.detok = tokenizer.detokenizer
-        self.detok.reset()
-        self.prompt_tokens, self.prompt_tps = prompt_tokens, 0.0
-        self.tokens, self.finish_reason = 0, None
-        self.decode_tic = self.decode_time = None
-
-    def add(self, token: int, eos) -> bool:
-        """Count `token`; False at an end-of-sequence token."""
-        self.tokens += 1
-        if token in eos:
-            return False
-        self.detok.add_token(token)
-        return True
-
-    def finish(self, reason: str) -> None:
-        self.finish_reason = reason
-        self.decode_time = time.perf_counter() - self.decode_tic if self.decode_tic else 0.0
-
-    def result(self) -> "GenerationResult":
-        self.detok.finalize()
-        decoded = self.tokens - 1  # the first token comes with the prefill
-        tps = decoded / self.decode_time if self.decode_time and decoded > 0 else 0.0
-        return GenerationResult(self.detok.text, self.prompt_tokens, self.tokens, self.prompt_tps,
-                                tps, mx.get_peak_memory() / 1e9, self.finish_reason)
+    return [GenerationResult(a.detok.text, a.prompt_tokens, len(a.tokens), a.prompt_tps, a.final.generation_tps,
+                             a.final.peak_memory, a.final.finish_reason) for a in answers.values()]
 
 
 def collect(stream, verbose: bool = False) -> "GenerationResult":

@@ -18,6 +18,7 @@ stopped. Every bad request gets an error in OpenAI's shape, {"error":
 
 import argparse
 import contextlib
+import dataclasses
 import ctypes
 import hashlib
 import itertools
@@ -30,18 +31,22 @@ import threading
 import time
 import traceback
 import uuid
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable, Iterator, List, Optional, Tuple
 from urllib.parse import urlsplit
 
 import mlx.core as mx
+import numpy as np
 from mlx_lm.generate import BatchGenerator
+from mlx_lm.models.cache import LRUPromptCache, trim_prompt_cache
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
+from .engine import PromptReader
 from .generate import (
-    DEFAULT_MODEL_NAME, GenerationResponse, PromptCache, PromptTooLongError, add_model_argument, add_runtime_arguments,
-    cached_embeddings, check_chat_length, context_length, prefill, prepare_chat_inputs, stream_chat,
+    DEFAULT_MODEL_NAME, Decoded, PromptTooLongError, add_model_argument, add_runtime_arguments, check_chat_length,
+    insert_prompt, prepare_chat_inputs, stream_chat,
 )
 from .params import GenerationParameterError, check_cache_params, check_generation_params
 from .processors.image import (
@@ -149,7 +154,37 @@ def sampling_options(request: dict, default_max_tokens: int) -> dict:
     except GenerationParameterError as e:
         param = name if e.param == "max_tokens" else e.param
         raise APIError(400, str(e).replace("max_tokens", param, 1), "invalid_value", param)
+    top = request.get("top_logprobs")
+    if top is not None and (isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= 20):
+        raise APIError(400, f"top_logprobs must be an integer from 0 to 20, got {short(repr(top))}",
+                       "invalid_value", "top_logprobs")
+    if top is not None and not flag(request, "logprobs"):
+        raise APIError(400, "top_logprobs needs logprobs: true", "invalid_value", "top_logprobs")
+    options["top_logprobs"] = (top or 0) if flag(request, "logprobs") else None
+    stop = request.get("stop")
+    stop = [stop] if isinstance(stop, str) else stop
+    if stop is not None and (not isinstance(stop, list) or len(stop) > 4
+                             or not all(isinstance(x, str) and x for x in stop)):
+        raise APIError(400, "stop must be a non-empty string or a list of at most 4 of them", "invalid_value", "stop")
+    options["stop"] = stop or []
     return options
+
+
+def until_stop(responses: Iterator, stops: List[str]) -> Iterator:
+    """The responses with the answer cut before the first of the `stop` strings
+    (finish_reason "stop"); text that may begin one is held back until it cannot."""
+    held, hold = "", max(map(len, stops), default=1) - 1
+    for r in responses:
+        held += r.text
+        cuts = [i for i in (held.find(x) for x in stops) if i >= 0]
+        if cuts:
+            yield dataclasses.replace(r, text=held[: min(cuts)], finish_reason="stop")
+            return
+        if r.finish_reason is not None:
+            yield dataclasses.replace(r, text=held)
+            return
+        out, held = held[: max(len(held) - hold, 0)], held[max(len(held) - hold, 0) :]
+        yield dataclasses.replace(r, text=out)
 
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
@@ -264,20 +299,22 @@ def request_images(urls: List[str], limits: Limits) -> List[RequestImage]:
 # ------------------------------------------------------------------------- replies
 
 
-def completion(request_id: str, created: int, model_id: str, text: str, finish_reason: str, usage: dict) -> dict:
+def completion(request_id: str, created: int, model_id: str, text: str, finish_reason: str, usage: dict,
+               logprobs: Optional[list] = None) -> dict:
     return {
         "id": request_id, "object": "chat.completion", "created": created, "model": model_id,
         "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                     "finish_reason": finish_reason, "logprobs": None}],
+                     "finish_reason": finish_reason, "logprobs": None if logprobs is None else {"content": logprobs}}],
         "usage": usage,
     }
 
 
 def completion_chunk(request_id: str, created: int, model_id: str, delta: dict,
-                     finish_reason: Optional[str] = None) -> dict:
+                     finish_reason: Optional[str] = None, logprobs: Optional[list] = None) -> dict:
     return {
         "id": request_id, "object": "chat.completion.chunk", "created": created, "model": model_id,
-        "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}],
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason,
+                     "logprobs": None if logprobs is None else {"content": logprobs}}],
     }
 
 
@@ -311,49 +348,95 @@ def release_memory() -> None:
             pass
 
 
-class Decoding:
-    """One answer in the decode batch: its job, detokenizer, prompt cache and timings."""
+def logprob_entry(tokenizer, token: int, logprobs: mx.array, top: int) -> dict:
+    """OpenAI's logprobs entry of one sampled token: its log-probability and the `top` likeliest."""
+    values = np.array(logprobs.astype(mx.float32))
 
-    def __init__(self, job: Job, tokenizer, ids: List[int], cached: int, prompt_cache, images_key, tic: float):
-        self.job, self.ids, self.cached = job, ids, cached
-        self.prompt_cache, self.images_key = prompt_cache, images_key
-        self.detok = tokenizer.detokenizer
-        self.detok.reset()
-        self.eos = set(tokenizer.eos_token_ids)
-        self.tokens: List[int] = []
-        self.tic, self.prompt_tps, self.gen_tic = tic, 0.0, None
+    def entry(t: int) -> dict:
+        text = tokenizer.decode([t])
+        return {"token": text, "logprob": float(values[t]), "bytes": list(text.encode("utf-8"))}
 
-    def response(self, text: str, token: Optional[int], finish_reason: Optional[str] = None):
-        elapsed = time.perf_counter() - self.gen_tic
-        return GenerationResponse(text, token, len(self.ids), self.prompt_tps, len(self.tokens),
-                                  len(self.tokens) / max(elapsed, 1e-9), mx.get_peak_memory() / 1e9,
-                                  finish_reason, self.cached)
+    best = np.argsort(-values, kind="stable")[:top] if top else []
+    return {**entry(token), "top_logprobs": [entry(int(t)) for t in best]}
+
+
+class Decoding(Decoded):
+    """One answer in the batch: its job, the logprobs it asked for, and the
+    responses streamed to its request's thread."""
+
+    def __init__(self, job: Job, tokenizer, ids: List[int], cached: int, images_key, tic: float):
+        super().__init__(tokenizer, len(ids), cached, tic)
+        self.job, self.ids, self.images_key, self.tokenizer = job, ids, images_key, tokenizer
+        self.logprobs = None  # of the token `add` is given next
 
     def add(self, token: int) -> None:
         """Stream `token` to the client (an end-of-sequence token only counts)."""
-        if not self.tokens:
-            self.gen_tic = time.perf_counter()
-            self.prompt_tps = (len(self.ids) - self.cached) / (self.gen_tic - self.tic)
-        self.tokens.append(token)
-        if token not in self.eos:
-            self.detok.add_token(token)
-            self.job.responses.put(self.response(self.detok.last_segment, token))
+        response = super().add(token)
+        if response is not None:
+            top = self.job.options.get("top_logprobs")
+            if top is not None and self.logprobs is not None:
+                response.logprobs = logprob_entry(self.tokenizer, token, self.logprobs, top)
+            self.job.responses.put(response)
 
     def finish(self, reason: str) -> None:
-        self.detok.finalize()
-        self.job.responses.put(self.response(self.detok.last_segment, None, reason))
+        self.job.responses.put(super().finish(reason))
         self.job.responses.put(Job.END)
+
+
+class PromptCaches:
+    """Several conversations' KV caches (mlx-lm's `LRUPromptCache`, keyed by
+    their images' digests and their tokens) and their images' vision features,
+    each bounded by entries and bytes. A request continuing a conversation
+    prefills only what follows the longest prefix a kept cache shares with it,
+    and does not encode its images again."""
+
+    def __init__(self, max_entries: int = 8, max_bytes: int = 4 << 30):
+        self.kv = LRUPromptCache(max_entries, max_bytes)
+        self.features: "OrderedDict[tuple, mx.array]" = OrderedDict()
+        self.max_entries, self.max_bytes = max_entries, max_bytes
+        self.taken = None
+
+    def reuse(self, key: tuple, ids: List[int]) -> int:
+        """Take the kept KV cache nearest to `ids` with these images into `taken`
+        (None: none); the tokens of `ids` it holds, at most all but the last."""
+        cache, rest = self.kv.fetch_nearest_cache(key, ids)
+        if cache is not None and not rest:
+            trim_prompt_cache(cache, 1)
+            rest = ids[-1:]
+        self.taken = cache
+        return len(ids) - len(rest) if cache is not None else 0
+
+    def keep(self, key: tuple, tokens: List[int], cache: list) -> None:
+        self.kv.insert_cache(key, tokens, cache)
+
+    def vision_features(self, key: tuple):
+        if key in self.features:
+            self.features.move_to_end(key)
+        return self.features.get(key)
+
+    def keep_features(self, key: tuple, features) -> None:
+        if features is None:
+            return
+        self.features[key] = features
+        while len(self.features) > self.max_entries or (
+                len(self.features) > 1 and sum(f.nbytes for f in self.features.values()) > self.max_bytes):
+            self.features.popitem(last=False)
 
 
 class ChatService:
     """The model, a bounded queue of jobs and the one thread that answers
-    them. Concurrent answers are decoded together as one batch on mlx-lm's
-    `BatchGenerator` (continuous batching): a job is prefilled alone into its
-    own KV cache, joins the batch at the next step, and leaves it when it
-    finishes or its client goes; at most `max_batch` decode at once, the rest
-    wait in the queue. A seeded sampled request, and every request under
-    KV-cache options (quantized or rotating caches do not merge into a batch),
-    is answered alone once the batch has drained.
+    them, on mlx-lm's `BatchGenerator` (continuous batching). Each loop turn
+    runs bounded steps of the newcomers' admissions (decoding an image,
+    preparing a prompt, one block of a vision encoder) for about
+    `admission_slice` seconds, then one
+    `BatchGenerator.next()`: a decode step of the running answers and one
+    chunk (`prefill_step_size` tokens) of the prefill of the prompts that
+    arrived, batched together. So a running stream never waits for a
+    newcomer's whole encode and prefill. At most `max_batch` answers are
+    admitted or decoding at once, the rest wait in the queue. A seeded sampled
+    request, and every request under KV-cache options (quantized or rotating
+    caches do not merge into a batch), is answered alone once the batch has
+    drained.
 
     One long-lived thread rather than a lock: MLX keeps streams per thread, and
     each short-lived request thread that ran the model would leave its MLX
@@ -361,16 +444,18 @@ class ChatService:
     turn comes, so a waiting request holds only its encoded bytes."""
 
     def __init__(self, model, processor, model_id: str, limits: Limits = Limits(),
-                 system_prompt: Optional[str] = None, cache_options: Optional[dict] = None):
+                 system_prompt: Optional[str] = None, cache_options: Optional[dict] = None,
+                 prefill_step_size: int = 512, prompt_cache: Optional[PromptCaches] = None):
         self.model, self.processor, self.model_id, self.limits = model, processor, model_id, limits
         self.system_prompt = system_prompt  # for requests that bring no system message
         self.cache_options = cache_options or {}  # KV-cache options (check_cache_params) for every answer
-        # the last finished answer's KV cache and image features, reused by a request with the same
-        # images: its images are not encoded again and the prefix it shares is not prefilled again
-        self.prompt_cache, self.prompt_cache_images = None, None
+        self.prefill_step_size = prefill_step_size
+        self.admission_slice = 0.02  # seconds of admission work between two decode steps (at least one step)
+        self.prompt_cache = prompt_cache or PromptCaches()
         self.created = int(time.time())
         self.jobs: queue.Queue = queue.Queue(maxsize=limits.max_queued)
         self.decoding = {}  # BatchGenerator uid -> Decoding
+        self.admitting: deque = deque()  # (job, its admission's steps)
         self.stopping = False
         self.idle = threading.Event()
         threading.Thread(target=self.work, name="generation", daemon=True).start()
@@ -379,27 +464,30 @@ class ChatService:
         self.batch = self.new_batch()
         held = None  # a job taken from the queue that must wait for the batch to drain
         while True:
-            if not self.decoding and held is None:
+            if not self.decoding and not self.admitting and held is None:
                 release_memory()
                 self.idle.set()
                 held = self.jobs.get()
                 self.idle.clear()
-            while held is not None or (len(self.decoding) < self.limits.max_batch and not self.jobs.empty()):
+            while held is not None or (len(self.decoding) + len(self.admitting) < self.limits.max_batch
+                                       and not self.jobs.empty()):
                 job = held if held is not None else self.jobs.get_nowait()
                 held = None
-                if self.alone(job) and self.decoding:
+                if self.alone(job) and (self.decoding or self.admitting):
                     held = job
                     break
                 self.start(job)
+            if self.admitting:
+                self.admit_steps()
             if self.decoding:
                 self.step()
 
     def new_batch(self):
         eos = self.processor.tokenizer.eos_token_ids
-        # the batch runs on this thread's stream, as the prefills do
-        return BatchGenerator(self.model, stop_tokens=[[t] for t in eos], prefill_batch_size=1,
-                              completion_batch_size=self.limits.max_batch,
-                              stream=mx.default_stream(mx.default_device()))
+        # the batch runs on this thread's stream, as the encodes do
+        return BatchGenerator(PromptReader(self.model), stop_tokens=[[t] for t in eos],
+                              prefill_batch_size=self.limits.max_batch, completion_batch_size=self.limits.max_batch,
+                              prefill_step_size=self.prefill_step_size, stream=mx.default_stream(mx.default_device()))
 
     def alone(self, job: Job) -> bool:
         """Whether `job` cannot share the batch: KV-cache options, or a seed for sampling."""
@@ -408,18 +496,18 @@ class ChatService:
                 or (options.get("seed") is not None and options.get("temperature", 0.0) > 0))
 
     def start(self, job: Job) -> None:
-        """Answer `job` alone, or prefill it and put it in the batch; errors go to its client."""
+        """Answer `job` alone, or queue its admission to the batch; errors go to its client."""
         if job.cancelled:  # its client left while it waited
             return
         if self.stopping:
             job.responses.put(APIError(503, "the server is stopping", "server_stopping"))
             return
+        if not self.alone(job):
+            self.admitting.append((job, self.admit(job)))
+            return
         try:
-            if self.alone(job):
-                self.run(job)
-                job.responses.put(Job.END)
-            else:
-                self.join_batch(job)
+            self.run(job)
+            job.responses.put(Job.END)
         except Exception as e:  # handed to the request's thread
             job.responses.put(e)
         finally:
@@ -432,45 +520,56 @@ class ChatService:
         check_chat_length(self.model, self.processor, messages, [i.size for i in job.images])
         return messages
 
-    def take_prompt_cache(self, key: list):
-        """The kept PromptCache if it is for these images, else a new one. Its
-        KV cache goes to this answer (a concurrent one with the same images
-        gets the image features only)."""
-        if self.prompt_cache is None or key != self.prompt_cache_images:
-            self.prompt_cache, self.prompt_cache_images = PromptCache(), key
-        cache = self.prompt_cache
-        self.prompt_cache = PromptCache(vision_features=cache.vision_features)
-        return cache
+    def admit_steps(self) -> None:
+        """Admission steps, the newcomers in turn, until `admission_slice` seconds
+        are used (at least one step); a failure goes to its client."""
+        deadline = time.perf_counter() + self.admission_slice
+        while self.admitting:
+            job, steps = self.admitting.popleft()
+            try:
+                if job.cancelled or self.stopping or next(steps, StopIteration) is StopIteration:
+                    if self.stopping and not job.cancelled:
+                        job.responses.put(APIError(503, "the server is stopping", "server_stopping"))
+                else:
+                    self.admitting.append((job, steps))
+            except Exception as e:
+                job.responses.put(e)
+            if time.perf_counter() >= deadline:
+                return
 
-    def join_batch(self, job: Job) -> None:
+    def admit(self, job: Job) -> Iterator[None]:
+        """`job`'s admission in steps: its images decoded, its prompt prepared,
+        its vision features (kept per set of images) encoded a block at a
+        time, then its prompt in the batch behind the longest prefix a kept KV
+        cache holds."""
         tic = time.perf_counter()
         messages = self.messages_of(job)
-        images = [image.decode(self.limits) for image in job.images]
+        images = []
+        for image in job.images:
+            images.append(image.decode(self.limits))
+            yield
+        job.images, key = [], tuple(hashlib.sha256(image.data).digest() for image in job.images)
         inputs = prepare_chat_inputs(self.model, self.processor, messages, images)
-        key = [hashlib.sha256(image.data).digest() for image in job.images]
-        cache = self.take_prompt_cache(key)
-        embeddings, positions = cached_embeddings(self.model, inputs, cache)
-        if self.prompt_cache_images == key:  # for a concurrent request with the same images
-            self.prompt_cache.vision_features = cache.vision_features
+        yield
+        features = self.prompt_cache.vision_features(key)
+        if features is None:
+            for features in self.model.encode_vision_steps([inputs]):
+                yield
+            features = features[0]
+            self.prompt_cache.keep_features(key, features)
+        embeddings, positions = self.model.get_input_embeddings(inputs, vision_features=features)
         ids = [int(i) for i in inputs.input_ids]
-        keep = cache.reuse(self.model, ids)
+        cached = self.prompt_cache.reuse(key, ids)
         o = job.options
-        sampler = make_sampler(temp=o["temperature"], top_p=o["top_p"])
-        processors = make_logits_processors(None, o["repetition_penalty"], o["repetition_context_size"])
-        first = prefill(self.model, ids[keep:], embeddings[0, keep:], positions, cache.kv, sampler, processors)
-        answer = Decoding(job, self.processor.tokenizer, ids, keep, cache, key, tic)
-        answer.add(first)
-        limit = min(o["max_tokens"], context_length(self.model) - len(ids))
-        if first in answer.eos or limit <= 1:
-            self.leave(answer, "stop" if first in answer.eos else "length", cache.kv)
-            return
-        (uid,) = self.batch.insert([[first]], max_tokens=[limit - 1], caches=[cache.kv],
-                                   all_tokens=[ids[keep:]], samplers=[sampler],
-                                   logits_processors=[processors])
-        self.decoding[uid] = answer
+        uid = insert_prompt(self.batch, self.model, ids, embeddings[0], positions, o["max_tokens"],
+                            self.prompt_cache.taken, cached, samplers=make_sampler(temp=o["temperature"], top_p=o["top_p"]),
+                            logits_processors=make_logits_processors(None, o["repetition_penalty"],
+                                                                     o["repetition_context_size"]))
+        self.decoding[uid] = Decoding(job, self.processor.tokenizer, ids, cached, key, tic)
 
     def step(self) -> None:
-        """One decode step of the whole batch; answers whose clients left are dropped first."""
+        """One `BatchGenerator.next()`: a decode step of the running answers and a
+        chunk of the newcomers' prefill; answers whose clients left are dropped first."""
         gone = [uid for uid, a in self.decoding.items() if a.job.cancelled or self.stopping]
         if gone:
             self.batch.remove(gone)
@@ -482,7 +581,7 @@ class ChatService:
         if not self.decoding:
             return
         try:
-            responses = self.batch.next_generated()
+            _, responses = self.batch.next()
         except Exception as e:  # every answer in the batch fails with it
             self.batch = self.new_batch()
             for answer in self.decoding.values():
@@ -491,35 +590,27 @@ class ChatService:
             return
         for r in responses:
             answer = self.decoding[r.uid]
+            answer.logprobs = r.logprobs
             answer.add(r.token)
             if r.finish_reason is not None:
                 del self.decoding[r.uid]
-                self.leave(answer, r.finish_reason, r.prompt_cache)
-
-    def leave(self, answer: Decoding, reason: str, kv: list) -> None:
-        """Finish `answer`; its KV cache becomes the kept prompt cache."""
-        answer.finish(reason)
-        self.prompt_cache = PromptCache(answer.ids + answer.tokens, kv, answer.prompt_cache.vision_features)
-        self.prompt_cache_images = answer.images_key
+                answer.finish(r.finish_reason)
+                self.prompt_cache.keep(answer.images_key, r.all_tokens, r.prompt_cache)
 
     def run(self, job: Job) -> None:
         """Answer `job` alone through `stream_chat`, with the KV-cache options."""
         messages = self.messages_of(job)
         images = [image.decode(self.limits) for image in job.images]
-        options = {**job.options, **self.cache_options}
-        key = [hashlib.sha256(image.data).digest() for image in job.images]
-        if self.prompt_cache is None or key != self.prompt_cache_images:
-            self.prompt_cache = PromptCache()
-        self.prompt_cache_images = None  # until this answer ends well (a failure may leave it half-written)
-        cache = None if options.get("max_kv_size") else self.prompt_cache  # a rotating cache is not reused
-        for response in stream_chat(self.model, self.processor, messages, images, prompt_cache=cache, **options):
+        top = job.options.get("top_logprobs")
+        options = {k: v for k, v in job.options.items() if k not in ("top_logprobs", "stop")}
+        for response in stream_chat(self.model, self.processor, messages, images, **options, **self.cache_options):
             if self.stopping:
                 raise APIError(503, "the server stopped during the answer", "server_stopping")
             if job.cancelled:
-                self.prompt_cache_images = key  # stopped between tokens: the cache is consistent
                 return
+            if response.token is not None and top is not None:
+                response.logprobs = logprob_entry(self.processor.tokenizer, response.token, response.logprobs, top)
             job.responses.put(response)
-        self.prompt_cache_images = key
 
     def answer(self, messages: list, images: List[RequestImage], options: dict,
                client_gone: Callable[[], bool] = lambda: False) -> Iterator:
@@ -528,7 +619,6 @@ class ChatService:
         `client_gone` is polled: a client that left raises ClientGone and its job
         is dropped. Closing the iterator stops the generation."""
         from jinja2 import TemplateError
-
 
         job = Job(messages, images, options)
         try:
@@ -789,14 +879,17 @@ class Handler(BaseHTTPRequestHandler):
         answer = s.answer(messages, images, options, self.client_gone)
         with contextlib.closing(answer):  # a reply cut short stops the generation
             first = next(answer)  # bad input raises here, before any reply is sent
+            responses = until_stop(itertools.chain([first], answer), options["stop"])
             if stream:
-                self.stream_reply(itertools.chain([first], answer), request_id, created, include_usage)
+                self.stream_reply(responses, request_id, created, include_usage)
                 return
-            text, last = first.text, first
-            for last in answer:
+            text, entries = "", []
+            for last in responses:
                 text += last.text
+                entries += [last.logprobs] if isinstance(last.logprobs, dict) else []
         self.note = f" {last.prompt_tokens}+{last.generation_tokens} tokens"
-        self.send_json(200, completion(request_id, created, s.model_id, text, last.finish_reason, usage_of(last)))
+        self.send_json(200, completion(request_id, created, s.model_id, text, last.finish_reason, usage_of(last),
+                                       entries if options["top_logprobs"] is not None else None))
 
     def stream_reply(self, stream, request_id: str, created: int, include_usage: bool) -> None:
         model_id = self.server.service.model_id
@@ -810,8 +903,10 @@ class Handler(BaseHTTPRequestHandler):
             self.send_event(completion_chunk(request_id, created, model_id, {"role": "assistant", "content": ""}))
             last = None
             for last in stream:
-                if last.text:
-                    self.send_event(completion_chunk(request_id, created, model_id, {"content": last.text}))
+                entry = last.logprobs if isinstance(last.logprobs, dict) else None
+                if last.text or entry:
+                    self.send_event(completion_chunk(request_id, created, model_id, {"content": last.text},
+                                                     logprobs=None if entry is None else [entry]))
             self.send_event(completion_chunk(request_id, created, model_id, {}, last.finish_reason))
             if include_usage:
                 self.send_event({**completion_chunk(request_id, created, model_id, {}), "choices": [],
@@ -825,9 +920,9 @@ class Handler(BaseHTTPRequestHandler):
 
 def make_server(model, processor, model_id: str, host: str = "127.0.0.1", port: int = 8080,
                 limits: Limits = Limits(), system_prompt: Optional[str] = None,
-                cache_options: Optional[dict] = None) -> ChatServer:
+                cache_options: Optional[dict] = None, prefill_step_size: int = 512) -> ChatServer:
     """A server ready for `serve_forever()`; port 0 picks a free port (`server.server_address`)."""
-    service = ChatService(model, processor, model_id, limits, system_prompt, cache_options)
+    service = ChatService(model, processor, model_id, limits, system_prompt, cache_options, prefill_step_size)
     return ChatServer((host, port), service)
 
 
@@ -852,6 +947,8 @@ def setup_arg_parser() -> argparse.ArgumentParser:
                    help="most answers decoded together as one batch")
     p.add_argument("--max-queued", type=int, default=d.max_queued,
                    help="requests that may wait for a place in the batch; more are answered 503")
+    p.add_argument("--prefill-step-size", type=int, default=512,
+                   help="prompt tokens prefilled between two decode steps of the running answers")
     add_runtime_arguments(p)
     return p
 
@@ -864,7 +961,7 @@ def main(argv: Optional[List[str]] = None) -> None:
                     max_request_pixels=args.max_request_pixels, max_queued=args.max_queued,
                     max_batch=args.max_batch)
     for name in ("max_tokens", "max_request_bytes", "max_image_bytes", "max_image_pixels", "max_images",
-                 "max_request_pixels", "max_queued", "max_batch"):
+                 "max_request_pixels", "max_queued", "max_batch", "prefill_step_size"):
         if getattr(args, name) < 1:
             sys.exit(f"error: --{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if not args.image_timeout > 0 or args.image_timeout == float("inf"):
@@ -876,7 +973,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         print(f"loading {model_id} ...", file=sys.stderr, flush=True)
         model, processor = load(args.model, adapter_path=args.adapter_path)
         server = make_server(model, processor, model_id, args.host, args.port, limits,
-                             args.system_prompt, cache_options)
+                             args.system_prompt, cache_options, args.prefill_step_size)
     except (ValueError, FileNotFoundError, OSError) as e:
         sys.exit(f"error: {e}")
     host, port = server.server_address[:2]

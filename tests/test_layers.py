@@ -11,7 +11,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "mlx_vlm_native"
 
 # lowest first; a module may import its own layer and the ones below
 LAYERS = (
-    ("kernels", ("native", "packing", "packed_attention", "torch_pickle", "weight_files", "params")),
+    ("kernels", ("native", "packing", "packed_attention", "torch_pickle", "weight_files", "params", "engine")),
     ("models", ("models", "openvision_checkpoint")),
     ("processors", ("processors",)),
     ("loading and generation", ("utils", "adapters", "generate", "convert", "fuse", "caption")),

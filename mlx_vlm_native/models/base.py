@@ -1,12 +1,13 @@
 import inspect
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence, Tuple
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
+from ..engine import PromptKVCache
 from ..packing import Pack
 
 TEXT, IMAGE, VIDEO = 0, 1, 2  # the values of `ProcessedInputs.token_types`
@@ -51,10 +52,10 @@ class VisionLanguageModel(nn.Module):
         logits = model(input_ids[None], cache=cache, input_embeddings=embeddings, positions=positions)
 
     `positions` are a prompt's rotary positions where they are not plain 1-D
-    ones (Qwen2-VL's (3, L) M-RoPE positions), else None. The forward takes
-    them with every call over the prompt (any chunk of it, from the cache's
-    offset); a call past the prompt without them continues from what the KV
-    cache holds (Qwen2-VL's `MRoPECache` keeps the M-RoPE delta)."""
+    ones (Qwen2-VL's (3, L) M-RoPE positions), else None. Generation does not
+    call the model itself: mlx-lm's machinery does, through
+    `engine.PromptReader`, with each sequence's prompt in its cache
+    (`make_cache`)."""
 
     # the checkpoint layouts `sanitize` maps, named in a missing-key error
     layouts: Tuple[str, ...] = ()
@@ -64,10 +65,20 @@ class VisionLanguageModel(nn.Module):
         """The decoder layers, one KV cache each."""
         raise NotImplementedError
 
+    def make_cache(self) -> list:
+        """One KV cache per layer; the first carries the sequence's `engine.Prompt`."""
+        return [PromptKVCache() for _ in self.layers]
+
     def encode_vision(self, batch: Sequence[ProcessedInputs]) -> List[Optional[mx.array]]:
         """The vision features of each prompt of `batch`, (tokens, D) in placeholder
         order (images, then videos), or None for a prompt without media."""
         raise NotImplementedError
+
+    def encode_vision_steps(self, batch: Sequence[ProcessedInputs]) -> Iterator[Optional[list]]:
+        """`encode_vision` in bounded steps, for a server to interleave with
+        decoding: yields None between steps, and last the features. This default
+        is one step; a family with a deep tower yields after each block."""
+        yield self.encode_vision(batch)
 
     def get_input_embeddings(
         self, inputs: ProcessedInputs, vision_features: Optional[mx.array] = None

@@ -202,26 +202,36 @@ class VisionModel(nn.Module):
 
     def __call__(self, pack: Pack, merge: bool = True) -> mx.array:
         """One call for the whole pack: (N, patch dim) -> (N / 4, out) merged tokens."""
+        for out in self.steps(pack, merge, evaluate=False):
+            pass
+        return out
+
+    def steps(self, pack: Pack, merge: bool = True, evaluate: bool = True):
+        """The call block by block: yields None after each block (evaluated, with
+        `evaluate`, so that each step is bounded work), then the output."""
         c = self.config
         x = self.patch_embed(mx.array(pack.patches))
         angles = rope_2d_angles(pack.positions, c.embed_dim // c.num_heads, c.rope_theta)
-        if not c.windowed:
-            cos, sin = mx.cos(angles), mx.sin(angles)
-            for block in self.blocks:
-                x = block(x, pack.cu_seqlens, cos, sin)
-            return self.merger(x) if merge else x
-        # windowed: run in window order (whole 2x2 units moved), undo after merging
-        unit = c.spatial_merge_size**2
-        order, cu_windows = window_index(pack.grids, c.spatial_merge_size, c.window_size, c.patch_size)
-        token_order = mx.array((order[:, None] * unit + np.arange(unit)).reshape(-1))
-        x, angles = x[token_order], angles[token_order]
+        order = None
+        cu_windows = pack.cu_seqlens
+        if c.windowed:  # run in window order (whole 2x2 units moved), undo after merging
+            unit = c.spatial_merge_size**2
+            order, cu_windows = window_index(pack.grids, c.spatial_merge_size, c.window_size, c.patch_size)
+            token_order = mx.array((order[:, None] * unit + np.arange(unit)).reshape(-1))
+            x, angles = x[token_order], angles[token_order]
         cos, sin = mx.cos(angles), mx.sin(angles)
         for i, block in enumerate(self.blocks):
-            cu = pack.cu_seqlens if i in c.fullatt_block_indexes else cu_windows
-            x = block(x, cu, cos, sin)
-        if not merge:
-            return x[mx.array(np.argsort(token_order))]
-        return self.merger(x)[mx.array(np.argsort(order))]
+            full = not c.windowed or i in c.fullatt_block_indexes
+            x = block(x, pack.cu_seqlens if full else cu_windows, cos, sin)
+            if evaluate:
+                mx.eval(x)
+                yield None
+        if order is None:
+            yield self.merger(x) if merge else x
+        elif not merge:
+            yield x[mx.array(np.argsort(token_order))]
+        else:
+            yield self.merger(x)[mx.array(np.argsort(order))]
 
     def sanitize(self, weights: dict) -> dict:
         out = {}

@@ -15,7 +15,9 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 from mlx_lm.models import qwen2
-from mlx_lm.models.cache import BatchKVCache, KVCache
+from mlx_lm.models.base import create_attention_mask
+
+from ..engine import BatchPromptKVCache, Prompt, PromptKVCache, prompts_of
 
 from ..packing import pack_of_packs, split_by_prompt
 from .base import (
@@ -135,9 +137,9 @@ def prompt_delta(positions: np.ndarray) -> int:
 
 
 class MRoPE(nn.Module):
-    """Rotary embedding with per-section positions; one instance is shared by
-    every attention layer, holding the positions of the forward under way
-    (`Model.__call__` sets them on each call)."""
+    """Rotary embedding with per-section positions. It holds no positions:
+    each forward builds `RopeTables` for its own tokens and hands them to every
+    layer as the `offset` mlx-lm's attention passes (`PositionedCache`)."""
 
     def __init__(self, head_dim: int, base: float, sections: Sequence[int]):
         super().__init__()
@@ -146,85 +148,95 @@ class MRoPE(nn.Module):
         inv_freq = 1.0 / base ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim)
         self._inv_freq = mx.array(inv_freq)
         self._section = mx.array(np.repeat(np.arange(3), sections))
-        self.set_positions(None, 0)
-
-    def set_positions(self, positions: Optional[np.ndarray], delta: int) -> None:
-        """`positions` (3, L) for one prompt or (B, 3, L) for a training batch;
-        None for plain text."""
-        self._positions = None if positions is None else mx.array(positions)
-        self._delta = delta
-        self._tables = {}  # (offset, length, dtype) -> cos, sin: built once per forward, not per layer
 
     def __call__(self, x: mx.array, offset=0) -> mx.array:
-        """`offset`: an int, or (B,) per-sequence offsets of a batch cache (past
-        the prompt, with `delta` then a (B,) array too)."""
-        L = x.shape[-2]
-        if self._positions is None or offset >= self._positions.shape[-1]:
-            # past the prompt all three positions are equal
-            return mx.fast.rope(x, self.head_dim, traditional=False, base=self.base,
-                                scale=1.0, offset=offset + self._delta)
-        key = (offset, L, x.dtype)
-        if key not in self._tables:
-            prompt_len = self._positions.shape[-1]
-            pos = self._positions[..., offset : offset + L]
-            if pos.shape[-1] < L:
-                tail = mx.arange(prompt_len, offset + L) + self._delta
-                pos = mx.concatenate([pos, mx.broadcast_to(tail, (*pos.shape[:-1], tail.size))], axis=-1)
-            self._tables = {key: self.tables(pos, x.dtype)}
-        cos, sin = self._tables[key]
+        if not isinstance(offset, RopeTables):  # plain 1-D positions from `offset`
+            return mx.fast.rope(x, self.head_dim, traditional=False, base=self.base, scale=1.0, offset=offset)
+        cos, sin = offset.cos.astype(x.dtype), offset.sin.astype(x.dtype)
         half = x.shape[-1] // 2
         rotated = mx.concatenate([-x[..., half:], x[..., :half]], axis=-1)
         return x * cos + rotated * sin
 
-    def tables(self, pos: mx.array, dtype):
-        """cos and sin of the (.., 3, L) positions: each frequency takes the
+    def tables(self, positions) -> "RopeTables":
+        """cos and sin of (3, L) or (B, 3, L) positions: each frequency takes the
         position of its section (t, h or w)."""
+        pos = mx.array(positions)
         angles = mx.take(pos, self._section, axis=-2).swapaxes(-1, -2).astype(mx.float32) * self._inv_freq
         angles = mx.concatenate([angles, angles], axis=-1)
         if angles.ndim == 3:  # (B, L, D) -> (B, 1, L, D) over the heads
             angles = angles[:, None]
-        return mx.cos(angles).astype(dtype), mx.sin(angles).astype(dtype)
+        return RopeTables(mx.cos(angles), mx.sin(angles))
 
 
-class MRoPECache(KVCache):
-    """A KVCache that knows where its sequence's text positions continue:
-    generated tokens sit at `offset + rope_delta`. Merges into a
-    `BatchMRoPECache`, so each sequence of a batch keeps its own delta."""
+@dataclass
+class RopeTables:
+    """The rotary tables of one forward's tokens."""
 
-    rope_delta = 0
+    cos: mx.array
+    sin: mx.array
+
+
+class PositionedCache:
+    """One layer's cache (or None) for one forward, with that forward's
+    `RopeTables` as the `offset` mlx-lm's attention hands to its rope; the rest
+    is the cache's own. This is how positions reach mlx-lm's Qwen2 layers with
+    each call, not as state on a shared module."""
+
+    def __init__(self, cache, tables):
+        self.cache, self.offset = cache, tables  # RopeTables, or 1-D offsets
+
+    def update_and_fetch(self, keys, values):
+        return (keys, values) if self.cache is None else self.cache.update_and_fetch(keys, values)
+
+    def make_mask(self, N: int, return_array: bool = False, window_size=None):
+        if self.cache is not None:
+            return self.cache.make_mask(N, return_array=return_array, window_size=window_size)
+        return create_attention_mask(mx.zeros((1, N, 1)), None, window_size, return_array)
+
+    def __getattr__(self, name):  # e.g. a quantized cache's `bits`
+        cache = self.__dict__.get("cache")
+        if cache is None:
+            raise AttributeError(name)
+        return getattr(cache, name)
+
+
+def continued_offset(cache):
+    """Where tokens with no prompt positions given sit: past the prompt all three
+    positions are equal, `offset + delta` of each sequence (an int, or (B,))."""
+    first = cache[0] if cache else None
+    if first is None:
+        return 0
+    prompts = prompts_of(cache)
+    if isinstance(first.offset, mx.array):
+        return first.offset + mx.array([0 if p is None else p.delta for p in prompts])
+    return first.offset + (0 if prompts[0] is None else prompts[0].delta)
+
+
+class MRoPECache(PromptKVCache):
+    """A sequence's KV cache; generated tokens sit at `offset + rope_delta`,
+    the delta its `Prompt` carries. Merges into a `BatchMRoPECache`."""
+
+    @property
+    def rope_delta(self) -> int:
+        return 0 if self.prompt is None else self.prompt.delta
+
+    @rope_delta.setter
+    def rope_delta(self, delta: int) -> None:
+        self.prompt = Prompt(delta=delta, consumed=self.offset)
 
     @classmethod
     def merge(cls, caches):
         return BatchMRoPECache.merge(caches)
 
 
-class BatchMRoPECache(BatchKVCache):
-    """mlx-lm's BatchKVCache plus the per-sequence `rope_deltas`, (B,), kept
-    in step when sequences join (extend) or leave (filter) the batch."""
+class BatchMRoPECache(BatchPromptKVCache):
+    """mlx-lm's BatchKVCache with each sequence's `Prompt`, so its M-RoPE delta."""
 
-    @classmethod
-    def merge(cls, caches):
-        if max(c.size() for c in caches) == 0:
-            batch = cls([0] * len(caches))
-        else:
-            batch = super().merge(caches)
-        batch.rope_deltas = mx.array([c.rope_delta for c in caches])
-        return batch
+    single = MRoPECache
 
-    def filter(self, batch_indices):
-        super().filter(batch_indices)
-        self.rope_deltas = self.rope_deltas[mx.array(batch_indices)]
-
-    def extend(self, other):
-        super().extend(other)
-        self.rope_deltas = mx.concatenate([self.rope_deltas, other.rope_deltas])
-
-    def extract(self, idx):
-        plain = super().extract(idx)
-        cache = MRoPECache()
-        cache.keys, cache.values, cache.offset = plain.keys, plain.values, plain.offset
-        cache.rope_delta = self.rope_deltas[idx].item()
-        return cache
+    @property
+    def rope_deltas(self) -> mx.array:
+        return mx.array([0 if p is None else p.delta for p in self.prompts])
 
 
 class Model(VisionLanguageModel):
@@ -237,9 +249,9 @@ class Model(VisionLanguageModel):
         self.visual = VisionModel(args.vision_config)
         self.language_model = qwen2.Model(args.text_config)
         t = args.text_config
-        self.rope = MRoPE(t.hidden_size // t.num_attention_heads, t.rope_theta, args.mrope_section)
+        rope = MRoPE(t.hidden_size // t.num_attention_heads, t.rope_theta, args.mrope_section)
         for layer in self.language_model.layers:
-            layer.self_attn.rope = self.rope
+            layer.self_attn.rope = rope
 
     @property
     def layers(self):
@@ -252,6 +264,17 @@ class Model(VisionLanguageModel):
         if not packs:
             return [None] * len(batch)
         return split_by_prompt(self.visual(pack_of_packs(packs)), batch)
+
+    def encode_vision_steps(self, batch: Sequence[ProcessedInputs]):
+        """`encode_vision` a tower block at a time (see the base class)."""
+        packs = [inputs.pack for inputs in batch if inputs.pack is not None]
+        if not packs:
+            yield [None] * len(batch)
+            return
+        for out in self.visual.steps(pack_of_packs(packs)):
+            if out is None:
+                yield None
+        yield split_by_prompt(out, batch)
 
     def get_input_embeddings(self, inputs: ProcessedInputs, vision_features: Optional[mx.array] = None):
         """Token embeddings with the vision features in place, (1, L, D), and
@@ -277,25 +300,21 @@ class Model(VisionLanguageModel):
         return [MRoPECache() for _ in self.layers]
 
     def __call__(self, inputs: mx.array, cache=None, input_embeddings=None, positions=None) -> mx.array:
-        """`positions`: a prompt's (3, L) M-RoPE positions, for any chunk of it
-        from the cache's offset ((B, 3, L) for a batch of whole prompts). Without
-        them a forward continues at the M-RoPE delta its cache holds; a text-only
-        prompt without a cache has plain positions."""
-        first = cache[0] if cache else None
-        if positions is not None:
-            delta = prompt_delta(positions)
-        elif isinstance(first, BatchMRoPECache):  # a batch decode: each sequence past its prompt
-            delta = first.rope_deltas
-        elif isinstance(first, MRoPECache) and first.offset > 0:
-            delta = first.rope_delta
-        else:
-            delta = 0
-        self.rope.set_positions(positions, delta)
-        out = self.language_model(inputs, cache=cache, input_embeddings=input_embeddings)
-        if positions is not None and isinstance(first, MRoPECache):  # generation continues at this delta
-            for c in cache:
-                c.rope_delta = delta
-        return out
+        """`positions`: the (3, n) or (B, 3, n) M-RoPE positions of this call's
+        n tokens, or a whole prompt's (3, L) for a chunk of it at the cache's
+        offset. Without them the tokens continue what the cache holds."""
+        n = inputs.shape[1] if input_embeddings is None else input_embeddings.shape[1]
+        if positions is None:  # mlx-lm's fast 1-D rope at each sequence's offset
+            rope = continued_offset(cache)
+            caches = [PositionedCache(c, rope) for c in (cache or [None] * len(self.layers))]
+            return self.language_model(inputs, cache=caches, input_embeddings=input_embeddings)
+        if positions.ndim == 2 and cache:  # a chunk of one prompt's (3, L) positions, at the cache's offset
+            if getattr(cache[0], "prompt", None) is None:  # generation continues at its delta
+                cache[0].prompt = Prompt(delta=prompt_delta(positions))
+            positions = positions[:, cache[0].offset : cache[0].offset + n]
+        tables = self.layers[0].self_attn.rope.tables(positions)
+        caches = [PositionedCache(c, tables) for c in (cache or [None] * len(self.layers))]
+        return self.language_model(inputs, cache=caches, input_embeddings=input_embeddings)
 
     def sanitize(self, weights: dict) -> dict:
         """Hub (`model.layers`, `visual.`, `lm_head`), transformers-5 in-memory
