@@ -153,15 +153,6 @@ def text_of(messages: list) -> List[str]:
     return texts
 
 
-def invalid_unicode(text: str) -> Optional[int]:
-    """The index of the first lone surrogate in `text` (no UTF-8 for it), or None."""
-    try:
-        text.encode("utf-8")
-        return None
-    except UnicodeEncodeError as e:
-        return e.start
-
-
 # ---------------------------------------------------------------------- pixels
 
 class PixelBudget:

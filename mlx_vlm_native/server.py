@@ -41,8 +41,9 @@ from mlx_lm.generate import BatchGenerator
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
 from .http_limits import (
-    ConnectionTable, DeadlineReader, PixelBudget, invalid_unicode, json_values, longest_token_bytes, text_of,
+    ConnectionTable, DeadlineReader, PixelBudget, json_values, longest_token_bytes, text_of,
 )
+from .validation import invalid_unicode
 from .generate import (
     DEFAULT_MODEL_NAME, GenerationResponse, PromptCache, PromptTooLongError, add_model_argument, add_runtime_arguments,
     cached_embeddings, check_chat_length, context_length, prefill, prepare_chat_inputs, stream_chat,

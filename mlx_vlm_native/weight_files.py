@@ -73,6 +73,23 @@ def check_safetensors(path) -> None:
         raise ValueError(f"{path}: the tensors cover {covered} bytes of data but the file has {data_size}")
 
 
+def load_checked_safetensors(path, what: str) -> dict:
+    """A small safetensors file that is loaded whole (adapters, training
+    checkpoints): present, its header checked against the file, and every
+    floating-point tensor finite. `what` says what the file is, for errors."""
+    import mlx.core as mx
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path} is missing")
+    check_safetensors(path)
+    weights = mx.load(str(path))
+    for name, array in weights.items():
+        if mx.issubdtype(array.dtype, mx.floating) and not mx.all(mx.isfinite(array)).item():
+            raise ValueError(f"{path}: tensor {name!r} holds NaN or infinite values; {what} is unusable")
+    return weights
+
+
 def read_json_file(path) -> dict:
     """A JSON object file such as config.json; bad JSON is an error naming the file."""
     path = Path(path)

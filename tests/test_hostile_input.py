@@ -118,7 +118,9 @@ def test_six_bytes_of_a_1000_byte_body_do_not_lock_anyone_out(server):
         # a stalled body that was not closed to make room gets a 408 at the deadline
         last = sockets[-1]
         last.settimeout(LIMITS.body_timeout + 5)
-        reply = last.recv(65536)
+        reply = b""
+        while chunk := last.recv(65536):
+            reply += chunk
         assert reply.startswith(b"HTTP/1.0 408") and b"not received within" in reply, reply[:300]
     finally:
         for s in sockets:
@@ -198,3 +200,220 @@ def test_a_lone_surrogate_is_a_400(server):
     body = b'{"messages": [{"role": "user", "content": "\\ud800 hi"}]}'
     status, reply = call(server, "POST", "/v1/chat/completions", body)
     assert status == 400 and b"lone surrogate" in reply, reply
+
+
+def test_a_non_utf8_prompt_is_a_clear_cli_error(model_dir):
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "mlx_vlm_native.generate", "--model", str(model_dir),
+                             "--prompt", b"what \xff colour?", "--max-tokens", "1"],
+                            capture_output=True, timeout=120)
+    err = result.stderr.decode("utf-8", "replace")
+    assert result.returncode == 1 and "--prompt is not valid UTF-8 (byte 0xff at character 5)" in err, err
+    assert "Traceback" not in err
+
+
+# ------------------------------------------------------ 4. meaningless values
+
+
+def test_a_temperature_that_overflows_is_greedy(server):
+    from mlx_vlm_native.params import check_generation_params
+
+    assert check_generation_params(temperature=1e-300)["temperature"] == 0.0
+    assert check_generation_params(temperature=0.5)["temperature"] == 0.5
+    answers = [json.loads(call(server, "POST", "/v1/chat/completions", hello(max_tokens=4, temperature=t))[1])
+               for t in (1e-300, 0)]
+    assert answers[0]["choices"][0]["message"] == answers[1]["choices"][0]["message"]
+
+
+def test_video_frames_are_bounded_by_the_context_before_decoding(model_dir, tmp_path, monkeypatch):
+    import importlib
+
+    from PIL import Image
+
+    from mlx_vlm_native.processors.image import load_video_frames
+
+    generate_module = importlib.import_module("mlx_vlm_native.generate")
+
+    frames = [Image.new("RGB", (8, 8), (i * 8, 0, 0)) for i in range(30)]
+    gif = tmp_path / "x.gif"
+    frames[0].save(gif, save_all=True, append_images=frames[1:], duration=10)
+    picked = load_video_frames(gif, 3)  # only the sampled frames are decoded
+    assert [round(f.getpixel((0, 0))[0] / 8) for f in picked] == [0, 14, 29]
+
+    def never(*args, **kwargs):
+        raise AssertionError("frames decoded before the context check")
+
+    monkeypatch.setattr(generate_module, "load_video_frames", never)
+    with pytest.raises(SystemExit) as e:
+        generate_module.main(["--model", str(model_dir), "--video", str(gif), "--video-frames", "100000"])
+    assert "--video-frames 100000" in str(e.value) and "context" in str(e.value)
+
+
+# ------------------------------------------------------------ 5. adapters
+
+
+def make_adapter(model_dir, folder, scale=1.0):
+    from mlx_vlm_native import load
+    from mlx_vlm_native.adapters import adapt_linears, save_adapters
+
+    model, _ = load(str(model_dir))
+    model.freeze()
+    adapt_linears(model, ["q_proj"], 4, scale)
+    save_adapters(folder, model, {"method": "lora", "targets": ["q_proj"], "rank": 4, "scale": scale})
+    return folder
+
+
+def test_damaged_adapters_are_clear_errors(model_dir, tmp_path):
+    import mlx.core as mx
+
+    from mlx_vlm_native import load
+
+    good = make_adapter(model_dir, tmp_path / "good")
+    weights_file = good / "adapters.safetensors"
+    data = weights_file.read_bytes()
+
+    def damaged(name, content=None, config=None):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "adapter_config.json").write_text(config or (good / "adapter_config.json").read_text())
+        if content is not None:
+            (folder / "adapters.safetensors").write_bytes(content)
+        with pytest.raises((ValueError, FileNotFoundError)) as e:
+            load(str(model_dir), adapter_path=str(folder))
+        return str(e.value)
+
+    assert "truncated" in damaged("truncated", data[: len(data) // 2])
+    assert "is missing" in damaged("missing")
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    key = next(k for k in header if k != "__metadata__")
+    header[key]["shape"] = [1_000_000, 1_000_000]
+    text = json.dumps(header).encode()
+    assert key in damaged("huge", len(text).to_bytes(8, "little") + text + data[8 + n:])
+    weights = mx.load(str(weights_file))
+    weights[key] = mx.full(weights[key].shape, float("nan"), weights[key].dtype)
+    mx.save_safetensors(str(tmp_path / "nan.safetensors"), weights)
+    message = damaged("nan", (tmp_path / "nan.safetensors").read_bytes())
+    assert "NaN" in message and key in message
+    config = json.loads((good / "adapter_config.json").read_text())
+    assert "scale is nan" in damaged("nan_scale", data, json.dumps({**config, "scale": float("nan")}))
+
+
+# ------------------------------------------------------------ 6. config.json
+
+
+@pytest.mark.parametrize("key, value, words", [
+    ("text_config.vocab_size", 10**10, "text_config.vocab_size is 10000000000; it must be an integer >= 1"),
+    ("text_config.num_hidden_layers", 10**6, "text_config.num_hidden_layers is 1000000"),
+    ("vision_config.image_size", 10**6, "vision_config.image_size is 1000000"),
+    ("text_config.num_attention_heads", 0, "text_config.num_attention_heads is 0"),
+    ("vision_config.patch_size", 0, "vision_config.patch_size is 0"),
+    ("text_config", [1, 2], "text_config must be an object, got list"),
+    ("text_config.rms_norm_eps", "x", "text_config.rms_norm_eps is 'x'; it must be a number > 0"),
+    ("text_config.num_key_value_heads", 3, "must be a multiple of num_key_value_heads (3)"),
+    ("text_config.hidden_size", 60000, "more than this machine's"),
+])
+def test_config_values_are_checked_before_anything_is_built(model_dir, tmp_path, key, value, words):
+    from mlx_vlm_native.utils import load_model
+    from mlx_vlm_native.validation import ConfigError
+
+    for f in model_dir.iterdir():
+        (tmp_path / f.name).symlink_to(f)
+    config = json.loads((model_dir / "config.json").read_text())
+    (tmp_path / "config.json").unlink()
+    node, *path = [config] + key.split(".")
+    for part in path[:-1]:
+        node = node[part]
+    node[path[-1]] = value
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError) as e:
+        load_model(tmp_path)
+    assert str(tmp_path / "config.json") in str(e.value) and words in str(e.value), str(e.value)
+
+
+def test_the_memory_estimate():
+    from mlx_vlm_native.validation import ConfigError, check_memory, implied_parameters
+
+    assert implied_parameters({"hidden_size": 10, "num_hidden_layers": 2, "intermediate_size": 20,
+                               "vocab_size": 100}) == 2 * (400 + 400) + 1000
+    check_memory(10**9, 2, "config.json", memory=4 * 2**30)
+    with pytest.raises(ConfigError, match="10.0B parameters"):
+        check_memory(10**10, 2, "config.json", memory=4 * 2**30)
+
+
+# ------------------------------------------------------- 7. NaN loss stops
+
+
+def tiny_training(tmp_path, loss_at):
+    import mlx.core as mx
+    import mlx.nn as nn
+    import mlx.optimizers as optim
+
+    from mlx_vlm_native.training.loop import TrainConfig, train
+
+    model = nn.Linear(2, 1)
+
+    def loss_fn(model, batch, key):
+        loss = (model(batch) ** 2).mean()
+        return loss * loss_at(batch), mx.array(1.0)
+
+    def batches():
+        step = 0
+        while True:
+            step += 1
+            yield mx.full((1, 2), float(step)), step
+
+    config = TrainConfig(steps=6, checkpoint_dir=str(tmp_path / "ckpt"), checkpoint_every=1, progress=False)
+    return model, lambda: train(model, loss_fn, optim.SGD(1e-3), batches(), config)
+
+
+def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
+    import mlx.core as mx
+
+    from mlx_vlm_native.training.checkpoint import latest_checkpoint
+    from mlx_vlm_native.training.loop import NonFiniteLossError
+
+    _, run = tiny_training(tmp_path, lambda batch: float("nan") if batch[0, 0].item() == 4 else 1.0)
+    with pytest.raises(NonFiniteLossError, match="loss became nan at step 4"):
+        run()
+    last = latest_checkpoint(tmp_path / "ckpt")
+    assert last.name == "step_00000003"
+    assert all(mx.all(mx.isfinite(v)).item() for v in mx.load(str(last / "weights.safetensors")).values())
+
+
+# ------------------------------------------------------ 8. damaged resume
+
+
+@pytest.mark.parametrize("damage, words", [
+    ("truncate weights.safetensors", "truncated"),
+    ("truncate optimizer.safetensors", "truncated"),
+    ("delete weights.safetensors", "is missing"),
+    ("oversize weights.safetensors", "header claims"),
+    ("step -5", "step is -5; it must be an integer >= 0 and <= 6"),
+    ("step 1000000000", "step is 1000000000"),
+])
+def test_resuming_a_damaged_checkpoint_is_a_clear_error(tmp_path, damage, words):
+    import mlx.optimizers as optim
+
+    from mlx_vlm_native.training.checkpoint import resume_state
+
+    model, run = tiny_training(tmp_path, lambda batch: 1.0)
+    run()
+    last = tmp_path / "ckpt" / "step_00000006"
+    verb, what = damage.split(" ")
+    if verb == "truncate":
+        data = (last / what).read_bytes()
+        (last / what).write_bytes(data[: len(data) - 5])
+    elif verb == "delete":
+        (last / what).unlink()
+    elif verb == "oversize":
+        data = (last / what).read_bytes()
+        (last / what).write_bytes((10**12).to_bytes(8, "little") + data[8:])
+    else:
+        state = json.loads((last / "state.json").read_text())
+        (last / "state.json").write_text(json.dumps({**state, "step": int(what)}))
+    with pytest.raises((ValueError, FileNotFoundError)) as e:
+        resume_state("auto", tmp_path / "ckpt", model, optim.SGD(1e-3), steps=6)
+    assert words in str(e.value), str(e.value)
