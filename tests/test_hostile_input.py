@@ -417,3 +417,21 @@ def test_resuming_a_damaged_checkpoint_is_a_clear_error(tmp_path, damage, words)
     with pytest.raises((ValueError, FileNotFoundError)) as e:
         resume_state("auto", tmp_path / "ckpt", model, optim.SGD(1e-3), steps=6)
     assert words in str(e.value), str(e.value)
+
+
+def test_the_size_of_a_png_is_read_without_decoding_it():
+    import io
+
+    from PIL import Image
+
+    from mlx_vlm_native.processors.image import load_image, open_image, oriented_size
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (3000, 2000)).save(buffer, format="PNG")
+    header = open_image(buffer.getvalue())
+    assert oriented_size(header) == (3000, 2000) and header._im is None  # Pillow's getexif would decode it
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated: the sides swap, from the header as after decoding
+    buffer = io.BytesIO()
+    Image.new("RGB", (40, 20)).save(buffer, format="PNG", exif=exif)
+    assert oriented_size(open_image(buffer.getvalue())) == load_image(buffer.getvalue()).size == (20, 40)

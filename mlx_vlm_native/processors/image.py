@@ -176,7 +176,12 @@ def open_image(data: bytes, name: str = "<image>") -> Image.Image:
 
 
 def orientation(image: Image.Image) -> int:
-    """The EXIF orientation (1: as stored); a broken EXIF block counts as none."""
+    """The EXIF orientation (1: as stored); a broken EXIF block counts as none.
+    Reading it never decodes pixels: Pillow's PNG `getexif` decodes the whole
+    image to look for an eXIf chunk after the pixel data, so an undecoded PNG
+    is read from the chunks before its pixels only (once decoded, all of them)."""
+    if image.format == "PNG" and "exif" not in image.info and getattr(image, "_im", None) is None:
+        return 1
     try:
         value = image.getexif().get(0x0112, 1)
     except Exception:  # EXIF parsing raises a variety of errors on junk
