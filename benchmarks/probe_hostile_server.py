@@ -82,22 +82,15 @@ def main():
         call(host, port, hello())
         report("baseline", pid, completion=f"{call(host, port, hello())[:2]}")
 
-        sockets = slow_sockets(host, port, b"POST /v1/chat/compl")
-        status, seconds, _ = call(host, port, path="/health")
-        answer = call(host, port, hello())
-        report("300 slow-header sockets", pid, health=f"{status} in {seconds:.2f} s",
-               completion=f"{answer[0]} in {answer[1]:.2f} s")
-        for s in sockets:
-            s.close()
-
-        head = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{\"mess")
-        sockets = slow_sockets(host, port, head)
-        status, seconds, _ = call(host, port, path="/health")
-        answer = call(host, port, hello())
-        report("300 sockets with 6 of 1000 body bytes", pid, health=f"{status} in {seconds:.2f} s",
-               completion=f"{answer[0]} in {answer[1]:.2f} s")
-        for s in sockets:
-            s.close()
+        stalled_body = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{\"mess"
+        for name, data in [("300 slow-header sockets", b"POST /v1/chat/compl"),
+                           ("300 sockets with 6 of 1000 body bytes", stalled_body)]:
+            sockets = slow_sockets(host, port, data)
+            status, seconds, _ = call(host, port, path="/health")
+            answer = call(host, port, hello())
+            report(name, pid, health=f"{status} in {seconds:.2f} s", completion=f"{answer[0]} in {answer[1]:.2f} s")
+            for s in sockets:
+                s.close()
 
         big = hello("a " * 9_500_000)
         results = concurrently(2, lambda: call(host, port, big))
