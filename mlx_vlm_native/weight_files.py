@@ -6,6 +6,8 @@ import json
 import math
 from pathlib import Path
 
+import mlx.core as mx
+
 SAFETENSORS_DTYPES = {
     "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "I16": 2, "F16": 2, "BF16": 2,
     "U32": 4, "I32": 4, "F32": 4, "U64": 8, "I64": 8, "F64": 8,
@@ -77,8 +79,6 @@ def load_checked_safetensors(path, what: str) -> dict:
     """A small safetensors file that is loaded whole (adapters, training
     checkpoints): present, its header checked against the file, and every
     floating-point tensor finite. `what` says what the file is, for errors."""
-    import mlx.core as mx
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{what} {path} is missing")
