@@ -3,6 +3,7 @@ adapter folder that finetuning writes and `load(..., adapter_path=)` reads:
 `adapter_config.json` + `adapters.safetensors`."""
 
 import json
+import math
 import re
 from pathlib import Path
 from typing import Sequence
@@ -12,6 +13,8 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.tuner.dora import DoRALinear
 from mlx_lm.tuner.lora import LoRALinear
+
+from .weight_files import load_checked_safetensors, read_json_file
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapters.safetensors"
@@ -48,10 +51,13 @@ def load_adapters(model: nn.Module, path) -> nn.Module:
     path = Path(path)
     if not (path / ADAPTER_CONFIG).exists():
         raise FileNotFoundError(f"{path} has no {ADAPTER_CONFIG}: not an adapter folder")
-    config = json.loads((path / ADAPTER_CONFIG).read_text())
+    config = read_json_file(path / ADAPTER_CONFIG)
+    weights = load_checked_safetensors(path / ADAPTER_WEIGHTS, "the adapter's weights")
+    scale = config.get("scale")
+    if isinstance(scale, (int, float)) and not math.isfinite(scale):
+        raise ValueError(f"{path / ADAPTER_CONFIG}: scale is {scale}; it must be a finite number")
     if config["method"] in ("lora", "dora"):
         adapt_linears(model, config["targets"], config["rank"], config["scale"], 0.0, config["method"] == "dora")
-    weights = mx.load(str(path / ADAPTER_WEIGHTS))
     expected = dict(tree_flatten(model.parameters()))
     unknown = sorted(set(weights) - set(expected))
     if unknown:

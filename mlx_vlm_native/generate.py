@@ -14,6 +14,7 @@ from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
 from .engine import PromptReader, attach_prompt
 from .params import GenerationParameterError, check_cache_params, check_generation_params
+from .validation import invalid_unicode
 from .processors.image import ImageError, load_video_frames
 from .utils import load
 
@@ -407,6 +408,26 @@ def add_runtime_arguments(p: argparse.ArgumentParser) -> None:
                    help="most tokens the KV cache holds (a rotating cache; default: unbounded)")
 
 
+def check_cli_text(text: str, flag: str) -> None:
+    """Command-line text that is not UTF-8 arrives with its bad bytes as lone surrogates."""
+    at = invalid_unicode(text)
+    if at is not None:
+        byte = ord(text[at]) - 0xDC00 if 0xDC80 <= ord(text[at]) <= 0xDCFF else None
+        what = f"byte 0x{byte:02x}" if byte is not None else f"\\u{ord(text[at]):04x}"
+        raise ValueError(f"{flag} is not valid UTF-8 ({what} at character {at}); check the terminal's encoding")
+
+
+def check_video_frames(model, processor, num_frames: int) -> None:
+    """--video-frames against the context, before any frame is decoded."""
+    if num_frames < 1:
+        raise ValueError(f"--video-frames must be at least 1, got {num_frames}")
+    count = getattr(processor, "num_video_tokens", None)
+    tokens = count(num_frames) if count is not None else num_frames
+    if tokens > context_length(model):
+        raise ValueError(f"--video-frames {num_frames} makes {tokens} video tokens, over the model's context of "
+                         f"{context_length(model)} tokens")
+
+
 def setup_arg_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Answer a prompt about images or a video.")
     add_model_argument(p)
@@ -427,8 +448,13 @@ def main(argv: Optional[List[str]] = None) -> None:
     args = setup_arg_parser().parse_args(argv)
     try:
         sampling = sampling_from_args(args)
-        videos = [load_video_frames(args.video, args.video_frames)] if args.video else []
+        check_cli_text(args.prompt, "--prompt")
+        if args.system_prompt is not None:
+            check_cli_text(args.system_prompt, "--system-prompt")
         model, processor = load(args.model, adapter_path=args.adapter_path)
+        if args.video:
+            check_video_frames(model, processor, args.video_frames)
+        videos = [load_video_frames(args.video, args.video_frames)] if args.video else []
         generate(
             model, processor, args.prompt, images=args.image, videos=videos,
             apply_chat_template=not args.no_chat_template, system_prompt=args.system_prompt,

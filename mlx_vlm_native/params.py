@@ -7,6 +7,10 @@ from typing import Optional
 
 MAX_SEED = 2**64 - 1  # mx.random.seed takes an unsigned 64-bit integer
 MAX_TEMPERATURE = 2.0  # OpenAI's range
+# Sampling divides float32 logits by the temperature: below this, 1/T x logit overflows float32 for large
+# logits (1/T itself does under 3e-39) and softmax turns to NaN, while any sampled choice already differs from
+# the argmax only between logits closer than float32 resolves. Such a temperature is greedy decoding.
+MIN_SAMPLING_TEMPERATURE = 1e-6
 
 
 class GenerationParameterError(ValueError):
@@ -55,10 +59,12 @@ def check_generation_params(
     """The parameters, checked: max_tokens >= 1 (the model's context bounds it
     further), 0 <= temperature <= 2, 0 <= top_p <= 1 (0 or 1: off),
     0 <= seed < 2**64, repetition_penalty > 0 (None or 1: off),
-    repetition_context_size >= 1."""
+    repetition_context_size >= 1. A temperature under
+    `MIN_SAMPLING_TEMPERATURE` is greedy decoding (0)."""
+    temperature = _number("temperature", temperature, 0.0, MAX_TEMPERATURE)
     return dict(
         max_tokens=_integer("max_tokens", max_tokens, 1),
-        temperature=_number("temperature", temperature, 0.0, MAX_TEMPERATURE),
+        temperature=0.0 if temperature < MIN_SAMPLING_TEMPERATURE else temperature,
         top_p=_number("top_p", top_p, 0.0, 1.0),
         seed=None if seed is None else _integer("seed", seed, 0, MAX_SEED),
         repetition_penalty=None if repetition_penalty is None

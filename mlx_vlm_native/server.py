@@ -21,6 +21,7 @@ import contextlib
 import dataclasses
 import ctypes
 import hashlib
+import io
 import itertools
 import json
 import queue
@@ -44,6 +45,10 @@ from mlx_lm.models.cache import LRUPromptCache, trim_prompt_cache
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
 from .engine import PromptReader
+from .http_limits import (
+    ConnectionTable, DeadlineReader, PixelBudget, json_values, longest_token_bytes, text_of,
+)
+from .validation import invalid_unicode
 from .generate import (
     DEFAULT_MODEL_NAME, Decoded, PromptTooLongError, add_model_argument, add_runtime_arguments, check_chat_length,
     insert_prompt, prepare_chat_inputs, stream_chat,
@@ -66,8 +71,13 @@ class Limits:
     max_request_pixels: int = 64_000_000  # all of a request's images together
     max_queued: int = 64  # requests waiting for a place in the batch; more get 503
     max_batch: int = 16  # answers decoded together
-    max_connections: int = 256  # open connections; more get 503
-    body_timeout: float = 60.0  # seconds to receive a request body
+    max_connections: int = 256  # open connections; at the cap the longest-waiting reader is closed
+    overflow_connections: int = 32  # over the cap with none to close: read the request, answer 503
+    header_timeout: float = 10.0  # seconds from a request's first byte to the end of its headers
+    body_timeout: float = 60.0  # seconds from a request's first byte to the end of its body
+    max_json_values: int = 100_000  # objects, arrays, members and items in a request body
+    max_server_pixels: int = 128_000_000  # image pixels held by all requests in flight together
+    pixel_wait: float = 30.0  # seconds a request may wait for max_server_pixels; then 503
 
 
 class APIError(Exception):
@@ -97,7 +107,13 @@ def _refuse_constant(name: str):
     raise ValueError(f"{name} is not a JSON number")
 
 
-def parse_json_body(body: bytes) -> dict:
+def parse_json_body(body: bytes, max_values: int = Limits.max_json_values) -> dict:
+    """The request's JSON object; a body that would parse into more than
+    `max_values` values is refused before it is parsed."""
+    values = json_values(body, max_values)
+    if values > max_values:
+        raise APIError(400, f"the request body has over {max_values} JSON values (objects, arrays, members and "
+                       "items); the limit bounds what a request may make the server hold", "invalid_json")
     try:
         request = json.loads(body.decode("utf-8"), parse_constant=_refuse_constant)
     except UnicodeDecodeError as e:
@@ -190,17 +206,26 @@ def until_stop(responses: Iterator, stops: List[str]) -> Iterator:
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
 
+def checked_text(text: str, where: str) -> str:
+    """`text` if it can be written as UTF-8 (JSON's \\ud800 escapes can make lone surrogates)."""
+    at = invalid_unicode(text)
+    if at is not None:
+        raise APIError(400, f"{where} is not valid Unicode: a lone surrogate \\u{ord(text[at]):04x} at character "
+                       f"{at}; send UTF-8 text", "invalid_value", "messages")
+    return text
+
+
 def content_parts(content, where: str) -> Tuple[list, List[str]]:
     """One message's content -> template parts ({"type": "text"|"image"}) and its image URLs."""
     if isinstance(content, str):
-        return [{"type": "text", "text": content}], []
+        return [{"type": "text", "text": checked_text(content, f"{where}.content")}], []
     if not isinstance(content, list):
         raise APIError(400, f"{where}.content must be a string or a list of parts", "invalid_value", where)
     parts, urls = [], []
     for i, part in enumerate(content):
         kind = part.get("type") if isinstance(part, dict) else None
         if kind == "text" and isinstance(part.get("text"), str):
-            parts.append({"type": "text", "text": part["text"]})
+            parts.append({"type": "text", "text": checked_text(part["text"], f"{where}.content[{i}].text")})
         elif kind == "image_url":
             image_url = part.get("image_url")
             url = image_url.get("url") if isinstance(image_url, dict) else image_url
@@ -665,18 +690,27 @@ BUSY_REPLY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/js
 
 
 class ChatServer(ThreadingHTTPServer):
-    """One thread per connection (at most `max_connections`) and a listen
-    backlog deep enough that a burst of clients waits instead of being reset."""
+    """One thread per connection and a listen backlog deep enough that a burst
+    of clients waits instead of being reset. The connection table keeps at
+    most `max_connections`: a new client gets in by closing the connection
+    that has waited longest for its request (slow or idle), so slow sockets
+    cannot lock anyone out. The server-wide pixel budget and the text bound
+    (context x the longest token) are kept here for the handlers."""
 
     request_queue_size = 128
 
     def __init__(self, address, service: ChatService):
         self.service = service
-        self.connections = threading.BoundedSemaphore(service.limits.max_connections)
+        limits = service.limits
+        self.table = ConnectionTable(limits.max_connections, limits.overflow_connections)
+        self.pixels = PixelBudget(max(limits.max_server_pixels, limits.max_request_pixels), limits.pixel_wait)
+        # a text of n characters is at least n / longest-token tokens: longer than this never fits
+        self.longest_token = longest_token_bytes(service.processor.tokenizer)
+        self.max_prompt_chars = context_length(service.model) * self.longest_token
         super().__init__(address, Handler)
 
     def process_request(self, request, client_address):
-        if not self.connections.acquire(blocking=False):
+        if self.table.admit(request) is None:
             body = json.dumps(APIError(503, "the server has too many open connections; retry later",
                                        "server_busy").body()).encode()
             try:
@@ -688,14 +722,19 @@ class ChatServer(ThreadingHTTPServer):
         try:
             super().process_request(request, client_address)
         except BaseException:
-            self.connections.release()
+            self.table.remove(request)
             raise
 
     def process_request_thread(self, request, client_address):
         try:
             super().process_request_thread(request, client_address)
         finally:
-            self.connections.release()
+            self.table.remove(request)
+
+    def handle_error(self, request, client_address):
+        if isinstance(sys.exc_info()[1], OSError):  # a client that left or was closed to make room
+            return
+        super().handle_error(request, client_address)
 
     def server_close(self) -> None:
         super().server_close()
@@ -707,6 +746,31 @@ class Handler(BaseHTTPRequestHandler):
     timeout = 60  # seconds a client may stall while sending
     ROUTES = {"/v1/models": ("GET", "models"), "/health": ("GET", "health"),
               "/v1/chat/completions": ("POST", "chat_completions")}
+
+    def setup(self) -> None:
+        super().setup()
+        self.rfile.close()
+        self.reader = DeadlineReader(self.connection, self.timeout)
+        self.rfile = io.BufferedReader(self.reader)
+
+    def handle_one_request(self) -> None:
+        """Wait (at most `timeout`) for a request's first byte, then read its
+        request line and headers within `header_timeout` of it."""
+        self.request_start = None
+        if not self.server.table.reading(self.connection, True):
+            self.close_connection = True
+            return
+        self.reader.deadline = None
+        try:
+            if not self.rfile.peek(1):
+                self.close_connection = True
+                return
+        except OSError:  # idle past the timeout, or closed to make room
+            self.close_connection = True
+            return
+        self.request_start = time.monotonic()
+        self.reader.deadline = self.request_start + self.server.service.limits.header_timeout
+        super().handle_one_request()
 
     def do_GET(self):
         self.dispatch("GET")
@@ -729,7 +793,21 @@ class Handler(BaseHTTPRequestHandler):
         self.unread_body = ((self.headers.get("Content-Length") or "0").strip() != "0"  # until read_body reads it
                             or self.headers.get("Transfer-Encoding") is not None)
         path = urlsplit(self.path).path.rstrip("/") or "/"
+        table = self.server.table
+        connection = table.get(self.connection)
+        if connection is None or connection.evicted:  # closed to make room while sending its headers
+            self.close_connection, self.unread_body = True, False
+            return
+        self.reader.deadline = self.request_start + self.server.service.limits.body_timeout
+        if not self.unread_body:
+            table.reading(self.connection, False)
         try:
+            if connection.overflow and path != "/health":  # over the cap: read (or refuse) the body, then 503
+                self.close_connection = True
+                if self.unread_body:
+                    self.read_body(keep=False)
+                raise APIError(503, "the server has too many open connections; retry later", "server_busy",
+                               headers={"Retry-After": "1"})
             if path not in self.ROUTES:
                 raise APIError(404, f"no endpoint {short(path)}; try {', '.join(self.ROUTES)}", "not_found")
             allowed, action = self.ROUTES[path]
@@ -800,9 +878,10 @@ class Handler(BaseHTTPRequestHandler):
         except (OSError, ValueError):
             return True
 
-    def read_body(self) -> bytes:
+    def read_body(self, keep: bool = True) -> bytes:
         """The request body, refused from its Content-Length before any of it is
-        read, and received within `body_timeout` seconds."""
+        read, and received within `body_timeout` seconds of the request's first
+        byte (`keep=False`: read and dropped)."""
         limits = self.server.service.limits
         length = self.headers.get("Content-Length")
         if self.headers.get("Transfer-Encoding"):
@@ -821,39 +900,34 @@ class Handler(BaseHTTPRequestHandler):
             self.unread_body = self.close_connection = True
             raise APIError(413, f"the request body is {size} bytes, over the limit of "
                            f"{limits.max_request_bytes} bytes", "request_too_large")
-        deadline = time.monotonic() + limits.body_timeout
         chunks, received = [], 0
         try:
             while received < size:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise TimeoutError()
-                self.connection.settimeout(min(remaining, self.timeout))
                 chunk = self.rfile.read1(min(65536, size - received))
                 if not chunk:
+                    self.unread_body = False
                     self.close_connection = True
                     raise APIError(400, f"the request body ended after {received} of {size} bytes",
                                    "invalid_request")
-                chunks.append(chunk)
+                if keep:
+                    chunks.append(chunk)
                 received += len(chunk)
-        except (TimeoutError, socket.timeout):
+        except TimeoutError:
             self.close_connection = True
-            raise APIError(408, f"the request body was not received within {limits.body_timeout:g} s "
-                           f"({received} of {size} bytes)", "request_timeout")
-        finally:
-            self.connection.settimeout(self.timeout)
+            raise APIError(408, f"the request was not received within {limits.body_timeout:g} s "
+                           f"({received} of {size} body bytes)", "request_timeout")
         self.unread_body = False
+        self.server.table.reading(self.connection, False)
         return b"".join(chunks)
 
     def discard_unread_body(self, seconds: float = 2.0) -> None:
         """Close after a refused body without resetting the connection, so that the
         client still reads the error: stop sending, then drain for a while."""
-        deadline = time.monotonic() + seconds
+        self.reader.deadline = time.monotonic() + seconds
         try:
             self.wfile.flush()
             self.connection.shutdown(socket.SHUT_WR)
-            self.connection.settimeout(0.5)
-            while time.monotonic() < deadline and self.rfile.read1(65536):
+            while self.rfile.read1(65536):
                 pass
         except OSError:
             pass
@@ -870,11 +944,27 @@ class Handler(BaseHTTPRequestHandler):
 
     def chat_completions(self) -> None:
         s = self.server.service
-        request = parse_json_body(self.read_body())
+        request = parse_json_body(self.read_body(), s.limits.max_json_values)
         messages, urls = chat_messages(request)
         options = sampling_options(request, s.limits.default_max_tokens)
         stream, include_usage = stream_settings(request)
+        chars = sum(len(text) for text in text_of(messages))
+        if chars > self.server.max_prompt_chars:  # refused here, before any tokenizing
+            raise APIError(400, f"the messages are {chars} characters, so at least "
+                           f"{-(-chars // self.server.longest_token)} tokens (a token is at most "
+                           f"{self.server.longest_token} characters): over the model's context of "
+                           f"{context_length(s.model)} tokens", "context_length_exceeded", "messages")
         images = request_images(urls, s.limits)
+        pixels = sum(w * h for w, h in (image.size for image in images))
+        if not self.server.pixels.take(pixels):
+            raise APIError(503, f"the server is busy with other requests' images ({self.server.pixels.total} pixels "
+                           "in flight); retry later", "server_busy", headers={"Retry-After": "1"})
+        try:
+            self.respond(s, messages, images, options, stream, include_usage)
+        finally:
+            self.server.pixels.give(pixels)
+
+    def respond(self, s, messages, images, options, stream: bool, include_usage: bool) -> None:
         request_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         answer = s.answer(messages, images, options, self.client_gone)
         with contextlib.closing(answer):  # a reply cut short stops the generation

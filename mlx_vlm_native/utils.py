@@ -16,6 +16,7 @@ from mlx_lm.utils import infer_quant_config, load_tokenizer, make_shards
 from tqdm import tqdm
 
 from . import openvision_checkpoint
+from .validation import check_config
 from .adapters import load_adapters
 from .models.base import check_weights
 from .native import execution
@@ -109,7 +110,9 @@ def load_config(path: Path) -> dict:
     path = Path(path)
     if not (path / "config.json").exists() and (path / OPEN_CLIP_CONFIG).exists():
         return {"model_type": "openvision2"}
-    return read_json_file(path / "config.json")
+    config = read_json_file(path / "config.json")
+    check_config(config, str(path / "config.json"))
+    return config
 
 
 def _class_names(config: dict) -> set:

@@ -6,6 +6,8 @@ import json
 import math
 from pathlib import Path
 
+import mlx.core as mx
+
 SAFETENSORS_DTYPES = {
     "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "I16": 2, "F16": 2, "BF16": 2,
     "U32": 4, "I32": 4, "F32": 4, "U64": 8, "I64": 8, "F64": 8,
@@ -71,6 +73,21 @@ def check_safetensors(path) -> None:
         covered = end
     if covered != data_size:
         raise ValueError(f"{path}: the tensors cover {covered} bytes of data but the file has {data_size}")
+
+
+def load_checked_safetensors(path, what: str) -> dict:
+    """A small safetensors file that is loaded whole (adapters, training
+    checkpoints): present, its header checked against the file, and every
+    floating-point tensor finite. `what` says what the file is, for errors."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path} is missing")
+    check_safetensors(path)
+    weights = mx.load(str(path))
+    for name, array in weights.items():
+        if mx.issubdtype(array.dtype, mx.floating) and not mx.all(mx.isfinite(array)).item():
+            raise ValueError(f"{path}: tensor {name!r} holds NaN or infinite values; {what} is unusable")
+    return weights
 
 
 def read_json_file(path) -> dict:

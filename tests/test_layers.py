@@ -11,12 +11,13 @@ PACKAGE = Path(__file__).resolve().parents[1] / "mlx_vlm_native"
 
 # lowest first; a module may import its own layer and the ones below
 LAYERS = (
-    ("kernels", ("native", "packing", "packed_attention", "torch_pickle", "weight_files", "params", "engine")),
+    ("kernels", ("native", "packing", "packed_attention", "torch_pickle", "weight_files", "params", "engine",
+                 "validation")),
     ("models", ("models", "openvision_checkpoint")),
     ("processors", ("processors",)),
     ("loading and generation", ("utils", "adapters", "generate", "convert", "fuse", "caption")),
     ("training", ("training", "datasets")),
-    ("commands", ("chat", "server", "train", "selftest", "cli", "__main__", "__init__")),
+    ("commands", ("chat", "server", "http_limits", "train", "selftest", "cli", "__main__", "__init__")),
 )
 # imported inside functions on purpose: optional and heavy, or the peer project
 LAZY_ALLOWED = ("torch", "transformers", "tokenizers", "sentencepiece", "mlx_vlm", "jinja2")

@@ -389,7 +389,7 @@ def hello(**fields) -> bytes:
     (hello(stream=True, stream_options={"include_usage": "yes"}), "include_usage must be true or false"),
     (hello(stream_options={"include_usage": True}), "only allowed with stream: true"),
     (b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": ' + b"9" * 5000 + b"}", "not valid JSON"),
-    (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+    (b"[" * 50_000 + b"]" * 50_000, "nested too deeply"),
     (b'{"messages": "\xff\xfe"}', "not UTF-8"),
     (json.dumps({"messages": [{"role": ["user"], "content": "hi"}]}).encode(), "role must be one of"),
     (json.dumps({"messages": [{"role": "user", "content": [{"type": {"a": 1}}]}]}).encode(),

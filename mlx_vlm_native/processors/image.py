@@ -176,7 +176,12 @@ def open_image(data: bytes, name: str = "<image>") -> Image.Image:
 
 
 def orientation(image: Image.Image) -> int:
-    """The EXIF orientation (1: as stored); a broken EXIF block counts as none."""
+    """The EXIF orientation (1: as stored); a broken EXIF block counts as none.
+    Reading it never decodes pixels: Pillow's PNG `getexif` decodes the whole
+    image to look for an eXIf chunk after the pixel data, so an undecoded PNG
+    is read from the chunks before its pixels only (once decoded, all of them)."""
+    if image.format == "PNG" and "exif" not in image.info and getattr(image, "_im", None) is None:
+        return 1
     try:
         value = image.getexif().get(0x0112, 1)
     except Exception:  # EXIF parsing raises a variety of errors on junk
@@ -363,17 +368,24 @@ def inception_crop(image: Image.Image, size: int, area_min: float, rng) -> Image
 
 def load_video_frames(source: Union[str, Path], num_frames: int = 8) -> list:
     """`num_frames` frames sampled uniformly from a folder of images (sorted by
-    name) or an animated GIF/WebP/TIFF."""
+    name) or an animated GIF/WebP/TIFF; only the sampled frames are decoded."""
+    if num_frames < 1:
+        raise ImageError("num_frames must be at least 1")
     path = Path(source)
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp", ".bmp"))
         if not files:
             raise ImageError(f"no image frames in {path}")
-        frames = files
-    else:
-        image = open_source(path)
-        frames = [load_image(f.copy()) for f in ImageSequence.Iterator(image)]
-    if num_frames < 1:
-        raise ImageError("num_frames must be at least 1")
-    picks = np.linspace(0, len(frames) - 1, min(num_frames, len(frames))).round().astype(int)
-    return [frames[i] if isinstance(frames[i], Image.Image) else load_image(frames[i]) for i in picks]
+        picks = np.linspace(0, len(files) - 1, min(num_frames, len(files))).round().astype(int)
+        return [load_image(files[i]) for i in picks]
+    image = open_source(path)
+    count = getattr(image, "n_frames", 1)
+    picks = np.linspace(0, count - 1, min(num_frames, count)).round().astype(int)
+    frames = []
+    for i in picks:
+        try:
+            image.seek(int(i))
+        except (EOFError, OSError, ValueError) as e:
+            raise ImageError(f"{path}: cannot read frame {i} of {count}: {e}") from e
+        frames.append(load_image(image.copy()))
+    return frames

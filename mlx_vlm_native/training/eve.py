@@ -153,7 +153,7 @@ def run(recipe: dict, resume: Optional[str] = None, progress: bool = True, on_st
                                  "weight_decay": hp.get("weight_decay", 0.0)}, steps)
     out = Path(recipe["output"])
     ckpt_dir = out / "checkpoints"
-    start, position, rng_key = resume_state(resume, ckpt_dir, model, optimizer)
+    start, position, rng_key = resume_state(resume, ckpt_dir, model, optimizer, steps)
 
     def make(record):
         return make_sample(record, processor, teacher, prompt_format, image_root, hp.get("max_length", 2048))

@@ -589,7 +589,7 @@ def run(recipe: dict, resume: Optional[str] = None, progress: bool = True, on_st
     optimizer = build_optimizer({"bias_correction": False, "decay_all": True, **recipe["optim"]}, steps)
     out = Path(recipe["output"])
     ckpt_dir = out / "checkpoints"
-    start, position, rng_key = resume_state(resume, ckpt_dir, model, optimizer)
+    start, position, rng_key = resume_state(resume, ckpt_dir, model, optimizer, steps)
 
     context = model.args.text_config.max_position_embeddings
     stats = {}

@@ -9,6 +9,7 @@ summed as `grad * weight`, summed across processes with
 `mx.distributed.all_sum`, then divided by the total weight.
 """
 
+import math
 import sys
 import time
 from dataclasses import dataclass
@@ -106,6 +107,20 @@ def make_step(model: nn.Module, loss_fn: Callable, optimizer, config: TrainConfi
     return step
 
 
+class NonFiniteLossError(ValueError):
+    """The loss became NaN or infinite: the run stops, and the weights it has
+    now are not saved (the last checkpoint written stays the newest)."""
+
+
+def check_finite_loss(loss: float, step: int, last_checkpoint) -> None:
+    if not math.isfinite(loss):
+        kept = (f"the last good checkpoint is {last_checkpoint}" if last_checkpoint
+                else "no checkpoint was written")
+        raise NonFiniteLossError(
+            f"the loss became {loss} at step {step}: training stopped and these weights were not saved; {kept}. "
+            "Lower the learning rate, or check the data and the adapter scale")
+
+
 def stop_message(result: dict) -> str:
     """What a stopped run says: where its checkpoint is, or that none was written."""
     saved = result.get("checkpoint")
@@ -167,6 +182,7 @@ def train(
                 images += batch_size_of(batch)
             key, step_key = mx.random.split(key)
             loss = step_fn(micro, step_key)
+            check_finite_loss(loss, step, done["saved"])
             done.update(step=step, position=position, key=key)
             lr = current_lr(optimizer)
             losses.append(loss)
@@ -185,8 +201,9 @@ def train(
                 on_step(step, loss)
             if stop:
                 break
-    except Exception:
+    except Exception as e:
         if (config.checkpoint_dir and is_main and done["step"] > start_step
+                and not isinstance(e, NonFiniteLossError)  # its weights are NaN: the last checkpoint stays
                 and done.get("saved_step") != done["step"]):
             try:
                 save(done["step"], done["position"], done["key"])

@@ -480,7 +480,7 @@ def run(recipe: dict, resume: Optional[str] = None, progress: bool = True, on_st
     optimizer = build_optimizer(recipe["optim"], steps)
     out = Path(recipe["output"])
     ckpt_dir = out / "checkpoints"
-    start, position, rng_key = resume_state(resume, ckpt_dir, model, optimizer)
+    start, position, rng_key = resume_state(resume, ckpt_dir, model, optimizer, steps)
     stats = {}
     group = mx.distributed.init()
     stream = batch_stream(recipe, dataset, args, position, start, stats, group.size())

@@ -118,7 +118,7 @@ def run(recipe: dict, resume: Optional[str] = None, progress: bool = True, on_st
     out = Path(recipe["output"])
     ckpt_dir = out / "checkpoints"
 
-    start_step, position, rng_key = resume_state(resume, ckpt_dir, model, optimizer)
+    start_step, position, rng_key = resume_state(resume, ckpt_dir, model, optimizer, total)
 
     size, max_len = args.vision_config.image_size, mcfg.get("max_text_len", 128)
     mean, std = recipe.get("image_mean", ovc.IMAGE_MEAN), recipe.get("image_std", ovc.IMAGE_STD)
