@@ -51,7 +51,7 @@ from .http_limits import (
 from .validation import invalid_unicode
 from .generate import (
     DEFAULT_MODEL_NAME, Decoded, PromptTooLongError, add_model_argument, add_runtime_arguments, check_chat_length,
-    insert_prompt, prepare_chat_inputs, stream_chat,
+    context_length, insert_prompt, prepare_chat_inputs, stream_chat,
 )
 from .params import GenerationParameterError, check_cache_params, check_generation_params
 from .processors.image import (
