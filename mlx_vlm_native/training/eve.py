@@ -29,8 +29,7 @@ from ..processors.image import load_image
 from ..utils import copy_side_files, get_model_path, load, save_config, save_weights
 from . import eve_align as A
 from .checkpoint import resume_state
-from .finetune import stop_on_signals
-from .loop import TrainConfig, stop_message, train
+from .loop import TrainConfig, train
 from .optim import build_optimizer, current_lr
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
@@ -178,15 +177,12 @@ def run(recipe: dict, resume: Optional[str] = None, progress: bool = True, on_st
             on_step(step, loss)
 
     try:
-        with stop_on_signals() as stop_requested:
-            result = train(model, batch_loss(ratio, recipe.get("align_loss_weight", 1.0)), optimizer, batches,
-                           config, start_step=start, batch_size_of=lambda b: len(b[0]), rng_key=rng_key, seed=seed,
-                           on_step=after_step, should_stop=stop_requested)
+        result = train(model, batch_loss(ratio, recipe.get("align_loss_weight", 1.0)), optimizer, batches,
+                       config, start_step=start, batch_size_of=lambda b: len(b[0]), rng_key=rng_key, seed=seed,
+                       on_step=after_step)
     finally:
         if log:
             log.close()
-    if result["stopped"]:
-        print(stop_message(result))
-    elif is_main:
+    if not result["stopped"] and is_main:
         save_model(model, src, out)
     return result

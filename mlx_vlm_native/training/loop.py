@@ -9,14 +9,17 @@ summed as `grad * weight`, summed across processes with
 `mx.distributed.all_sum`, then divided by the total weight.
 """
 
+import contextlib
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_map
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
 from tqdm import tqdm
 
 from .checkpoint import save_checkpoint
@@ -67,6 +70,19 @@ def enable_grad_checkpoint(layers: Sequence[nn.Module]) -> None:
             layer.__class__ = checkpointed_class(type(layer))
 
 
+def all_sum_tree(tree, group):
+    """Sum a tree of arrays across processes in one `all_sum` over their
+    concatenation (as mlx-lm's `average_gradients` batches them)."""
+    flat = tree_flatten(tree)
+    if not flat:
+        return tree
+    joined = mx.distributed.all_sum(mx.concatenate([v.reshape(-1) for _, v in flat]), group=group)
+    sizes = [v.size for _, v in flat]
+    offsets = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+    return tree_unflatten([(k, joined[offsets[i]: offsets[i + 1]].reshape(v.shape))
+                           for i, (k, v) in enumerate(flat)])
+
+
 def make_step(model: nn.Module, loss_fn: Callable, optimizer, config: TrainConfig):
     """One optimizer step over `grad_accumulation` micro-batches."""
     dtype = getattr(mx, config.compute_dtype) if config.compute_dtype else None
@@ -92,9 +108,9 @@ def make_step(model: nn.Module, loss_fn: Callable, optimizer, config: TrainConfi
             total_weight = total_weight + weight
             mx.eval(total_grad, total_loss, total_weight)
         if group.size() > 1:
-            total_grad = tree_map(lambda g: mx.distributed.all_sum(g, group=group), total_grad)
-            total_loss = mx.distributed.all_sum(total_loss, group=group)
-            total_weight = mx.distributed.all_sum(total_weight, group=group)
+            summed = all_sum_tree({"grad": total_grad, "loss": total_loss.reshape(1),
+                                   "weight": total_weight.reshape(1)}, group)
+            total_grad, total_loss, total_weight = summed["grad"], summed["loss"][0], summed["weight"][0]
         scale = 1.0 / mx.maximum(total_weight, 1e-8)
         grads = tree_map(lambda g: g * scale, total_grad)
         model.update(params)  # back to the full-precision weights
@@ -104,6 +120,22 @@ def make_step(model: nn.Module, loss_fn: Callable, optimizer, config: TrainConfi
         return loss.item()
 
     return step
+
+
+@contextlib.contextmanager
+def stop_on_signals():
+    """SIGINT/SIGTERM ask the loop to checkpoint and stop after the current step
+    (yields the question "was one asked?"); off the main thread, never."""
+    requested = []
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+    previous = {sig: signal.signal(sig, lambda *_: requested.append(True)) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield lambda: bool(requested)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def stop_message(result: dict) -> str:
@@ -133,12 +165,17 @@ def train(
     `batches` yields (batch, data position); the position after the last batch
     of each step is stored in checkpoints so a resumed run reads on from there,
     as is the RNG key (`rng_key`, from a checkpoint's state; else from `seed`).
-    When `should_stop()` turns true (e.g. on SIGINT/SIGTERM) the loop writes a
-    checkpoint after the current step and returns with "stopped": True. When a
+    When `should_stop()` turns true the loop writes a checkpoint after the
+    current step and returns with "stopped": True; without `should_stop`, a
+    SIGINT or SIGTERM asks for that (`stop_on_signals`). When a
     step fails (bad data, out of memory, a bug), the last completed step is
     checkpointed, if it is not already, before the error goes on.
     Returns {"losses": [...], "step": last step, "position": data position,
     "stopped", "checkpoint": the last checkpoint written by this call or None}."""
+    if should_stop is None:
+        with stop_on_signals() as requested:
+            return train(model, loss_fn, optimizer, batches, config, start_step, checkpoint_layers, batch_size_of,
+                         extra_state, on_step, seed, rng_key, requested)
     if config.grad_checkpoint:
         enable_grad_checkpoint(checkpoint_layers)
     model.train()
