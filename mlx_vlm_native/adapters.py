@@ -25,7 +25,8 @@ from mlx_lm.tuner.lora import LoRALinear
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapters.safetensors"
-LANGUAGE_MODEL_FOLDER = "language_model"  # mlx-lm's form of the decoder's adapters
+LANGUAGE_MODEL_FOLDER = "language_model"
+ADAPTER_LEAVES = ("lora_a", "lora_b", "m")  # mlx-lm's form of the decoder's adapters
 
 
 def layer_paths(model: nn.Module) -> List[str]:
@@ -100,6 +101,8 @@ def save_adapters(path, model: nn.Module, config: dict) -> None:
     """adapters.safetensors + adapter_config.json, and language_model/ in mlx-lm's form."""
     path = Path(path)
     weights = dict(tree_flatten(model.trainable_parameters()))
+    if config.get("fine_tune_type") in ("lora", "dora"):  # the adapters' own leaves (as mlx-lm checks)
+        weights = {k: v for k, v in weights.items() if k.rsplit(".", 1)[-1] in ADAPTER_LEAVES}
     write_folder(path, weights, config)
     lm = getattr(model, "language_model", None)
     prefix = next((p for p, m in model.named_modules() if m is lm), None) if lm is not None else None
