@@ -25,7 +25,16 @@ class ConfigError(ValueError):
     """A recipe key or value that cannot be used; the message names the key."""
 
 
+MLX_LM_NAMES = {  # mlx-lm's config names -> ours, for the hint
+    "learning_rate": "lr", "iters": "steps", "batch_size": "micro_batch_size", "fine_tune_type": "method",
+    "grad_accumulation_steps": "grad_accumulation", "save_every": "checkpoint_every", "steps_per_eval": "eval_every",
+    "val_batches": "eval_samples", "lora_parameters": "lora", "max_seq_length": "max_tokens",
+}
+
+
 def nearest(key: str, valid) -> str:
+    if MLX_LM_NAMES.get(key) in valid:
+        return f"; did you mean {MLX_LM_NAMES[key]!r}? (mlx-lm's {key!r})"
     close = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.5)
     return f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(sorted(valid))}"
 
