@@ -532,3 +532,23 @@ def test_caption_folder_names_the_bad_line(tmp_path):
     (tmp_path / "d.jsonl").write_bytes(b'{"image": "a.png", "caption": "\xff"}\n')
     with pytest.raises(ValueError, match=r"d\.jsonl, line 1: not a valid UTF-8 JSON record"):
         tdata.CaptionFolder(tmp_path / "d.jsonl")
+
+
+def test_gradients_are_summed_across_ranks_in_one_all_sum(monkeypatch):
+    """As mlx-lm's average_gradients: one all_sum over the concatenated tree,
+    split back to each leaf's shape (the 2-process equality is in
+    tests/test_training_distributed.py)."""
+    from mlx_vlm_native.training.loop import all_sum_tree
+
+    calls = []
+
+    def fake_all_sum(x, group=None):
+        calls.append(x.shape)
+        return x * 2
+
+    monkeypatch.setattr(mx.distributed, "all_sum", fake_all_sum)
+    tree = {"a": {"w": mx.arange(6).reshape(2, 3).astype(mx.float32)}, "b": [mx.ones((4,))], "c": mx.array([5.0])}
+    out = all_sum_tree(tree, None)
+    assert calls == [(11,)]
+    assert np.array_equal(np.array(out["a"]["w"]), 2 * np.arange(6).reshape(2, 3))
+    assert np.array_equal(np.array(out["b"][0]), 2 * np.ones(4)) and out["c"].item() == 10.0
