@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
+import yaml  # mlx-lm's dependency, as its -c config
+
 from .training import TASKS
 from .training.config import ConfigError, finetune_config
 from .training.loop import stop_message
@@ -26,8 +28,6 @@ def packaged_recipes() -> List[str]:
 
 def read_config_file(path: Path) -> dict:
     if path.suffix in (".yaml", ".yml"):
-        import yaml
-
         with open(path) as f:
             try:
                 recipe = yaml.safe_load(f)

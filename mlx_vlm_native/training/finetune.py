@@ -31,6 +31,7 @@ from .checkpoint import resume_state
 from .config import finetune_config
 from .loop import TrainConfig, train
 from .optim import build_optimizer
+from .stream import epoch_order, positions, rank_batches
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
@@ -219,18 +220,11 @@ class ConversationFile:
             raise RecordError(f"{self.path}, line {int(self.lines[index])}: {e}") from None
 
     def order(self, epoch: int) -> np.ndarray:
-        n = len(self)
-        return np.random.default_rng((self.seed, epoch)).permutation(n) if self.shuffle else np.arange(n)
+        return epoch_order(len(self), self.seed, epoch, self.shuffle)
 
     def iterate(self, position: Optional[dict] = None) -> Iterator[Tuple[Conversation, dict]]:
-        pos = dict(position or {"epoch": 0, "index": 0})
-        while True:
-            order = self.order(pos["epoch"])
-            while pos["index"] < len(order):
-                item = self.read(int(order[pos["index"]]))
-                pos["index"] += 1
-                yield item, dict(pos)
-            pos = {"epoch": pos["epoch"] + 1, "index": 0}
+        for index, pos in positions(len(self), self.seed, position, self.shuffle):
+            yield self.read(index), pos
 
 
 def split_file(path, valid_fraction: float, seed: int, on_bad_record: str = "error"):
@@ -534,9 +528,11 @@ def sample_batches(data: ConversationFile, processor, micro_batch: int, max_toke
             room[fit] -= n
             pos = after
 
-    while True:
-        group_batches = [next_batch() for _ in range(group.size())]
-        yield group_batches[group.rank()][0], group_batches[-1][1]
+    def stream():
+        while True:
+            yield next_batch()
+
+    yield from rank_batches(stream(), group.rank(), group.size())
 
 
 def answer_tokens(batch) -> int:
