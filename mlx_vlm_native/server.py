@@ -39,6 +39,7 @@ import mlx.core as mx
 from mlx_lm.generate import BatchGenerator
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
+from .conversations import ROLES, UnsupportedPart, openai_content
 from .generate import (
     DEFAULT_MODEL_NAME, GenerationResponse, PromptCache, PromptTooLongError, add_model_argument, add_runtime_arguments,
     cached_embeddings, check_chat_length, context_length, prefill, prepare_chat_inputs, stream_chat,
@@ -152,33 +153,21 @@ def sampling_options(request: dict, default_max_tokens: int) -> dict:
     return options
 
 
-ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
-
-
 def content_parts(content, where: str) -> Tuple[list, List[str]]:
-    """One message's content -> template parts ({"type": "text"|"image"}) and its image URLs."""
-    if isinstance(content, str):
-        return [{"type": "text", "text": content}], []
-    if not isinstance(content, list):
-        raise APIError(400, f"{where}.content must be a string or a list of parts", "invalid_value", where)
-    parts, urls = [], []
-    for i, part in enumerate(content):
-        kind = part.get("type") if isinstance(part, dict) else None
-        if kind == "text" and isinstance(part.get("text"), str):
-            parts.append({"type": "text", "text": part["text"]})
-        elif kind == "image_url":
-            image_url = part.get("image_url")
-            url = image_url.get("url") if isinstance(image_url, dict) else image_url
-            if not isinstance(url, str):
-                raise APIError(400, f"{where}.content[{i}].image_url.url must be a string", "invalid_value")
-            parts.append({"type": "image"})
-            urls.append(url)
-        else:
-            raise APIError(
-                400, f"unsupported content part type {short(repr(kind))} in {where}.content[{i}]: "
-                "use 'text' (with a string 'text') or 'image_url'", "unsupported_content_type",
-            )
-    return parts, urls
+    """One message's content -> template parts ({"type": "text"|"image"}) and its image URLs
+    (the shared parser, `conversations.openai_content`)."""
+    urls, videos = [], []
+    try:
+        parts = openai_content(content, urls, videos, where)
+    except UnsupportedPart as e:
+        raise APIError(400, f"{e}: use 'text' (with a string 'text') or 'image_url'",
+                       "unsupported_content_type") from None
+    except ValueError as e:
+        raise APIError(400, str(e), "invalid_value", where) from None
+    if videos:
+        raise APIError(400, f"video parts are not served ({where}): use 'text' or 'image_url'",
+                       "unsupported_content_type")
+    return ([{"type": "text", "text": parts}] if isinstance(parts, str) else parts), urls
 
 
 def chat_messages(request: dict) -> Tuple[list, List[str]]:

@@ -14,7 +14,7 @@ LAYERS = (
     ("kernels", ("native", "host_ops", "packing", "packed_attention", "torch_pickle", "weight_files", "params")),
     ("models", ("models", "openvision_checkpoint")),
     ("processors", ("processors",)),
-    ("loading and generation", ("utils", "adapters", "generate", "convert", "fuse", "caption")),
+    ("loading and generation", ("utils", "adapters", "conversations", "generate", "convert", "fuse", "caption")),
     ("training", ("training", "datasets")),
     ("commands", ("chat", "server", "train", "selftest", "cli", "__main__", "__init__")),
 )

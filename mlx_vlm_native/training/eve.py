@@ -24,6 +24,7 @@ from typing import Optional
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
+from ..conversations import ROLES
 from ..processors.image import load_image
 from ..utils import copy_side_files, get_model_path, load, save_config, save_weights
 from . import eve_align as A
@@ -31,9 +32,6 @@ from .checkpoint import resume_state
 from .loop import TrainConfig, train
 from .stream import positions, rank_batches
 from .optim import build_optimizer, current_lr
-
-ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
-
 
 def to_turns(conversations: list) -> list:
     roles = [ROLES.get(c.get("from", c.get("role"))) for c in conversations]
