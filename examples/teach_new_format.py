@@ -82,13 +82,14 @@ if __name__ == "__main__":
     p.add_argument("root")
     p.add_argument("--train", type=int, default=100)
     p.add_argument("--heldout", type=int, default=50)
+    p.add_argument("--seed", type=int, default=0, help="pictures' seed (held-out: seed + 1000)")
     p.add_argument("--model", default=None, help="default: the embedded model")
     p.add_argument("--adapter-path", default=None)
     a = p.parse_args()
     root = Path(a.root)
     if a.action == "write":
-        write_split(root, "train", a.train, seed=0)
-        write_split(root, "heldout", a.heldout, seed=1)
+        write_split(root, "train", a.train, seed=a.seed)
+        write_split(root, "heldout", a.heldout, seed=a.seed + 1000)
         print(f"wrote {root / 'train.jsonl'} ({a.train}) and {root / 'heldout.jsonl'} ({a.heldout})")
     else:
         score(root, a.model, a.adapter_path)

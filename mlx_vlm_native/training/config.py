@@ -264,7 +264,6 @@ class FinetuneConfig:
     keep_checkpoints: int = 2
     grad_checkpoint: bool = False
     compute_dtype: Optional[str] = None
-    compile: bool = True  # compile the step when every batch has one shape
     seed: int = 0
     reference: Optional[str] = None  # free text: where the recipe's values come from
 

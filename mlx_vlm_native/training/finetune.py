@@ -16,7 +16,7 @@ import json
 import re
 import warnings
 from pathlib import Path
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import Iterator, Optional, Sequence, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
