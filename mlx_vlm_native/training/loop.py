@@ -38,6 +38,7 @@ class TrainConfig:
     log_every: int = 1
     progress: bool = True
     rate_unit: str = "img"  # what batch_size_of counts, for the progress bar's rate
+    compile: bool = True  # compile each micro-batch's gradient when batches are trees of arrays
 
 
 def cast_floats(tree, dtype):
@@ -83,6 +84,17 @@ def all_sum_tree(tree, group):
                            for i, (k, v) in enumerate(flat)])
 
 
+def is_array_tree(tree) -> bool:
+    """True when every leaf of (nested lists, tuples, dicts) `tree` is an mx.array."""
+    if isinstance(tree, mx.array):
+        return True
+    if isinstance(tree, (list, tuple)):
+        return all(is_array_tree(t) for t in tree)
+    if isinstance(tree, dict):
+        return all(is_array_tree(t) for t in tree.values())
+    return False
+
+
 def make_step(model: nn.Module, loss_fn: Callable, optimizer, config: TrainConfig):
     """One optimizer step over `grad_accumulation` micro-batches."""
     dtype = getattr(mx, config.compute_dtype) if config.compute_dtype else None
@@ -95,16 +107,24 @@ def make_step(model: nn.Module, loss_fn: Callable, optimizer, config: TrainConfi
 
     value_and_grad = mx.value_and_grad(loss_of)
 
+    def weighted(params, batch, key):
+        """(loss x weight, weight, gradient x weight) of one micro-batch, in fp32."""
+        (loss, weight), grads = value_and_grad(params, batch, key)
+        weight = weight.astype(mx.float32)
+        return loss * weight, weight, tree_map(lambda g: g.astype(mx.float32) * weight, grads)
+
+    compiled = mx.compile(weighted, inputs=[mx.random.state], outputs=[mx.random.state])
+
     def step(micro_batches, key):
         params = model.trainable_parameters()
         total_grad, total_loss, total_weight = None, mx.array(0.0), mx.array(0.0)
         keys = mx.random.split(key, len(micro_batches))
         for batch, k in zip(micro_batches, keys):
-            (loss, weight), grads = value_and_grad(params, batch, k)
-            weight = weight.astype(mx.float32)
-            grads = tree_map(lambda g: g.astype(mx.float32) * weight, grads)
+            # compiled where the batch is arrays only (it is then an input, not a constant of the trace)
+            fn = compiled if config.compile and is_array_tree(batch) else weighted
+            loss, weight, grads = fn(params, batch, k)
             total_grad = grads if total_grad is None else tree_map(mx.add, total_grad, grads)
-            total_loss = total_loss + loss * weight
+            total_loss = total_loss + loss
             total_weight = total_weight + weight
             mx.eval(total_grad, total_loss, total_weight)
         if group.size() > 1:
