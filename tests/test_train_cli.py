@@ -133,3 +133,9 @@ def test_mask_prompt_off_trains_on_every_token(chats):
     inputs, every = tokenize(processor, conversation, mask_prompt=False)
     placeholders = (inputs.input_ids == processor.image_token_id)
     assert answers.sum() < every.sum() == (~placeholders).sum()
+
+
+def test_full_finetuning_keeps_the_vision_tower_unless_told():
+    assert finetune_config({"method": "full"}).frozen == [r"^vision_tower\."]
+    assert finetune_config({"method": "full", "freeze": []}).frozen == []
+    assert finetune_config({}).frozen == []

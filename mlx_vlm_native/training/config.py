@@ -248,7 +248,7 @@ class FinetuneConfig:
     resume_adapter_file: Optional[str] = None  # adapter weights to start from
     method: str = "lora"
     lora: LoraSection = field(default_factory=LoraSection)
-    freeze: List[str] = field(default_factory=list)
+    freeze: Optional[List[str]] = None  # regexes of modules kept fixed; None: the vision tower for full, else none
     steps: int = 300
     micro_batch_size: int = 4
     grad_accumulation: int = 1
@@ -289,6 +289,14 @@ class FinetuneConfig:
             writable_folder(self.adapter_path, "adapter_path")
         if self.resume_adapter_file is not None:
             regular_file(self.resume_adapter_file, "resume_adapter_file", 1 << 40)
+
+    @property
+    def frozen(self) -> List[str]:
+        """Full finetuning keeps the vision tower unless told: on 100 conversations, training it
+        too made the default model confuse shapes (docs/finetuning.md)."""
+        if self.freeze is not None:
+            return self.freeze
+        return [r"^vision_tower\."] if self.method == "full" else []
 
     @property
     def run_folder(self) -> Path:

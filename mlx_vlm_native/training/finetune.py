@@ -440,7 +440,7 @@ def run(recipe, resume: Optional[str] = None, progress: bool = True, on_step=Non
         keys = adapt_linears(model, lora.targets, lora.rank, lora.scale, lora.dropout, method == "dora",
                              lora.num_layers)
         adapters = adapter_config(method, keys, lora.rank, lora.scale, lora.dropout, lora.targets, model)
-    set_trainable(model, method, cfg.freeze)
+    set_trainable(model, method, cfg.frozen)
     if cfg.resume_adapter_file:
         load_weights_from(model, cfg.resume_adapter_file)
 
