@@ -139,3 +139,14 @@ def test_full_finetuning_keeps_the_vision_tower_unless_told():
     assert finetune_config({"method": "full"}).frozen == [r"^vision_tower\."]
     assert finetune_config({"method": "full", "freeze": []}).frozen == []
     assert finetune_config({}).frozen == []
+
+
+def test_a_line_over_the_limit_is_named(tmp_path, monkeypatch):
+    from mlx_vlm_native.training import finetune
+
+    monkeypatch.setattr(finetune, "MAX_LINE_BYTES", 100)
+    (tmp_path / "d.jsonl").write_text('{"messages": []}\n' + "x" * 500 + "\n")
+    with pytest.raises(finetune.RecordError, match="d.jsonl, line 2: longer than 100 bytes"):
+        finetune.ConversationFile(tmp_path / "d.jsonl", on_bad_record="skip")
+    with pytest.raises(ValueError, match="not a regular file"):
+        finetune.ConversationFile("/dev/zero")

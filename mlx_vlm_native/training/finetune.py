@@ -28,10 +28,13 @@ from ..conversations import Conversation, RecordError, parse_record
 from ..models.base import masked_cross_entropy
 from ..utils import copy_side_files, default_model_path, get_model_path, load, save_config, save_weights
 from .checkpoint import resume_state
-from .config import finetune_config
+from .config import finetune_config, regular_file
 from .loop import TrainConfig, train
 from .optim import build_optimizer
 from .stream import epoch_order, positions, rank_batches
+
+MAX_LINE_BYTES = 64 << 20  # one conversation's JSON line
+
 
 def parse_line(line: bytes, root: Path) -> Conversation:
     """One JSONL line -> a Conversation; any problem is a ValueError or FileNotFoundError."""
@@ -59,11 +62,13 @@ class ConversationFile:
         self.path = Path(path)
         if on_bad_record not in ("error", "skip"):
             raise ValueError(f"on_bad_record must be 'error' or 'skip', got {on_bad_record!r}")
-        if not self.path.exists():
-            raise FileNotFoundError(f"data file not found: {self.path}")
+        regular_file(self.path, "data file")
         offsets, lines, offset, self.skipped = [], [], 0, 0
         with open(self.path, "rb") as f:
-            for number, line in enumerate(f, 1):
+            for number, line in enumerate(iter(lambda: f.readline(MAX_LINE_BYTES + 1), b""), 1):
+                if len(line) > MAX_LINE_BYTES:
+                    raise RecordError(f"{self.path}, line {number}: longer than {MAX_LINE_BYTES} bytes "
+                                      "(one conversation per line)")
                 if line.strip():
                     try:
                         parse_line(line, self.path.parent)
