@@ -15,12 +15,12 @@ from mlx.utils import tree_unflatten
 from mlx_lm.utils import dequantize_model
 
 from .convert import quantize_language_model
-from .utils import copy_side_files, get_model_path, load, load_config, save_config, save_weights
+from .utils import copy_side_files, default_model_path, get_model_path, load, load_config, save_config, save_weights
 
 
-def fuse(model: str, adapter_path: str, save_path: str, dequantize: bool = False,
+def fuse(model: Optional[str], adapter_path: str, save_path: str, dequantize: bool = False,
          quantize: bool = False, q_bits: int = 4, q_group_size: int = 64) -> Path:
-    src, dst = get_model_path(model), Path(save_path)
+    src, dst = get_model_path(model or default_model_path()), Path(save_path)
     if dst.exists() and any(dst.iterdir()):
         raise FileExistsError(f"{dst} exists and is not empty; choose another --save-path")
     base, _ = load(str(src), adapter_path=adapter_path)
@@ -44,7 +44,7 @@ def fuse(model: str, adapter_path: str, save_path: str, dequantize: bool = False
 
 def configure_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Merge LoRA/DoRA adapters into a model.")
-    p.add_argument("--model", required=True, help="the base model: local folder or Hub id")
+    p.add_argument("--model", default=None, help="the base model: local folder or Hub id (default: the embedded model)")
     p.add_argument("--adapter-path", required=True, help="the adapters folder a training run wrote")
     p.add_argument("--save-path", required=True)
     p.add_argument("--dequantize", action="store_true", help="save float weights even if the base is quantized")

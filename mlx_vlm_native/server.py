@@ -49,6 +49,7 @@ from .http_limits import (
     ConnectionTable, DeadlineReader, PixelBudget, json_values, longest_token_bytes, text_of,
 )
 from .validation import invalid_unicode
+from .conversations import ROLES, UnsupportedPart, openai_content
 from .generate import (
     DEFAULT_MODEL_NAME, Decoded, PromptTooLongError, add_model_argument, add_runtime_arguments, check_chat_length,
     context_length, insert_prompt, prepare_chat_inputs, stream_chat,
@@ -203,9 +204,6 @@ def until_stop(responses: Iterator, stops: List[str]) -> Iterator:
         yield dataclasses.replace(r, text=out)
 
 
-ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
-
-
 def checked_text(text: str, where: str) -> str:
     """`text` if it can be written as UTF-8 (JSON's \\ud800 escapes can make lone surrogates)."""
     at = invalid_unicode(text)
@@ -216,28 +214,23 @@ def checked_text(text: str, where: str) -> str:
 
 
 def content_parts(content, where: str) -> Tuple[list, List[str]]:
-    """One message's content -> template parts ({"type": "text"|"image"}) and its image URLs."""
-    if isinstance(content, str):
-        return [{"type": "text", "text": checked_text(content, f"{where}.content")}], []
-    if not isinstance(content, list):
-        raise APIError(400, f"{where}.content must be a string or a list of parts", "invalid_value", where)
-    parts, urls = [], []
-    for i, part in enumerate(content):
-        kind = part.get("type") if isinstance(part, dict) else None
-        if kind == "text" and isinstance(part.get("text"), str):
-            parts.append({"type": "text", "text": checked_text(part["text"], f"{where}.content[{i}].text")})
-        elif kind == "image_url":
-            image_url = part.get("image_url")
-            url = image_url.get("url") if isinstance(image_url, dict) else image_url
-            if not isinstance(url, str):
-                raise APIError(400, f"{where}.content[{i}].image_url.url must be a string", "invalid_value")
-            parts.append({"type": "image"})
-            urls.append(url)
-        else:
-            raise APIError(
-                400, f"unsupported content part type {short(repr(kind))} in {where}.content[{i}]: "
-                "use 'text' (with a string 'text') or 'image_url'", "unsupported_content_type",
-            )
+    """One message's content -> template parts ({"type": "text"|"image"}) and its image URLs
+    (the shared parser, `conversations.openai_content`)."""
+    urls, videos = [], []
+    try:
+        parts = openai_content(content, urls, videos, where)
+    except UnsupportedPart as e:
+        raise APIError(400, f"{e}: use 'text' (with a string 'text') or 'image_url'",
+                       "unsupported_content_type") from None
+    except ValueError as e:
+        raise APIError(400, str(e), "invalid_value", where) from None
+    if videos:
+        raise APIError(400, f"video parts are not served ({where}): use 'text' or 'image_url'",
+                       "unsupported_content_type")
+    parts = [{"type": "text", "text": parts}] if isinstance(parts, str) else parts
+    for i, part in enumerate(parts):
+        if part["type"] == "text":
+            checked_text(part["text"], f"{where}.content" if len(parts) == 1 else f"{where}.content[{i}].text")
     return parts, urls
 
 

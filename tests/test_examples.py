@@ -88,3 +88,17 @@ def test_openvision2_toy_pretrain_example(tmp_path):
     first, last = float(line.split()[5]), float(line.split()[-1])
     assert last < first, out
     assert "model:" in out
+
+
+@pytest.mark.slow
+def test_teach_new_format_example(tmp_path):
+    """docs/finetuning.md's example: PIL-drawn data, `train` with only --data, >= 90% held out."""
+    run_example("teach_new_format.py", "write", tmp_path)
+    r = subprocess.run([sys.executable, "-m", "mlx_vlm_native", "train", "--data", str(tmp_path / "train.jsonl"),
+                        "--adapter-path", str(tmp_path / "adapters"), "--output", str(tmp_path / "run"),
+                        "--no-progress"], capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = run_example("teach_new_format.py", "score", tmp_path, "--adapter-path", tmp_path / "adapters")
+    right = int(out.split("held-out: ")[1].split("/")[0])
+    assert right >= 45, out
+

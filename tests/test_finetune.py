@@ -52,7 +52,7 @@ def colour_data(tmp_path_factory):
 
 def recipe(root, out, **kw):
     r = {"model": str(root / "model"), "data": {"train": str(root / "train.jsonl")}, "output": str(out),
-         "method": "lora", "steps": 6, "grad_accumulation": 2, "seed": 0,
+         "method": "lora", "steps": 6, "micro_batch_size": 1, "grad_accumulation": 2, "seed": 0,
          "lora": {"targets": [r"language_model\..*(q|v|o|gate|up|down)_proj", "multi_modal_projector",
                               "vision_tower"], "rank": 8, "scale": 10.0},
          "optim": {"lr": 1e-3, "warmup_steps": 2}}
@@ -297,11 +297,11 @@ def test_a_failing_run_checkpoints_before_it_exits(colour_data, tmp_path, monkey
 
     calls, original = [], finetune.tokenize
 
-    def failing(processor, conversation):
+    def failing(processor, conversation, *rest):
         calls.append(1)
         if len(calls) == 4:
             raise RuntimeError("the disk went away")
-        return original(processor, conversation)
+        return original(processor, conversation, *rest)
 
     monkeypatch.setattr(finetune, "tokenize", failing)
     r = recipe(colour_data, tmp_path / "run", steps=6, grad_accumulation=1, checkpoint_every=100)

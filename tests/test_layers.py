@@ -15,7 +15,7 @@ LAYERS = (
                  "validation")),
     ("models", ("models", "openvision_checkpoint")),
     ("processors", ("processors",)),
-    ("loading and generation", ("utils", "adapters", "generate", "convert", "fuse", "caption")),
+    ("loading and generation", ("utils", "adapters", "conversations", "generate", "convert", "fuse", "caption")),
     ("training", ("training", "datasets")),
     ("commands", ("chat", "server", "http_limits", "train", "selftest", "cli", "__main__", "__init__")),
 )
@@ -148,3 +148,23 @@ def test_the_layer_checks_see_an_upward_import(tmp_path, monkeypatch):
     found = [(package_target(i), inner) for _, i, inner in imports(fake / "models" / "toy.py")]
     assert found == [("training.loop", False), (None, True)]
     assert layer_of("training.loop") > layer_of("models.toy")
+
+
+def test_no_task_module_imports_another():
+    """Tasks (`training.TASKS`, and the helper module a task owns) share the
+    substrate (loop, stream, config, optim, checkpoint, data), never each other."""
+    from mlx_vlm_native.training import TASKS
+
+    owned = {"eve_align": "eve"}  # a task's own helper module
+    tasks = set(TASKS.values()) | set(owned)
+    wrong = []
+    for name in sorted(tasks):
+        path = PACKAGE / "training" / f"{name}.py"
+        for line, imported, _ in imports(path):
+            target = package_target(imported)
+            if target is None or not target.startswith("training."):
+                continue
+            other = target.split(".")[1]
+            if other in tasks and other != name and owned.get(other) != name:
+                wrong.append(f"mlx_vlm_native/training/{name}.py:{line} imports the task module {target}")
+    assert not wrong, "\n".join(wrong)

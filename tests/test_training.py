@@ -532,3 +532,56 @@ def test_caption_folder_names_the_bad_line(tmp_path):
     (tmp_path / "d.jsonl").write_bytes(b'{"image": "a.png", "caption": "\xff"}\n')
     with pytest.raises(ValueError, match=r"d\.jsonl, line 1: not a valid UTF-8 JSON record"):
         tdata.CaptionFolder(tmp_path / "d.jsonl")
+
+
+def test_gradients_are_summed_across_ranks_in_one_all_sum(monkeypatch):
+    """As mlx-lm's average_gradients: one all_sum over the concatenated tree,
+    split back to each leaf's shape (the 2-process equality is in
+    tests/test_training_distributed.py)."""
+    from mlx_vlm_native.training.loop import all_sum_tree
+
+    calls = []
+
+    def fake_all_sum(x, group=None):
+        calls.append(x.shape)
+        return x * 2
+
+    monkeypatch.setattr(mx.distributed, "all_sum", fake_all_sum)
+    tree = {"a": {"w": mx.arange(6).reshape(2, 3).astype(mx.float32)}, "b": [mx.ones((4,))], "c": mx.array([5.0])}
+    out = all_sum_tree(tree, None)
+    assert calls == [(11,)]
+    assert np.array_equal(np.array(out["a"]["w"]), 2 * np.arange(6).reshape(2, 3))
+    assert np.array_equal(np.array(out["b"][0]), 2 * np.ones(4)) and out["c"].item() == 10.0
+
+
+def test_compiled_step_gives_the_uncompiled_loss_curve():
+    """Batches of arrays go through a compiled gradient (their shapes allow it):
+    20 steps of the same loss curve as uncompiled, to 1e-5."""
+    import mlx.optimizers as optim
+
+    from mlx_vlm_native.models.openvision import Model, ModelArgs
+    from mlx_vlm_native.training.loop import TrainConfig, make_step
+
+    args = ModelArgs(
+        vision_config={"image_size": 28, "patch_size": 7, "width": 32, "layers": 1, "head_width": 8},
+        decoder_config={"width": 24, "depth": 1, "num_heads": 3, "mlp_dim": 48, "vocab_size": 37,
+                        "vision_width": 32},
+        keep_ratio=0.5,  # random token masking from the step's key
+    )
+    rng = np.random.default_rng(0)
+    batches = [(mx.array(rng.standard_normal((4, 28, 28, 3)).astype(np.float32)),
+                mx.array(rng.integers(3, 37, (4, 7)).astype(np.int32))) for _ in range(40)]
+    curves = {}
+    for compiled in (False, True):
+        mx.random.seed(0)
+        model = Model(args)
+        step = make_step(model, lambda m, b, k: m.loss(*b, key=k), optim.Adam(1e-3),
+                         TrainConfig(steps=20, grad_accumulation=2, compile=compiled))
+        key = mx.random.key(1)
+        curve = []
+        for i in range(20):
+            key, k = mx.random.split(key)
+            curve.append(step([batches[2 * i], batches[2 * i + 1]], k))
+        curves[compiled] = np.array(curve)
+    assert curves[True][-5:].mean() < curves[True][:5].mean()
+    np.testing.assert_allclose(curves[True], curves[False], atol=1e-5, rtol=0)

@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image
 
 from ..processors.image import inception_crop, load_image, normalise
+from .stream import epoch_order, positions
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp")
 
@@ -55,22 +56,13 @@ class CaptionFolder:
         return len(self.records)
 
     def order(self, epoch: int) -> np.ndarray:
-        n = len(self.records)
-        if not self.shuffle:
-            return np.arange(n)
-        return np.random.default_rng((self.seed, epoch)).permutation(n)
+        return epoch_order(len(self.records), self.seed, epoch, self.shuffle)
 
     def iterate(self, position: Optional[dict] = None) -> Iterator:
         """Yield (Sample, position after it) forever, epoch after epoch."""
-        pos = dict(position or {"epoch": 0, "index": 0})
-        epoch, index = pos["epoch"], pos["index"]
-        while True:
-            order = self.order(epoch)
-            for i in range(index, len(order)):
-                path, caption = self.records[order[i]]
-                image = load_image(self.root / path)
-                yield Sample(image, caption, (epoch, i)), {"epoch": epoch, "index": i + 1}
-            epoch, index = epoch + 1, 0
+        for item, pos in positions(len(self.records), self.seed, position, self.shuffle):
+            path, caption = self.records[item]
+            yield Sample(load_image(self.root / path), caption, (pos["epoch"], pos["index"] - 1)), pos
 
 
 def read_shard(path: Path) -> Iterator[Sample]:
@@ -123,8 +115,7 @@ class CaptionShards:
         self.seed, self.shuffle, self.buffer = seed, shuffle, buffer
 
     def shard_order(self, epoch: int) -> np.ndarray:
-        n = len(self.shards)
-        return np.random.default_rng((self.seed, epoch)).permutation(n) if self.shuffle else np.arange(n)
+        return epoch_order(len(self.shards), self.seed, epoch, self.shuffle)
 
     def shard_samples(self, shard: Path, epoch: int, index: int) -> Iterator[Sample]:
         if not self.shuffle:

@@ -22,19 +22,16 @@ from pathlib import Path
 from typing import Optional
 
 import mlx.core as mx
-import numpy as np
 from mlx.utils import tree_flatten
 
+from ..conversations import ROLES
 from ..processors.image import load_image
 from ..utils import copy_side_files, get_model_path, load, save_config, save_weights
 from . import eve_align as A
 from .checkpoint import resume_state
-from .finetune import stop_on_signals
-from .loop import TrainConfig, stop_message, train
+from .loop import TrainConfig, train
+from .stream import positions, rank_batches
 from .optim import build_optimizer, current_lr
-
-ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
-
 
 def to_turns(conversations: list) -> list:
     roles = [ROLES.get(c.get("from", c.get("role"))) for c in conversations]
@@ -81,19 +78,16 @@ def sample_batches(records, make, batch_size: int, teacher, seed: int, position:
     """((samples, teacher targets), position) forever: a fresh permutation each epoch,
     this rank's share of each global batch; `position` resumes mid-epoch."""
     group = mx.distributed.init()
-    rank, size = group.rank(), group.size()
-    epoch, index = (position["epoch"], position["index"]) if position else (0, 0)
-    while True:
-        order = np.random.default_rng([seed, epoch]).permutation(len(records))
-        picked = []
-        for _ in range(batch_size * size):
-            if index == len(order):
-                epoch, index = epoch + 1, 0
-                order = np.random.default_rng([seed, epoch]).permutation(len(records))
-            picked.append(int(order[index]))
-            index += 1
-        samples = [make(records[j]) for j in picked[rank::size]]
-        yield (samples, A.teacher_targets(teacher, samples)), {"epoch": epoch, "index": index}
+    items = positions(len(records), seed, position)
+
+    def stream():
+        while True:
+            picked = [next(items) for _ in range(batch_size)]
+            yield [j for j, _ in picked], picked[-1][1]
+
+    for picked, pos in rank_batches(stream(), group.rank(), group.size()):
+        samples = [make(records[j]) for j in picked]
+        yield (samples, A.teacher_targets(teacher, samples)), pos
 
 
 def batch_loss(ratio: int, align_weight: float):
@@ -178,15 +172,12 @@ def run(recipe: dict, resume: Optional[str] = None, progress: bool = True, on_st
             on_step(step, loss)
 
     try:
-        with stop_on_signals() as stop_requested:
-            result = train(model, batch_loss(ratio, recipe.get("align_loss_weight", 1.0)), optimizer, batches,
-                           config, start_step=start, batch_size_of=lambda b: len(b[0]), rng_key=rng_key, seed=seed,
-                           on_step=after_step, should_stop=stop_requested)
+        result = train(model, batch_loss(ratio, recipe.get("align_loss_weight", 1.0)), optimizer, batches,
+                       config, start_step=start, batch_size_of=lambda b: len(b[0]), rng_key=rng_key, seed=seed,
+                       on_step=after_step)
     finally:
         if log:
             log.close()
-    if result["stopped"]:
-        print(stop_message(result))
-    elif is_main:
+    if not result["stopped"] and is_main:
         save_model(model, src, out)
     return result

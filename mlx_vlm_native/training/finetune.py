@@ -14,146 +14,26 @@ import contextlib
 import copy
 import json
 import re
-import signal
-import threading
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import Iterator, Optional, Sequence, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+from mlx.utils import tree_flatten
 
-from ..adapters import adapt_linears, save_adapters
+from ..adapters import adapt_linears, adapter_config, save_adapters
+from ..conversations import Conversation, RecordError, parse_record
 from ..models.base import masked_cross_entropy
-from ..utils import copy_side_files, get_model_path, load, save_config, save_weights
+from ..utils import copy_side_files, default_model_path, get_model_path, load, save_config, save_weights
 from .checkpoint import resume_state
-from .loop import TrainConfig, stop_message, train
+from .config import finetune_config, regular_file
+from .loop import TrainConfig, train
 from .optim import build_optimizer
+from .stream import epoch_order, positions, rank_batches
 
-ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
-
-
-@dataclass
-class Conversation:
-    messages: list  # [{"role", "content": str or [parts]}], media parts as {"type": "image"/"video"}
-    images: List[str]
-    videos: List[List[str]]
-
-
-class RecordError(ValueError):
-    """A JSONL record that cannot be trained on; the message names the file and line."""
-
-
-def _text(value, where: str) -> str:
-    if not isinstance(value, str):
-        raise ValueError(f"{where} must be a string, got {type(value).__name__}")
-    return value
-
-
-def llava_content(value: str) -> list:
-    """'<image>\\nWhat is it?' -> [{"type": "image"}, {"type": "text", ...}]."""
-    parts = []
-    for piece in re.split(r"(<image>|<video>)", value):
-        if piece in ("<image>", "<video>"):
-            parts.append({"type": piece[1:-1]})
-        elif piece.strip():
-            parts.append({"type": "text", "text": piece.strip("\n")})
-    return parts
-
-
-def openai_content(content, root: Path, images: list, videos: list, where: str):
-    if isinstance(content, str):
-        return content
-    if not isinstance(content, list):
-        raise ValueError(f"{where}.content must be a string or a list of parts, got {type(content).__name__}")
-    parts = []
-    for i, part in enumerate(content):
-        kind = part.get("type") if isinstance(part, dict) else None
-        here = f"{where}.content[{i}]"
-        if kind in ("image_url", "image"):
-            ref = part.get("image_url", part.get("image"))
-            images.append(_text(ref.get("url") if isinstance(ref, dict) else ref, f"{here} image"))
-            parts.append({"type": "image"})
-        elif kind == "video":
-            frames = part.get("video")
-            if not (isinstance(frames, list) and frames and all(isinstance(f, str) for f in frames)):
-                raise ValueError(f"{here}.video must be a non-empty list of frame paths")
-            videos.append(frames)
-            parts.append({"type": "video"})
-        elif kind == "text":
-            parts.append({"type": "text", "text": _text(part.get("text"), f"{here}.text")})
-        else:
-            raise ValueError(f"unknown content part type {kind!r} in {here}")
-    return parts
-
-
-def resolve(path: str, root: Path) -> str:
-    if re.match(r"^(https?:|data:)", path) or Path(path).is_absolute():
-        return path
-    return str(root / path)
-
-
-def check_role_order(roles: List[str]) -> None:
-    """An optional system turn first, then user and assistant taking turns from a user."""
-    body = roles[1:] if roles and roles[0] == "system" else roles
-    for i, role in enumerate(body):
-        expected = "user" if i % 2 == 0 else "assistant"
-        if role != expected:
-            raise ValueError(f"turn {i + len(roles) - len(body) + 1} is {role!r} where {expected!r} was due "
-                             f"(roles: {', '.join(roles)}): a conversation is an optional system turn, then "
-                             "user and assistant in turn")
-
-
-def parse_record(record, root: Path) -> Conversation:
-    if not isinstance(record, dict):
-        raise ValueError(f"a record must be a JSON object, got {type(record).__name__}")
-    images, videos = [], []
-    if "conversations" in record:
-        turns = record["conversations"]
-        if not isinstance(turns, list) or not turns:
-            raise ValueError("'conversations' must be a non-empty list of {from, value}")
-        messages = []
-        for i, turn in enumerate(turns):
-            if not isinstance(turn, dict):
-                raise ValueError(f"conversations[{i}] must be an object {{from, value}}")
-            speaker = turn.get("from")
-            role = ROLES.get(speaker) if isinstance(speaker, str) else None
-            if role is None:
-                raise ValueError(f"conversations[{i}]: unknown speaker {speaker!r}; use one of {sorted(ROLES)}")
-            value = _text(turn.get("value"), f"conversations[{i}].value")
-            messages.append({"role": role, "content": llava_content(value) if role == "user" else value})
-        images = record.get("images", [record["image"]] if "image" in record else [])
-        if not (isinstance(images, list) and all(isinstance(i, str) for i in images)):
-            raise ValueError("'images' must be a list of paths (or 'image' one path)")
-        videos = [record["video"]] if isinstance(record.get("video"), list) else []
-    elif "messages" in record:
-        if not isinstance(record["messages"], list) or not record["messages"]:
-            raise ValueError("'messages' must be a non-empty list of {role, content}")
-        messages = []
-        for i, m in enumerate(record["messages"]):
-            role = m.get("role") if isinstance(m, dict) else None
-            if not isinstance(role, str) or role not in ROLES:
-                raise ValueError(f"messages[{i}]: unknown role {role!r}; use one of {sorted(ROLES)}")
-            content = openai_content(m.get("content"), root, images, videos, f"messages[{i}]")
-            messages.append({"role": ROLES[role], "content": content})
-    else:
-        raise ValueError("a record needs 'conversations' (LLaVA form) or 'messages' (OpenAI form)")
-    check_role_order([m["role"] for m in messages])
-    if not any(m["role"] == "assistant" for m in messages):
-        raise ValueError("a conversation needs at least one assistant turn to learn from")
-    n_image_parts = sum(
-        1 for m in messages if not isinstance(m["content"], str) for p in m["content"] if p["type"] == "image"
-    )
-    if n_image_parts != len(images):
-        raise ValueError(f"{n_image_parts} image placeholder(s) but {len(images)} image(s)")
-    images = [resolve(i, root) for i in images]
-    videos = [[resolve(f, root) for f in v] for v in videos]
-    for path in images + [f for v in videos for f in v]:
-        if not re.match(r"^(https?:|data:)", path) and not Path(path).exists():
-            raise FileNotFoundError(f"image not found: {path}")
-    return Conversation(messages, images, videos)
+MAX_LINE_BYTES = 64 << 20  # one conversation's JSON line
 
 
 def parse_line(line: bytes, root: Path) -> Conversation:
@@ -182,11 +62,13 @@ class ConversationFile:
         self.path = Path(path)
         if on_bad_record not in ("error", "skip"):
             raise ValueError(f"on_bad_record must be 'error' or 'skip', got {on_bad_record!r}")
-        if not self.path.exists():
-            raise FileNotFoundError(f"data file not found: {self.path}")
+        regular_file(self.path, "data file")
         offsets, lines, offset, self.skipped = [], [], 0, 0
         with open(self.path, "rb") as f:
-            for number, line in enumerate(f, 1):
+            for number, line in enumerate(iter(lambda: f.readline(MAX_LINE_BYTES + 1), b""), 1):
+                if len(line) > MAX_LINE_BYTES:
+                    raise RecordError(f"{self.path}, line {number}: longer than {MAX_LINE_BYTES} bytes "
+                                      "(one conversation per line)")
                 if line.strip():
                     try:
                         parse_line(line, self.path.parent)
@@ -219,18 +101,11 @@ class ConversationFile:
             raise RecordError(f"{self.path}, line {int(self.lines[index])}: {e}") from None
 
     def order(self, epoch: int) -> np.ndarray:
-        n = len(self)
-        return np.random.default_rng((self.seed, epoch)).permutation(n) if self.shuffle else np.arange(n)
+        return epoch_order(len(self), self.seed, epoch, self.shuffle)
 
     def iterate(self, position: Optional[dict] = None) -> Iterator[Tuple[Conversation, dict]]:
-        pos = dict(position or {"epoch": 0, "index": 0})
-        while True:
-            order = self.order(pos["epoch"])
-            while pos["index"] < len(order):
-                item = self.read(int(order[pos["index"]]))
-                pos["index"] += 1
-                yield item, dict(pos)
-            pos = {"epoch": pos["epoch"] + 1, "index": 0}
+        for index, pos in positions(len(self), self.seed, position, self.shuffle):
+            yield self.read(index), pos
 
 
 def split_file(path, valid_fraction: float, seed: int, on_bad_record: str = "error"):
@@ -251,8 +126,9 @@ def split_file(path, valid_fraction: float, seed: int, on_bad_record: str = "err
 # ---------------------------------------------------------------- tokenization
 
 
-def tokenize(processor, conversation: Conversation):
-    """Processed inputs and a mask of the assistant tokens (answer + end token).
+def tokenize(processor, conversation: Conversation, mask_prompt: bool = True):
+    """Processed inputs and a mask of the assistant tokens (answer + end token);
+    with `mask_prompt` False, of every token but the media placeholders.
 
     The conversation is rendered once; each assistant turn's span is where the
     rendering of the turns before it (with the generation prompt) ends and the
@@ -282,6 +158,8 @@ def tokenize(processor, conversation: Conversation):
         ids += piece
         mask += [False] * len(piece)
     inputs = processor(full, images=conversation.images, videos=conversation.videos)
+    if not mask_prompt:
+        mask = [True] * len(ids)
     return inputs, expand_mask(inputs.input_ids, ids, mask, placeholder_ids(processor))
 
 
@@ -466,7 +344,7 @@ def answer_loss(model, batch, key=None):
 
 def sample_batches(data: ConversationFile, processor, micro_batch: int, max_tokens: int,
                    on_too_long: str = "skip", position: Optional[dict] = None, stats: Optional[dict] = None,
-                   pack_tokens: Optional[int] = None):
+                   pack_tokens: Optional[int] = None, mask_prompt: bool = True):
     """Yield (micro-batch of (inputs, mask), data position after it), this
     process's share under `mx.distributed`: of each group of `size`
     micro-batches, rank r takes the r-th; the position is after the group.
@@ -474,30 +352,39 @@ def sample_batches(data: ConversationFile, processor, micro_batch: int, max_toke
     With `pack_tokens`, a micro-batch is a `PackedBatch` of `micro_batch` rows
     of at most `pack_tokens` tokens, filled first-fit in data order; a sample
     that fits no row starts the next micro-batch (and is read again on resume,
-    the position being after the last sample placed)."""
+    the position being after the last sample placed).
+
+    When a whole pass over the data finds no sample within the token limit,
+    that is an error naming the limit and the shortest sample."""
     group = mx.distributed.init()
     stats = stats if stats is not None else {}
     stats.setdefault("skipped", 0)
     samples = data.iterate(position)
     limit = min(max_tokens, pack_tokens) if pack_tokens else max_tokens
     held = []
+    unusable = {"run": 0, "shortest": None}  # samples skipped in a row
 
     def next_sample():
         if held:
             return held.pop()
         while True:
+            if unusable["run"] >= len(data):
+                raise ValueError(f"no sample of {data.path} fits the {limit}-token limit (max_tokens / pack_tokens; "
+                                 f"the shortest has {unusable['shortest']} tokens) or has an answer to learn")
             conversation, pos = next(samples)
-            inputs, mask = tokenize(processor, conversation)
-            if len(inputs.input_ids) > limit:
-                message = f"a sample of {len(inputs.input_ids)} tokens exceeds the {limit}-token limit"
-                if on_too_long == "error":
-                    raise ValueError(message)
+            inputs, mask = tokenize(processor, conversation, mask_prompt)
+            n = len(inputs.input_ids)
+            if n > limit or not mask.any():
+                unusable["run"] += 1
+                unusable["shortest"] = min(n, unusable["shortest"] or n)
                 stats["skipped"] += 1
-                warnings.warn(f"{message}: skipped ({stats['skipped']} so far)")
+                if n > limit:
+                    message = f"a sample of {n} tokens exceeds the {limit}-token limit"
+                    if on_too_long == "error":
+                        raise ValueError(message)
+                    warnings.warn(f"{message}: skipped ({stats['skipped']} so far)")
                 continue
-            if not mask.any():
-                stats["skipped"] += 1
-                continue
+            unusable["run"] = 0
             return (inputs, mask), pos
 
     def next_batch():
@@ -522,9 +409,11 @@ def sample_batches(data: ConversationFile, processor, micro_batch: int, max_toke
             room[fit] -= n
             pos = after
 
-    while True:
-        group_batches = [next_batch() for _ in range(group.size())]
-        yield group_batches[group.rank()][0], group_batches[-1][1]
+    def stream():
+        while True:
+            yield next_batch()
+
+    yield from rank_batches(stream(), group.rank(), group.size())
 
 
 def answer_tokens(batch) -> int:
@@ -541,73 +430,53 @@ def evaluate(model, batches: Sequence) -> float:
     return total / max(count, 1)
 
 
-def adapter_config(recipe: dict) -> dict:
-    lora = recipe.get("lora", {})
-    return {"method": recipe.get("method", "lora"), "targets": lora.get("targets", [r"language_model\..*(q|v)_proj"]),
-            "rank": lora.get("rank", 8), "scale": lora.get("scale", 20.0), "dropout": lora.get("dropout", 0.0)}
-
-
-@contextlib.contextmanager
-def stop_on_signals():
-    """SIGINT/SIGTERM ask the loop to checkpoint and stop after the current step."""
-    requested = []
-    if threading.current_thread() is not threading.main_thread():
-        yield lambda: False
-        return
-    previous = {sig: signal.signal(sig, lambda *_: requested.append(True)) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield lambda: bool(requested)
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
-def run(recipe: dict, resume: Optional[str] = None, progress: bool = True, on_step=None) -> dict:
-    seed = recipe.get("seed", 0)
+def run(recipe, resume: Optional[str] = None, progress: bool = True, on_step=None) -> dict:
+    """Finetune from a recipe (a dict or a FinetuneConfig): every key and
+    value is checked before the model is loaded."""
+    cfg = finetune_config(recipe)
+    train_file, valid_file = cfg.data.files()
+    seed = cfg.seed
     mx.random.seed(seed)
-    model_path = get_model_path(recipe["model"])
+    model_path = get_model_path(cfg.model or default_model_path())
     model, processor = load(str(model_path))
-    method = recipe.get("method", "lora")
-    adapters = adapter_config(recipe)
+    method, lora = cfg.method, cfg.lora
+    adapters = None
     if method in ("lora", "dora"):
-        adapt_linears(model, adapters["targets"], adapters["rank"], adapters["scale"], adapters["dropout"],
-                      method == "dora")
-    elif method != "full":
-        raise ValueError(f"unknown method {method!r}: use lora, dora or full (QLoRA = lora on a quantized model)")
-    set_trainable(model, method, recipe.get("freeze", []))
+        keys = adapt_linears(model, lora.targets, lora.rank, lora.scale, lora.dropout, method == "dora",
+                             lora.num_layers)
+        adapters = adapter_config(method, keys, lora.rank, lora.scale, lora.dropout, lora.targets, model)
+    set_trainable(model, method, cfg.frozen)
+    if cfg.resume_adapter_file:
+        load_weights_from(model, cfg.resume_adapter_file)
 
-    data = recipe["data"]
-    if not (data.get("train") or data.get("jsonl")):
-        raise ValueError("the recipe needs data.train (a conversations .jsonl), or pass --data")
-    on_bad = data.get("on_bad_record", "error")
-    train_data, valid_data = split_file(data.get("train") or data["jsonl"], data.get("valid_fraction", 0.0), seed,
-                                        on_bad)
-    if data.get("valid"):
-        valid_data = ConversationFile(data["valid"], seed, shuffle=False, on_bad_record=on_bad)
-    steps = recipe["steps"]
-    # finetuning's own defaults (mlx's Adam/AdamW as they come: no bias correction, every parameter decayed)
-    optimizer = build_optimizer({"bias_correction": False, "decay_all": True, **recipe["optim"]}, steps)
-    out = Path(recipe["output"])
+    on_bad = cfg.data.on_bad_record
+    train_data, valid_data = split_file(train_file, cfg.data.valid_fraction, seed, on_bad)
+    if valid_file is not None:
+        valid_data = ConversationFile(valid_file, seed, shuffle=False, on_bad_record=on_bad)
+    steps = cfg.steps
+    optimizer = build_optimizer(cfg.optim.as_dict(), steps)
+    out = cfg.run_folder
     ckpt_dir = out / "checkpoints"
     start, position, rng_key = resume_state(resume, ckpt_dir, model, optimizer, steps)
 
     context = model.args.text_config.max_position_embeddings
+    max_tokens = cfg.max_tokens or context
     stats = {}
-    pack_tokens = (recipe.get("pack_tokens") or recipe.get("max_tokens", context)) if recipe.get("pack") else None
-    batches = sample_batches(train_data, processor, recipe.get("micro_batch_size", 1),
-                             recipe.get("max_tokens", context), recipe.get("on_too_long", "skip"), position, stats,
-                             pack_tokens)
+    pack_tokens = (cfg.pack_tokens or max_tokens) if cfg.pack else None
+    batches = sample_batches(train_data, processor, cfg.micro_batch_size, max_tokens, cfg.on_too_long, position,
+                             stats, pack_tokens, cfg.mask_prompt)
     config = TrainConfig(
-        steps=steps, grad_accumulation=recipe.get("grad_accumulation", 1),
-        compute_dtype=recipe.get("compute_dtype"), grad_checkpoint=recipe.get("grad_checkpoint", False),
-        checkpoint_dir=str(ckpt_dir), checkpoint_every=recipe.get("checkpoint_every", 0),
-        keep_checkpoints=recipe.get("keep_checkpoints", 2), progress=progress, rate_unit="tok",
+        steps=steps, grad_accumulation=cfg.grad_accumulation,
+        compute_dtype=cfg.compute_dtype, grad_checkpoint=cfg.grad_checkpoint,
+        checkpoint_dir=str(ckpt_dir), checkpoint_every=cfg.checkpoint_every or 0,
+        keep_checkpoints=cfg.keep_checkpoints, progress=progress, rate_unit="tok",
     )
-    eval_every, evals = recipe.get("eval_every", 0), []
+    eval_every, evals = cfg.eval_every, []
     held_out = []
     if valid_data is not None and eval_every:
         it = valid_data.iterate()
-        held_out = [[tokenize(processor, next(it)[0])] for _ in range(min(len(valid_data), recipe.get("eval_samples", 16)))]
+        held_out = [[tokenize(processor, next(it)[0], cfg.mask_prompt)]
+                    for _ in range(min(len(valid_data), cfg.eval_samples))]
 
     def after_step(step, loss):
         if held_out and (step % eval_every == 0 or step == steps):
@@ -617,19 +486,34 @@ def run(recipe: dict, resume: Optional[str] = None, progress: bool = True, on_st
         if on_step is not None:
             on_step(step, loss)
 
-    with stop_on_signals() as stop_requested:
-        result = train(model, answer_loss, optimizer, batches, config, start_step=start,
-                       checkpoint_layers=model.layers, batch_size_of=answer_tokens,
-                       rng_key=rng_key, seed=seed, on_step=after_step, should_stop=stop_requested)
+    result = train(model, answer_loss, optimizer, batches, config, start_step=start,
+                   checkpoint_layers=model.layers, batch_size_of=answer_tokens,
+                   rng_key=rng_key, seed=seed, on_step=after_step)
     model.eval()
+    summary = {**result, "evals": evals, "skipped": stats.get("skipped", 0), "bad_records": train_data.skipped}
     if result["stopped"]:
-        print(stop_message(result))
-        return {**result, "evals": evals, "skipped": stats.get("skipped", 0), "bad_records": train_data.skipped}
+        return summary
     if mx.distributed.init().rank() == 0:
         if method == "full":
             save_weights(out / "model", model)
             copy_side_files(model_path, out / "model")
             save_config(json.loads((model_path / "config.json").read_text()), out / "model")
+            summary["saved"] = str(out / "model")
         else:
-            save_adapters(out / "adapters", model, adapters)
-    return {**result, "evals": evals, "skipped": stats.get("skipped", 0), "bad_records": train_data.skipped}
+            save_adapters(cfg.adapter_folder, model, adapters)
+            summary["saved"] = str(cfg.adapter_folder)
+    return summary
+
+
+def load_weights_from(model, file) -> None:
+    """Start from saved adapter (or full) weights: each must exist in the model with its shape."""
+    weights = mx.load(str(file))
+    expected = dict(tree_flatten(model.parameters()))
+    for name, w in weights.items():
+        if name not in expected:
+            raise ValueError(f"{file}: weight {name!r} does not exist in this model (is it for another model "
+                             "or another set of targets?)")
+        if w.shape != expected[name].shape:
+            raise ValueError(f"{file}: weight {name!r} has shape {list(w.shape)}, the model's is "
+                             f"{list(expected[name].shape)}")
+    model.load_weights(list(weights.items()), strict=False)

@@ -10,14 +10,17 @@ summed as `grad * weight`, summed across processes with
 """
 
 import math
+import contextlib
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_map
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
 from tqdm import tqdm
 
 from .checkpoint import save_checkpoint
@@ -36,6 +39,7 @@ class TrainConfig:
     log_every: int = 1
     progress: bool = True
     rate_unit: str = "img"  # what batch_size_of counts, for the progress bar's rate
+    compile: bool = True  # compile each micro-batch's gradient when batches are trees of arrays
 
 
 def cast_floats(tree, dtype):
@@ -68,6 +72,30 @@ def enable_grad_checkpoint(layers: Sequence[nn.Module]) -> None:
             layer.__class__ = checkpointed_class(type(layer))
 
 
+def all_sum_tree(tree, group):
+    """Sum a tree of arrays across processes in one `all_sum` over their
+    concatenation (as mlx-lm's `average_gradients` batches them)."""
+    flat = tree_flatten(tree)
+    if not flat:
+        return tree
+    joined = mx.distributed.all_sum(mx.concatenate([v.reshape(-1) for _, v in flat]), group=group)
+    sizes = [v.size for _, v in flat]
+    offsets = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+    return tree_unflatten([(k, joined[offsets[i]: offsets[i + 1]].reshape(v.shape))
+                           for i, (k, v) in enumerate(flat)])
+
+
+def is_array_tree(tree) -> bool:
+    """True when every leaf of (nested lists, tuples, dicts) `tree` is an mx.array."""
+    if isinstance(tree, mx.array):
+        return True
+    if isinstance(tree, (list, tuple)):
+        return all(is_array_tree(t) for t in tree)
+    if isinstance(tree, dict):
+        return all(is_array_tree(t) for t in tree.values())
+    return False
+
+
 def make_step(model: nn.Module, loss_fn: Callable, optimizer, config: TrainConfig):
     """One optimizer step over `grad_accumulation` micro-batches."""
     dtype = getattr(mx, config.compute_dtype) if config.compute_dtype else None
@@ -80,22 +108,30 @@ def make_step(model: nn.Module, loss_fn: Callable, optimizer, config: TrainConfi
 
     value_and_grad = mx.value_and_grad(loss_of)
 
+    def weighted(params, batch, key):
+        """(loss x weight, weight, gradient x weight) of one micro-batch, in fp32."""
+        (loss, weight), grads = value_and_grad(params, batch, key)
+        weight = weight.astype(mx.float32)
+        return loss * weight, weight, tree_map(lambda g: g.astype(mx.float32) * weight, grads)
+
+    compiled = mx.compile(weighted, inputs=[mx.random.state], outputs=[mx.random.state])
+
     def step(micro_batches, key):
         params = model.trainable_parameters()
         total_grad, total_loss, total_weight = None, mx.array(0.0), mx.array(0.0)
         keys = mx.random.split(key, len(micro_batches))
         for batch, k in zip(micro_batches, keys):
-            (loss, weight), grads = value_and_grad(params, batch, k)
-            weight = weight.astype(mx.float32)
-            grads = tree_map(lambda g: g.astype(mx.float32) * weight, grads)
+            # compiled where the batch is arrays only (it is then an input, not a constant of the trace)
+            fn = compiled if config.compile and is_array_tree(batch) else weighted
+            loss, weight, grads = fn(params, batch, k)
             total_grad = grads if total_grad is None else tree_map(mx.add, total_grad, grads)
-            total_loss = total_loss + loss * weight
+            total_loss = total_loss + loss
             total_weight = total_weight + weight
             mx.eval(total_grad, total_loss, total_weight)
         if group.size() > 1:
-            total_grad = tree_map(lambda g: mx.distributed.all_sum(g, group=group), total_grad)
-            total_loss = mx.distributed.all_sum(total_loss, group=group)
-            total_weight = mx.distributed.all_sum(total_weight, group=group)
+            summed = all_sum_tree({"grad": total_grad, "loss": total_loss.reshape(1),
+                                   "weight": total_weight.reshape(1)}, group)
+            total_grad, total_loss, total_weight = summed["grad"], summed["loss"][0], summed["weight"][0]
         scale = 1.0 / mx.maximum(total_weight, 1e-8)
         grads = tree_map(lambda g: g * scale, total_grad)
         model.update(params)  # back to the full-precision weights
@@ -119,6 +155,20 @@ def check_finite_loss(loss: float, step: int, last_checkpoint) -> None:
         raise NonFiniteLossError(
             f"the loss became {loss} at step {step}: training stopped and these weights were not saved; {kept}. "
             "Lower the learning rate, or check the data and the adapter scale")
+@contextlib.contextmanager
+def stop_on_signals():
+    """SIGINT/SIGTERM ask the loop to checkpoint and stop after the current step
+    (yields the question "was one asked?"); off the main thread, never."""
+    requested = []
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+    previous = {sig: signal.signal(sig, lambda *_: requested.append(True)) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield lambda: bool(requested)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def stop_message(result: dict) -> str:
@@ -148,12 +198,17 @@ def train(
     `batches` yields (batch, data position); the position after the last batch
     of each step is stored in checkpoints so a resumed run reads on from there,
     as is the RNG key (`rng_key`, from a checkpoint's state; else from `seed`).
-    When `should_stop()` turns true (e.g. on SIGINT/SIGTERM) the loop writes a
-    checkpoint after the current step and returns with "stopped": True. When a
+    When `should_stop()` turns true the loop writes a checkpoint after the
+    current step and returns with "stopped": True; without `should_stop`, a
+    SIGINT or SIGTERM asks for that (`stop_on_signals`). When a
     step fails (bad data, out of memory, a bug), the last completed step is
     checkpointed, if it is not already, before the error goes on.
     Returns {"losses": [...], "step": last step, "position": data position,
     "stopped", "checkpoint": the last checkpoint written by this call or None}."""
+    if should_stop is None:
+        with stop_on_signals() as requested:
+            return train(model, loss_fn, optimizer, batches, config, start_step, checkpoint_layers, batch_size_of,
+                         extra_state, on_step, seed, rng_key, requested)
     if config.grad_checkpoint:
         enable_grad_checkpoint(checkpoint_layers)
     model.train()

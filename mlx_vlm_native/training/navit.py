@@ -37,7 +37,7 @@ from ..native import execution
 from ..packing import Pack, greedy_pack
 from .checkpoint import resume_state
 from .loop import TrainConfig, train
-from .openvision2 import rank_batches
+from .stream import positions, rank_batches
 from .optim import build_optimizer
 
 def sample_drop_rates(n: int, rng: np.random.Generator, max_rate: float = 0.5, beta=(2.0, 2.0)) -> np.ndarray:
@@ -164,14 +164,8 @@ class LabelledFiles:
         return Labelled(Image.open(path).convert("RGB"), self.classes.index(label), key)
 
     def iterate(self, position: Optional[dict] = None) -> Iterator:
-        pos = dict(position or {"epoch": 0, "index": 0})
-        epoch, index = pos["epoch"], pos["index"]
-        while True:
-            n = len(self.records)
-            order = np.random.default_rng((self.seed, epoch)).permutation(n) if self.shuffle else np.arange(n)
-            for i in range(index, n):
-                yield self.get(int(order[i]), (epoch, i)), {"epoch": epoch, "index": i + 1}
-            epoch, index = epoch + 1, 0
+        for item, pos in positions(len(self.records), self.seed, position, self.shuffle):
+            yield self.get(item, (pos["epoch"], pos["index"] - 1)), pos
 
 
 def open_data(spec: dict, seed: int, classes=None):

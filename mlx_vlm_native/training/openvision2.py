@@ -16,6 +16,7 @@ from ..processors.image import FIT_PIXELS
 from .data import augmented_pixels, batches, open_dataset, tokenize_captions
 from .loop import TrainConfig, train
 from .optim import build_optimizer
+from .stream import rank_batches
 
 
 def load_text_tokenizer(name: str):
@@ -93,13 +94,6 @@ def initial_model(recipe: dict, args: ModelArgs):
     model.vision.set_image_size(args.vision_config.image_size)
     mx.eval(model.parameters())
     return model
-
-
-def rank_batches(it, rank: int, size: int):
-    """Each process takes every size-th batch; positions are those after the group."""
-    for first in it:
-        group = [first] + [next(it) for _ in range(size - 1)]
-        yield group[rank][0], group[-1][1]
 
 
 def run(recipe: dict, resume: Optional[str] = None, progress: bool = True, on_step=None) -> dict:

@@ -26,9 +26,8 @@ import numpy as np
 
 from mlx_vlm_native.datasets import shapes
 from mlx_vlm_native.models.base import masked_cross_entropy
-from mlx_vlm_native.training.finetune import (Conversation, answer_tokens, forward_batch, set_trainable,
-                                              stop_on_signals, stop_message, tokenize)
-from mlx_vlm_native.training.loop import TrainConfig, train as run_loop
+from mlx_vlm_native.training.finetune import Conversation, answer_tokens, forward_batch, set_trainable, tokenize
+from mlx_vlm_native.training.loop import TrainConfig, stop_message, train as run_loop
 from mlx_vlm_native.training.checkpoint import resume_state
 from mlx_vlm_native.training.optim import build_optimizer
 from mlx_vlm_native.utils import copy_side_files, load, save_config, save_weights
@@ -220,10 +219,9 @@ def train(model_dir: Path, out: Path, steps: int, lr: float, weight: float, mix=
         if step % 50 == 0:
             print(f"step {step}: loss {loss:.4f}, lookup {stats['lookup'].item():.3f}", flush=True)
 
-    with stop_on_signals() as stop_requested:
-        result = run_loop(model, make_loss(weight, attention.scale, stats), optimizer, data, config,
-                          start_step=start, batch_size_of=lambda b: answer_tokens([(i, m) for i, m, _ in b]),
-                          rng_key=rng_key, seed=seed, on_step=log, should_stop=stop_requested)
+    result = run_loop(model, make_loss(weight, attention.scale, stats), optimizer, data, config,
+                      start_step=start, batch_size_of=lambda b: answer_tokens([(i, m) for i, m, _ in b]),
+                      rng_key=rng_key, seed=seed, on_step=log)
     if result["stopped"]:
         sys.exit(stop_message(result))
     model.eval()
