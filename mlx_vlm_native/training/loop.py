@@ -9,17 +9,19 @@ summed as `grad * weight`, summed across processes with
 `mx.distributed.all_sum`, then divided by the total weight.
 """
 
-import math
 import contextlib
+import math
 import signal
 import sys
 import threading
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 from tqdm import tqdm
 
@@ -115,15 +117,32 @@ def make_step(model: nn.Module, loss_fn: Callable, optimizer, config: TrainConfi
         return loss * weight, weight, tree_map(lambda g: g.astype(mx.float32) * weight, grads)
 
     compiled = mx.compile(weighted, inputs=[mx.random.state], outputs=[mx.random.state])
+    traceable = [config.compile]
+
+    def micro_step(params, batch, key):
+        """`weighted`, compiled where the batch is arrays only (it is then an input, not
+        a constant of the trace). A loss that reads values on the host (`.item()`,
+        NumPy) cannot be traced: the run goes on uncompiled, with the random state the
+        failed trace left behind replaced."""
+        if not (traceable[0] and is_array_tree(batch)):
+            return weighted(params, batch, key)
+        before = np.array(mx.random.state[0])
+        try:
+            return compiled(params, batch, key)
+        except ValueError as e:
+            if "function transformations" not in str(e):
+                raise
+            traceable[0] = False
+            mx.random.seed(int(before.astype(np.uint64)[0] << np.uint64(32) | before.astype(np.uint64)[1]))
+            warnings.warn(f"the loss cannot be compiled ({str(e).splitlines()[0]}); training uncompiled")
+            return weighted(params, batch, key)
 
     def step(micro_batches, key):
         params = model.trainable_parameters()
         total_grad, total_loss, total_weight = None, mx.array(0.0), mx.array(0.0)
         keys = mx.random.split(key, len(micro_batches))
         for batch, k in zip(micro_batches, keys):
-            # compiled where the batch is arrays only (it is then an input, not a constant of the trace)
-            fn = compiled if config.compile and is_array_tree(batch) else weighted
-            loss, weight, grads = fn(params, batch, k)
+            loss, weight, grads = micro_step(params, batch, k)
             total_grad = grads if total_grad is None else tree_map(mx.add, total_grad, grads)
             total_loss = total_loss + loss
             total_weight = total_weight + weight
