@@ -26,6 +26,8 @@ from mlx_lm.tuner.lora import LoRALinear
 
 from .weight_files import load_checked_safetensors, read_json_file
 
+ADAPTER_LAYERS = (LoRALinear, DoRALinear)  # mlx-lm's layers that wrap a Linear
+
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapters.safetensors"
 LANGUAGE_MODEL_FOLDER = "language_model"

@@ -14,6 +14,7 @@ from typing import List, Optional
 from mlx.utils import tree_unflatten
 from mlx_lm.utils import dequantize_model
 
+from .adapters import ADAPTER_LAYERS
 from .convert import quantize_language_model
 from .utils import copy_side_files, default_model_path, get_model_path, load, load_config, save_config, save_weights
 
@@ -25,7 +26,7 @@ def fuse(model: Optional[str], adapter_path: str, save_path: str, dequantize: bo
         raise FileExistsError(f"{dst} exists and is not empty; choose another --save-path")
     base, _ = load(str(src), adapter_path=adapter_path)
     fused = [(path, m.fuse(dequantize=dequantize)) for path, m in base.named_modules()
-             if type(m).__name__ in ("LoRALinear", "DoRALinear")]
+             if isinstance(m, ADAPTER_LAYERS)]
     base.update_modules(tree_unflatten(fused))
     config = load_config(src)
     if dequantize:

@@ -47,7 +47,6 @@ FAMILIES = (
     Family("openvision_llava", ("openvision_llava",)),
     Family("openvision2", ("openvision2",)),  # also released open_clip folders (no config.json)
 )
-SUPPORTED = tuple(f.module for f in FAMILIES)
 
 OPEN_CLIP_CONFIG = "open_clip_config.json"  # released OpenVision folders
 SAFETENSORS_PATTERNS = ["*.safetensors", "*.safetensors.index.json"]
@@ -147,12 +146,6 @@ def family_of(model_type: str) -> Family:
     return detect_family({"model_type": model_type})
 
 
-def get_model_classes(config: dict, weight_keys=()):
-    family = detect_family(config, weight_keys)
-    arch = importlib.import_module(f"mlx_vlm_native.models.{family.module}")
-    return arch.Model, arch.ModelArgs
-
-
 def load_weights(path: Path) -> dict:
     """All tensors of a checkpoint folder: safetensors (lazy) or torch pickles (safe)."""
     path = Path(path)
@@ -220,7 +213,7 @@ def build_model(path: Path, config: dict, lazy: bool = False, strict: bool = Tru
     if config.get("quantization") is not None:
         quantize_for_checkpoint(model, config, weights)
     if strict:
-        check_weights(model, weights, getattr(arch, "LAYOUTS", ()))
+        check_weights(model, weights, model.layouts)
     model.load_weights(list(weights.items()), strict=strict)
     if not lazy:
         mx.eval(model.parameters())

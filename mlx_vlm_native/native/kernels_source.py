@@ -14,7 +14,6 @@ from typing import Optional
 import mlx.core as mx
 
 KERNEL_DIR = Path(__file__).parent / "kernels"
-HEADERS = {".metal": "attention_common.metal", ".cu": "attention_common.cu"}
 
 
 @lru_cache(maxsize=None)

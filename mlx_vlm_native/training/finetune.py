@@ -23,7 +23,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
-from ..adapters import adapt_linears, adapter_config, save_adapters
+from ..adapters import ADAPTER_LAYERS, adapt_linears, adapter_config, save_adapters
 from ..conversations import Conversation, RecordError, parse_record
 from ..models.base import masked_cross_entropy
 from ..utils import copy_side_files, default_model_path, get_model_path, load, save_config, save_weights
@@ -189,7 +189,7 @@ def set_trainable(model: nn.Module, method: str, freeze: Sequence[str] = ()) -> 
     else:
         model.freeze()
         for _, module in model.named_modules():
-            if type(module).__name__ in ("LoRALinear", "DoRALinear"):
+            if isinstance(module, ADAPTER_LAYERS):
                 module.unfreeze(recurse=False)
                 module.linear.freeze()
     patterns = [re.compile(f) for f in freeze]
