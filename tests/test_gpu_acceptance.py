@@ -1,4 +1,4 @@
-"""scripts/gpu-acceptance: the wheel split/join it uses to carry MLX's CUDA backend
+"""benchmarks/gpu_acceptance.py: the wheel split/join it uses to carry MLX's CUDA backend
 to an offline GPU machine, and (slow tier) the whole run rehearsed at toy sizes on
 this machine's device, so the GPU run is one attempt."""
 
@@ -20,7 +20,7 @@ def load_script(path: Path):
     return module
 
 
-acceptance = load_script(ROOT / "scripts" / "gpu-acceptance")
+acceptance = load_script(ROOT / "benchmarks" / "gpu_acceptance.py")
 
 
 def split(tmp_path, data: bytes, cut: int):
@@ -72,7 +72,7 @@ def test_rehearsal_runs_every_step(tmp_path):
     """Every step at toy sizes, the install dry-run on split wheel parts."""
     a, b = split(tmp_path, b"wheel bytes" * 1000, 5000)
     out = tmp_path / "out"
-    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu-acceptance"), "run", "--out", str(out),
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_acceptance.py"), "run", "--out", str(out),
                         "--wheels", str(a), str(b), "--dry-run-install", "--rehearse", "--budget", "1500"],
                        capture_output=True, text=True, timeout=1800)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]

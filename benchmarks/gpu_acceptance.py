@@ -3,8 +3,8 @@
 in one command for an offline GPU machine; everything goes to --out as JSON plus a
 short summary.txt.
 
-    scripts/gpu-acceptance prepare-wheels [--dest .gpu-wheels]      # here, with pip
-    scripts/gpu-acceptance run --out DIR [--wheels DIR ...] [--rehearse] [--dry-run-install]
+    benchmarks/gpu_acceptance.py prepare-wheels [--dest .gpu-wheels]      # here, with pip
+    benchmarks/gpu_acceptance.py run --out DIR [--wheels DIR ...] [--rehearse] [--dry-run-install]
 
 `prepare-wheels` downloads MLX's CUDA backend (mlx, mlx-cuda-13, mlx-lm; mlx-vlm
 best effort) as cp312 manylinux wheels and splits them into two folders, a/ and b/,
