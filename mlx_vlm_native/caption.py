@@ -14,19 +14,13 @@ from typing import List, Optional, Sequence, Union
 
 import mlx.core as mx
 import mlx.nn as nn
-import numpy as np
 from mlx_lm.generate import generate_step
 from mlx_lm.sample_utils import make_sampler
 
 from . import openvision_checkpoint as ovc
 from .models.openvision import mask_image_tokens
-from .processors.image import ImageInput, center_crop_pixels, load_image
-from .utils import get_model_path
-
-def preprocess(images: Sequence[ImageInput], image_size: int, mean=ovc.IMAGE_MEAN, std=ovc.IMAGE_STD) -> mx.array:
-    """Short side to `image_size`, center crop, ImageNet normalisation: (B, S, S, 3)."""
-    return mx.array(np.stack([center_crop_pixels(load_image(i), image_size, mean, std) for i in images]))
-
+from .processors.image import ImageInput
+from .utils import get_model_path, load_processor
 
 class CaptionModel(nn.Module):
     """The caption decoder as mlx-lm's `generate_step` calls it: the image's
@@ -75,23 +69,22 @@ def caption(
     top_p: float = 1.0,
     seed: Optional[int] = None,
     attention_mask: Optional[str] = None,
-    tokenizer=None,
+    processor=None,
 ) -> Union[str, List[str]]:
     """Caption one image (returns a str) or a list of images (a list of str).
 
-    `model` is a folder / Hub id or an already loaded OpenVision model (then
-    pass `tokenizer`). Greedy at temperature 0, else sampling."""
+    `model` is a folder / Hub id, or a model from `load()` with its `processor`.
+    Greedy at temperature 0, else sampling."""
     if isinstance(model, (str, Path)):
         path = get_model_path(str(model))
         model = ovc.load(path, attention_mask=attention_mask)
-        tokenizer = tokenizer or ovc.load_tokenizer(path)
-    if tokenizer is None:
-        raise ValueError("pass the tokenizer along with a loaded model")
+        processor = processor or load_processor(path, model)
+    if processor is None:
+        raise ValueError("pass the processor that load() returned along with a loaded model")
     single = not isinstance(images, (list, tuple))
     images = [images] if single else list(images)
-    pixels = preprocess(images, model.args.vision_config.image_size)
-    ids = generate_captions(model, pixels, max_tokens, temperature, top_p, seed=seed)
-    texts = [tokenizer.decode(i, skip_special_tokens=True).strip() for i in ids]
+    ids = generate_captions(model, processor.pixels(images), max_tokens, temperature, top_p, seed=seed)
+    texts = [processor.decode(i) for i in ids]
     return texts[0] if single else texts
 
 

@@ -221,12 +221,11 @@ def build_model(path: Path, config: dict, lazy: bool = False, strict: bool = Tru
 
 
 def load_processor(path: Path, model):
-    """`processors/<family>.py` provides `Processor.from_pretrained(path, tokenizer, args)`;
-    an OpenVision 2 captioner takes its caption tokenizer."""
+    """`processors/<family>.py` provides `Processor.from_pretrained(path, tokenizer, args)`."""
     family = family_of(model.model_type)
-    if family.module == "openvision2":
-        return openvision_checkpoint.load_tokenizer(path)
     module = importlib.import_module(f"mlx_vlm_native.processors.{family.module}")
+    if family.module == "openvision2":  # a caption tokenizer (tokenizer.json or a BERT vocab), not a chat one
+        return module.Processor.from_pretrained(path, openvision_checkpoint.load_tokenizer(path), model.args)
     # transformers reads config.json on the way and warns that it does not know
     # our model types (openvision_llava, eve, ...): true, and not the tokenizer's business
     config_log = logging.getLogger("transformers.configuration_utils")
@@ -249,7 +248,7 @@ def load(
     """Load a model folder or Hub id -> (model, processor): released Hub and
     transformers-5 layouts, mlx-vlm / mlx-community folders (plain or
     quantized, mixed included) and this project's; without one, the embedded
-    default model. An OpenVision 2 captioner comes with its caption tokenizer."""
+    default model."""
     if path_or_repo is None:
         path_or_repo = default_model_path()
     path = get_model_path(path_or_repo, revision)

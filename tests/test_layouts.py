@@ -451,7 +451,7 @@ def test_eve_v2_resolution_from_tower_name_and_width_key(tmp_path, width_key):
 
 def test_openvision2_folders_through_load(tmp_path, monkeypatch):
     """A released `*-vision-only` open_clip folder and its converted MLX folder
-    load with the same `load()`, which hands back the caption tokenizer."""
+    load with the same `load()`, which hands back the caption processor."""
     from convert.open_clip_checkpoint import write_tiny_open_clip
     from mlx_vlm_native.caption import caption
 
@@ -459,14 +459,14 @@ def test_openvision2_folders_through_load(tmp_path, monkeypatch):
     image = make_image(40, 40)
     expected = caption(str(released), image, max_tokens=6)
     for folder in (released, convert(str(released), str(tmp_path / "mlx"))):
-        model, tokenizer = load(str(folder))
+        model, processor = load(str(folder))
         assert type(model).__module__ == "mlx_vlm_native.models.openvision"
-        assert caption(model, image, max_tokens=6, tokenizer=tokenizer) == expected
+        assert caption(model, image, max_tokens=6, processor=processor) == expected
     fetched = []
     fake_hub(monkeypatch, {"UCSC-VLAA/openvision2-tiny-vision-only": released}, fetched)
-    model, tokenizer = load("UCSC-VLAA/openvision2-tiny-vision-only")
+    model, processor = load("UCSC-VLAA/openvision2-tiny-vision-only")
     assert {"open_clip_pytorch_model.bin", "caption_decoder.safetensors"} <= set(fetched)
-    assert caption(model, image, max_tokens=6, tokenizer=tokenizer) == expected
+    assert caption(model, image, max_tokens=6, processor=processor) == expected
 
 
 def test_unknown_family_names_what_was_read(tmp_path):

@@ -278,6 +278,7 @@ def test_full_clip_checkpoint_keeps_only_the_visual_tower(tmp_path, tiny_dir, ti
 
 def test_kv_cached_caption_equals_full_recompute(tiny_model, tiny_dir):
     from mlx_vlm_native.caption import caption, generate_captions
+    from mlx_vlm_native.utils import load_processor
 
     x = to_mlx(pixels(2, 28, seed=8))
     ids = generate_captions(tiny_model, x, max_tokens=6)
@@ -291,7 +292,7 @@ def test_kv_cached_caption_equals_full_recompute(tiny_model, tiny_dir):
     text = caption(str(tiny_dir), np.zeros((30, 40, 3), np.uint8), max_tokens=4)
     assert isinstance(text, str)
     sampled = [caption(tiny_model, [np.zeros((28, 28, 3), np.uint8)], max_tokens=4, temperature=1.0,
-                       seed=s, tokenizer=ovc.load_tokenizer(tiny_dir)) for s in (1, 1)]
+                       seed=s, processor=load_processor(tiny_dir, tiny_model)) for s in (1, 1)]
     assert sampled[0] == sampled[1]
 
 
