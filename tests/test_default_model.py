@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from mlx_vlm_native import load
-from mlx_vlm_native.datasets import shapes
+from train import shapes_world as shapes
 from mlx_vlm_native.utils import DEFAULT_MODEL
 
 from answers import names

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from mlx_vlm_native import load
-from mlx_vlm_native.datasets import shapes
+from train import shapes_world as shapes
 from mlx_vlm_native.utils import DEFAULT_MODEL
 
 ROOT = Path(__file__).resolve().parents[1]
