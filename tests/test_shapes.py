@@ -7,7 +7,7 @@ import re
 import numpy as np
 import pytest
 
-from train import shapes_world as shapes
+from train import shapes_world as shapes  # the generated world: train/shapes_world.py
 
 
 def test_same_seed_same_scene_and_pixels():
