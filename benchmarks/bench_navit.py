@@ -1,8 +1,9 @@
 """NaViT training efficiency, in one process, ratios in one run:
 
 1. packed (NaViT) vs padded-to-max vs resized-to-square training of the same
-   classifier on the same data (the shapes world, colour labels, long sides
-   sampled in [min-side, max-side] with the aspect ratio kept): images/s,
+   classifier on the same data (lone-shape pictures of the shapes world written
+   by train/navit/make_shapes_data.py, `--train` of them read in epochs, colour
+   labels, long sides sampled in [min-side, max-side] with the aspect ratio kept): images/s,
    tokens/s, padding fraction, peak memory, then held-out accuracy after the
    same CPU-time budget;
 2. packed training with token dropping at rates 0, 0.25 and 0.5: the same;
@@ -19,6 +20,7 @@ shared loop, constant learning rate after a short warmup.
 """
 
 import argparse
+import itertools
 import json
 import sys
 import tempfile
@@ -32,12 +34,13 @@ import numpy as np
 
 from mlx_vlm_native.training import navit
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: convert/'s layout fixtures
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: convert/ and train/
+from train.navit.make_shapes_data import classes, write_split  # noqa: E402
 
 
 def base_recipe(args, out) -> dict:
     return {
-        "family": "navit", "data": {"shapes": {"seed": 0, "label": args.label}},
+        "family": "navit", "data": {"jsonl": str(args.data / "train.jsonl")}, "classes": classes(args.label),
         "model": {"patch_size": 16, "hidden_size": args.width, "num_layers": args.layers, "num_heads": 4,
                   "position_table": 16},
         "image": {"min_side": args.min_side, "max_side": args.max_side},
@@ -49,10 +52,9 @@ def base_recipe(args, out) -> dict:
 
 def token_stats(args) -> dict:
     """Token counts of the sampled training resolutions, to size the baselines."""
-    data = navit.ShapesImages(0, args.label)
+    data = navit.open_data(base_recipe(args, None)["data"], 0, classes(args.label))
     counts = []
-    for n in range(400):
-        s = data.get(n)
+    for s, _ in itertools.islice(data.iterate(), 400):
         rng = np.random.default_rng((0, *s.key))
         h, w = navit.image_size(s.image, {"min_side": args.min_side, "max_side": args.max_side}, 16, rng)
         counts.append(h * w // 256)
@@ -72,7 +74,7 @@ def train_for(recipe: dict, seconds: float) -> dict:
 
 
 def held_out(args):
-    return navit.ShapesImages(10_000, args.label)
+    return navit.LabelledFiles({"jsonl": str(args.data / "valid.jsonl"), "shuffle": False}, classes=classes(args.label))
 
 
 def evaluate(model, samples, **resolution) -> float:
@@ -181,6 +183,7 @@ def main():
     p.add_argument("--seconds", type=float, default=50, help="CPU-time budget of each vision variant")
     p.add_argument("--eval", type=int, default=384, help="held-out images")
     p.add_argument("--label", default="colour")
+    p.add_argument("--train", type=int, default=6000, help="training pictures written (read in epochs)")
     p.add_argument("--width", type=int, default=96)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--lr", type=float, default=3e-3)
@@ -201,10 +204,13 @@ def main():
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        report = {"args": vars(args)}
+        report = {"args": dict(vars(args))}
         if not args.skip_vision:
+            args.data = tmp / "shapes"
+            write_split(args.data, "train", args.train, 0, args.label)
+            write_split(args.data, "valid", args.eval, 10_000, args.label)
             data = held_out(args)
-            samples = [data.get(n) for n in range(args.eval)]
+            samples = [data.get(n, (0, n)) for n in range(args.eval)]
             rows = vision_rows(args, tmp, samples)
             report["vision"] = [{k: v for k, v in r.items()} for r in rows]
             base = rows[0]

@@ -8,12 +8,15 @@ compare held-out accuracy on size questions before and after.
 """
 
 import argparse
+import sys
 from pathlib import Path
 
 from mlx_vlm_native import load
-from mlx_vlm_native.datasets import shapes
 from mlx_vlm_native.training import finetune
 from mlx_vlm_native.utils import default_model_path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: train/shapes_world.py
+from train import shapes_world as shapes  # noqa: E402
 
 MIX = {"size": 0.5, "colour": 0.15, "shape": 0.15, "position": 0.1, "count": 0.1}
 

@@ -8,15 +8,18 @@ The full-size recipes are train/openvision2/stage{1,2}.json.
 """
 
 import argparse
+import sys
 from pathlib import Path
 
 import numpy as np
 
 from mlx_vlm_native.caption import caption
-from mlx_vlm_native.datasets import shapes
 from mlx_vlm_native.training import openvision2
 from mlx_vlm_native.training.data import CaptionFolder
 from mlx_vlm_native.utils import default_model_path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: train/shapes_world.py
+from train import shapes_world as shapes  # noqa: E402
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser()

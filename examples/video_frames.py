@@ -10,13 +10,15 @@ picture (examples/images/moving.gif), samples frames from it, then:
 """
 
 import argparse
+import sys
 from pathlib import Path
 
 import numpy as np
 
 from mlx_vlm_native import generate, load
 from mlx_vlm_native.processors.image import load_video_frames
-from mlx_vlm_native.datasets.shapes import Item, Scene, render
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: train/shapes_world.py
+from train.shapes_world import Item, Scene, render  # noqa: E402
 
 CLIP = Path(__file__).parent / "images" / "moving.gif"
 

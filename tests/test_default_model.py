@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from mlx_vlm_native import load
-from mlx_vlm_native.datasets import shapes
 from mlx_vlm_native.utils import DEFAULT_MODEL
+from train import shapes_world as shapes  # the generated world: train/shapes_world.py
 
 from answers import names
 

@@ -16,7 +16,7 @@ LAYERS = (
     ("models", ("models", "openvision_checkpoint")),
     ("processors", ("processors",)),
     ("loading and generation", ("utils", "adapters", "conversations", "generate", "convert", "fuse", "caption")),
-    ("training", ("training", "datasets")),
+    ("training", ("training",)),
     ("commands", ("chat", "server", "http_limits", "train", "selftest", "cli", "__main__", "__init__")),
 )
 # imported inside functions on purpose: optional and heavy, or the peer project

@@ -17,13 +17,26 @@ from PIL import Image
 from mlx_vlm_native.models.navit import Model
 from mlx_vlm_native.packing import Pack
 from mlx_vlm_native.training import navit
-from mlx_vlm_native.training.navit import ShapesImages, batch_stream, classification_loss, drop_rate
+from mlx_vlm_native.training.navit import batch_stream, classification_loss, drop_rate
+from train.navit.make_shapes_data import classes, write_split
 
 REPO = Path(__file__).resolve().parents[1]
+COLOURS = classes("colour")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def shapes_data(tmp_path_factory):
+    """Lone-shape pictures with colour labels (train/navit/make_shapes_data.py), read in
+    file order: 400 to train on, 48 held out."""
+    global DATA
+    out = tmp_path_factory.mktemp("navit_shapes")
+    DATA = {"jsonl": str(write_split(out, "train", 400, 0)), "valid": str(write_split(out, "valid", 48, 10_000)),
+            "shuffle": False}
+    return DATA
 
 
 def tiny_recipe(out, steps=4, **kw):
-    r = {"family": "navit", "data": {"shapes": {"seed": 0, "label": "colour"}},
+    r = {"family": "navit", "data": dict(DATA), "classes": COLOURS,
          "model": {"patch_size": 16, "hidden_size": 32, "num_layers": 2, "num_heads": 2, "position_table": 8},
          "image": {"min_side": 32, "max_side": 64},
          "batching": {"mode": "packed", "seq_len": 48, "sequences": 2},
@@ -34,7 +47,7 @@ def tiny_recipe(out, steps=4, **kw):
 
 
 def stream_of(recipe, position=None, start=0, stats=None):
-    data = navit.open_data(recipe["data"], recipe.get("seed", 0))
+    data = navit.open_data(recipe["data"], recipe.get("seed", 0), recipe.get("classes"))
     args = navit.model_args(recipe, data.classes)
     return data, args, batch_stream(recipe, data, args, position, start, stats)
 
@@ -62,7 +75,7 @@ def test_rows_are_packed_in_order_and_padded_at_their_end_only(tmp_path):
         assert total == 2 * 48 and batch.tokens + batch.padding == total
         images = [label for _, label in segs if label >= 0]
         seen += len(images)
-        assert position == {"index": seen}  # none lost, none repeated
+        assert position == {"epoch": 0, "index": seen}  # none lost, none repeated
     assert stats["images"] == seen and stats["padding"] == sum(b.padding for b, _ in batches)
     # every image at a sampled resolution, aspect kept: h*w tokens of its own grid
     assert all(g[1] * g[2] == n for b, _ in batches for g, (n, l) in zip(b.pack.grids, segments(b)) if l >= 0)
@@ -79,7 +92,7 @@ def test_drop_counts_are_exact(tmp_path):
         for length, label in segments(batch):
             if label < 0:
                 continue
-            im = data.get(n).image
+            im = data.get(n, ()).image
             scale = 64 / max(im.size) if max(im.size) > 64 else 1.0
             h = max(16, round(im.height * scale / 16) * 16) // 16
             w = max(16, round(im.width * scale / 16) * 16) // 16
@@ -132,8 +145,8 @@ def test_loss_falls_and_classifies_at_unseen_resolutions(tmp_path):
     # trained on long sides 32..64 only; 8 colours, chance 0.125
     assert curve["96"] > 0.3 and curve["128"] > 0.3, curve
     model = navit.load_model(tmp_path / "run" / "model")
-    assert model.args.classes == navit.CLASS_SETS["colour"]
-    im = ShapesImages(5, "colour").get(0)
+    assert model.args.classes == COLOURS
+    im = navit.LabelledFiles({"jsonl": DATA["valid"], "shuffle": False}, classes=COLOURS).get(0, ())
     for kw in ({}, {"long_side": 200}, {"side": 40}):
         assert navit.predict(model, [im.image, im.image.resize((30, 90))], **kw).shape == (2,)
 
@@ -143,7 +156,7 @@ def test_baseline_batchings(tmp_path):
     batch, position = next(stream_of(padded)[2])
     segs = segments(batch)
     lengths = [n for n, label in segs if label >= 0]
-    assert len(lengths) == 4 and position == {"index": 4}
+    assert len(lengths) == 4 and position == {"epoch": 0, "index": 4}
     assert batch.tokens + batch.padding == 4 * max(lengths)
     square = tiny_recipe(tmp_path, batching={"mode": "square", "images": 3, "side": 48}, token_drop=None)
     batch, _ = next(stream_of(square)[2])
@@ -163,7 +176,7 @@ def test_labelled_files_jsonl_and_folder(tmp_path):
         args = configure_parser().parse_args(["--recipe", "r.json", "--data", str(tmp_path / path)])
         assert apply_overrides({}, args)["data"] == {"folder" if path == "by_class" else "jsonl": str(tmp_path / path)}
     for data in ({"folder": str(tmp_path / "by_class")}, {"jsonl": str(tmp_path / "labels.jsonl")}):
-        result = navit.run(tiny_recipe(tmp_path / "out", steps=2, data=data), progress=False)
+        result = navit.run(tiny_recipe(tmp_path / "out", steps=2, data=data, classes=None), progress=False)
         assert len(result["losses"]) == 2 and result["model"].args.classes == ["blue", "red"]
     (tmp_path / "bad.jsonl").write_text('{"image": "x.png"}\n')
     with pytest.raises(ValueError, match="bad.jsonl:1: each line needs 'image' and 'label'"):
@@ -182,7 +195,9 @@ def test_recipe_errors(tmp_path):
     with pytest.raises(ValueError, match="seq_len 8 is below the 16 tokens"):
         navit.run(tiny_recipe(tmp_path, batching={"seq_len": 8}), progress=False)
     with pytest.raises(ValueError, match="unknown shapes label 'size'"):
-        navit.run(tiny_recipe(tmp_path, data={"shapes": {"label": "size"}}), progress=False)
+        write_split(tmp_path / "data", "train", 1, 0, label="size")
+    with pytest.raises(ValueError, match=r"data needs 'jsonl' \(\+ 'images'\) or 'folder', got \['shapes'\]"):
+        navit.run(tiny_recipe(tmp_path, data={"shapes": {"label": "colour"}}), progress=False)
 
 
 def test_cli_run_interrupted_and_resumed_is_bit_identical(tmp_path):
@@ -218,9 +233,11 @@ def test_shipped_recipe_builds_its_batches():
     from mlx_vlm_native.train import load_recipe
 
     recipe = load_recipe(REPO / "train/navit/shapes.json")
+    assert recipe["data"] == {"jsonl": "runs/navit_shapes/data/train.jsonl", "valid": "runs/navit_shapes/data/valid.jsonl"}
+    recipe["data"] = dict(DATA)  # the same pictures, written by make_shapes_data.py under tmp
     data, args, stream = stream_of(recipe)
     batch, _ = next(stream)
     rows = recipe["batching"]["sequences"] * recipe["batching"]["seq_len"]
     assert batch.tokens + batch.padding == rows and batch.padding < 0.2 * rows
-    assert args.num_classes == len(navit.CLASS_SETS[recipe["data"]["shapes"]["label"]])
+    assert args.classes == COLOURS and args.num_classes == 8
     assert min(recipe["eval"]["sides"]) < recipe["image"]["min_side"] < recipe["image"]["max_side"] < max(recipe["eval"]["sides"])

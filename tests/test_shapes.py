@@ -7,7 +7,7 @@ import re
 import numpy as np
 import pytest
 
-from mlx_vlm_native.datasets import shapes
+from train import shapes_world as shapes  # the generated world: train/shapes_world.py
 
 
 def test_same_seed_same_scene_and_pixels():

@@ -1,11 +1,13 @@
 """Re-create the generated example images (scene.png, scene2.png, circle.png, word.png;
 moving.gif comes from examples/video_frames.py)."""
 
+import sys
 from pathlib import Path
 
 import numpy as np
 
-from mlx_vlm_native.datasets.shapes import Item, Scene, render
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root: train/shapes_world.py
+from train.shapes_world import Item, Scene, render  # noqa: E402
 
 HERE = Path(__file__).parent
 SCENES = {

@@ -30,7 +30,6 @@ import numpy as np
 from mlx.utils import tree_flatten
 from PIL import Image
 
-from ..datasets import shapes
 from ..models.base import masked_cross_entropy
 from ..models.navit import Model, ModelArgs, image_tokens, scale_to_long_side
 from ..native import execution
@@ -75,11 +74,6 @@ def sample_resolution(
     return scale_to_long_side(height, width, rng.uniform(min_side, max_side), multiple)
 
 
-CLASS_SETS = {
-    "shape": list(shapes.SHAPES),
-    "colour": list(shapes.COLOURS),
-    "colour_shape": [f"{c} {s}" for c in shapes.COLOURS for s in shapes.SHAPES],
-}
 MODES = ("packed", "padded", "square")
 
 
@@ -91,27 +85,6 @@ class Labelled:
 
 
 # ---------------------------------------------------------------- data
-
-
-class ShapesImages:
-    """Lone-shape pictures (`shapes.lone_shape`) forever; picture n is a pure
-    function of (seed, n). `label`: shape, colour or colour_shape."""
-
-    def __init__(self, seed: int = 0, label: str = "shape"):
-        if label not in CLASS_SETS:
-            raise ValueError(f"unknown shapes label {label!r}; use one of {', '.join(CLASS_SETS)}")
-        self.seed, self.label, self.classes = seed, label, CLASS_SETS[label]
-
-    def get(self, n: int) -> Labelled:
-        image, item = shapes.lone_shape(np.random.default_rng((self.seed, n)))
-        name = {"shape": item.shape, "colour": item.colour}.get(self.label, f"{item.colour} {item.shape}")
-        return Labelled(image, self.classes.index(name), (n,))
-
-    def iterate(self, position: Optional[dict] = None) -> Iterator:
-        n = (position or {}).get("index", 0)
-        while True:
-            yield self.get(n), {"index": n + 1}
-            n += 1
 
 
 class LabelledFiles:
@@ -145,7 +118,7 @@ class LabelledFiles:
                     if f.suffix.lower().lstrip(".") in ("png", "jpg", "jpeg", "webp", "bmp"):
                         self.records.append((f, sub.name, str(f)))
         else:
-            raise ValueError("data needs 'shapes', 'jsonl' (+ 'images') or 'folder'")
+            raise ValueError(f"data needs 'jsonl' (+ 'images') or 'folder', got {sorted(spec)}")
         if not self.records:
             raise ValueError(f"no labelled images in {spec}")
         self.classes = list(classes) if classes else sorted({label for _, label, _ in self.records})
@@ -169,18 +142,12 @@ class LabelledFiles:
 
 
 def open_data(spec: dict, seed: int, classes=None):
-    if "shapes" in spec:
-        cfg = spec["shapes"] if isinstance(spec["shapes"], dict) else {}
-        return ShapesImages(cfg.get("seed", seed), cfg.get("label", "shape"))
     return LabelledFiles(spec, seed, classes)
 
 
 def eval_samples(recipe: dict, data, count: int) -> List[Labelled]:
-    """Held-out examples: fresh shapes (another seed) or the recipe's `data.valid` file."""
+    """Held-out examples: the first `count` of the recipe's `data.valid` file."""
     spec = recipe["data"]
-    if "shapes" in spec:
-        held = ShapesImages(recipe.get("eval", {}).get("seed", 10_000 + data.seed), data.label)
-        return [held.get(n) for n in range(count)]
     if spec.get("valid"):
         valid = LabelledFiles({"jsonl": spec["valid"], "shuffle": False}, classes=data.classes)
         return [valid.get(i, (0, i)) for i in range(min(count, len(valid)))]

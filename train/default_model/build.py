@@ -27,11 +27,11 @@ import mlx.core as mx
 import numpy as np
 
 from mlx_vlm_native import load
-from mlx_vlm_native.datasets import shapes
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 sys.path[:0] = [str(HERE), str(ROOT)]
+from train import shapes_world as shapes  # noqa: E402  (the generated world: train/shapes_world.py)
 import encoder  # noqa: E402  (stage 1: train/default_model/encoder.py)
 import lookup  # noqa: E402  (stage 2 with the lookup loss: train/default_model/lookup.py)
 from convert.random_checkpoint import CHAT_TEMPLATE  # noqa: E402  (the tests' ChatML template)

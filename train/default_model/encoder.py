@@ -16,6 +16,7 @@ objects and one-shape pictures, then the full mix.
 import argparse
 import functools
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -25,9 +26,11 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
-from mlx_vlm_native.datasets import shapes
 from mlx_vlm_native.models.openvision import IMAGENET_MEAN, IMAGENET_STD, VisionConfig, VisionTransformer
 from mlx_vlm_native.processors.image import resize_pixels
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root: train/shapes_world.py
+from train import shapes_world as shapes  # noqa: E402
 
 VISION = {"image_size": 128, "patch_size": 16, "width": 128, "layers": 4, "head_width": 32, "mlp_ratio": 4.0,
           "stem_channels": [16, 32, 64, 128]}

@@ -24,7 +24,6 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import mlx.core as mx
 import numpy as np
 
-from mlx_vlm_native.datasets import shapes
 from mlx_vlm_native.models.base import masked_cross_entropy
 from mlx_vlm_native.training.finetune import Conversation, answer_tokens, forward_batch, set_trainable, tokenize
 from mlx_vlm_native.training.loop import TrainConfig, stop_message, train as run_loop
@@ -32,7 +31,8 @@ from mlx_vlm_native.training.checkpoint import resume_state
 from mlx_vlm_native.training.optim import build_optimizer
 from mlx_vlm_native.utils import copy_side_files, load, save_config, save_weights
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[2])]  # encoder.py; the repo root
+from train import shapes_world as shapes  # noqa: E402  (train/shapes_world.py)
 from encoder import object_region  # noqa: E402
 
 LOOKUP_HEADS = ((1, 0), (2, 0))  # (layer, query head) taught to look at that object

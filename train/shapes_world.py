@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
-from ..generate import generate
+from mlx_vlm_native.generate import generate
 
 # Each colour's reference RGB (what the tests and examples draw with)...
 COLOURS: Dict[str, Tuple[int, int, int]] = {

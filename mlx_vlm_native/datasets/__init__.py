@@ -1,1 +1,0 @@
-"""Generated training and evaluation data (`shapes`: the default model's world)."""
