@@ -47,7 +47,7 @@ if __name__ == "__main__":
         "lora": {"targets": [r"language_model\..*(q|v)_proj", r"multi_modal_projector\.linear_\d"],
                  "rank": 8, "scale": 10.0},
         "optim": {"lr": 1e-3, "warmup_steps": 10},
-        "checkpoint_every": 0, "seed": 0,
+        "seed": 0,
     }
     result = finetune.run(recipe, progress=False)
     losses = result["losses"]
