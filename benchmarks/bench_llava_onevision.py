@@ -192,7 +192,7 @@ def prepare(args, work: Path) -> Path:
 
     from mlx_vlm_native.models.llava_onevision import ModelArgs
     from mlx_vlm_native.processors.llava_onevision import LlavaOnevisionProcessor
-    from convert.random_checkpoint import write_checkpoint
+    from convert.write_hf_release import write_checkpoint
     from mlx_vlm_native.utils import load_config
 
     model = Path(args.model) if args.model else None

@@ -118,7 +118,7 @@ def text_rows(args, tmp: Path) -> list:
     from PIL import Image
 
     from mlx_vlm_native import load
-    from convert.random_checkpoint import write_checkpoint
+    from convert.write_hf_release import write_checkpoint
     from mlx_vlm_native.training.finetune import (
         ConversationFile, PackedBatch, answer_loss, answer_tokens, parse_record, sample_batches, tokenize,
     )

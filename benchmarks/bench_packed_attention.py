@@ -10,7 +10,7 @@ import time
 import mlx.core as mx
 import numpy as np
 
-from mlx_vlm_native.packed_attention import packed_attention
+from mlx_vlm_native.native.packed_attention import packed_attention
 
 PATHS = ("segmented", "dense")
 

@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def write_model(folder: Path) -> Path:
-    from convert import random_checkpoint as rc
+    from convert import write_hf_release as rc
 
     rc.PRESETS["qwen2-vl-stall"] = dict(
         family="qwen2_vl",

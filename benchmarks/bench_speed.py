@@ -46,11 +46,11 @@ def small_grids(n=32, seed=0):
 
 def build(folder: Path) -> Path:
     """The random checkpoint in the hub's flat config layout (mlx-vlm reads only that)."""
-    from convert import random_checkpoint
+    from convert import write_hf_release
     from mlx_vlm_native.models.qwen2_vl import flat_config
 
-    random_checkpoint.PRESETS[PRESET] = PRESET_SPEC
-    path = random_checkpoint.write_checkpoint(folder, PRESET)
+    write_hf_release.PRESETS[PRESET] = PRESET_SPEC
+    path = write_hf_release.write_checkpoint(folder, PRESET)
     config = flat_config(json.loads((path / "config.json").read_text()))
     (path / "config.json").write_text(json.dumps(config, indent=2))
     return path
@@ -109,7 +109,7 @@ class Ours:
     def tower(self, grids):
         import mlx.core as mx
 
-        from mlx_vlm_native.packing import pack
+        from mlx_vlm_native.native.packing import pack
 
         p = pack([(x, (1, h, w)) for x, (h, w) in zip(grid_patches(grids), grids)])
         return lambda: mx.eval(self.model.visual(p))

@@ -289,7 +289,7 @@ def generation_figures(folder: Path, framework: str, tokens: int, timeout: int) 
 
 def step_generation(out: Path, rehearse: bool) -> dict:
     sys.path.insert(0, str(ROOT))  # convert/: the random checkpoints are layout fixtures outside the package
-    from convert.random_checkpoint import write_checkpoint
+    from convert.write_hf_release import write_checkpoint
     from mlx_vlm_native.convert import convert
 
     presets = ["tiny", "qwen2-vl-tiny"] if rehearse else ["llava-onevision-0.5b", "qwen2-vl-0.5b"]

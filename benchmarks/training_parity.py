@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: c
 def make_data(root: Path) -> None:
     from PIL import Image
 
-    from convert.random_checkpoint import write_checkpoint
+    from convert.write_hf_release import write_checkpoint
 
     write_checkpoint(root / "model", "tiny-56")
     colours = {"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 200, 30)}

@@ -24,7 +24,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.tuner.dora import DoRALinear
 from mlx_lm.tuner.lora import LoRALinear
 
-from .weight_files import load_checked_safetensors, read_json_file
+from .weights.files import load_checked_safetensors, read_json_file
 
 ADAPTER_LAYERS = (LoRALinear, DoRALinear)  # mlx-lm's layers that wrap a Linear
 

@@ -17,7 +17,7 @@ import mlx.nn as nn
 from mlx_lm.generate import generate_step
 from mlx_lm.sample_utils import make_sampler
 
-from . import openvision_checkpoint as ovc
+from .models import openvision_checkpoint as ovc
 from .models.openvision import mask_image_tokens
 from .processors.image import ImageInput
 from .utils import get_model_path, load_processor

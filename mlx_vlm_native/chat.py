@@ -15,7 +15,7 @@ import sys
 from typing import Iterable, Iterator, List, Optional
 
 from .generate import (
-    DEFAULT_MODEL_NAME, PromptCache, PromptTooLongError, add_model_argument, add_runtime_arguments,
+    DEFAULT_MODEL_NAME, ConversationCache, PromptTooLongError, add_model_argument, add_runtime_arguments,
     add_sampling_arguments, sampling_from_args, stream_chat,
 )
 from .processors.image import ImageError, load_image
@@ -40,12 +40,12 @@ class Conversation:
         self.system_prompt = system_prompt
         self.images = list(images)
         self.turns: List[dict] = []  # {"role": "user" | "assistant", "content": str}
-        self.cache = PromptCache()
+        self.cache = ConversationCache()
 
     def new_images(self, images: Iterable) -> None:
         self.images = list(images)
         self.turns = []
-        self.cache = PromptCache()  # the cached image tokens are of the old images
+        self.cache = ConversationCache()  # the cached image tokens are of the old images
 
     def reset(self) -> None:
         self.turns = []
@@ -84,7 +84,7 @@ def start_answer(model, processor, conversation: Conversation, sampling: dict, e
     While the conversation is too long for the context, its oldest exchanges go."""
     while True:
         stream = stream_chat(model, processor, conversation.messages(), conversation.images,
-                             prompt_cache=conversation.cache, **sampling)
+                             conversation=conversation.cache, **sampling)
         try:
             return itertools.chain([next(stream)], stream)
         except PromptTooLongError:

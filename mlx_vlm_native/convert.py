@@ -14,7 +14,7 @@ from mlx.utils import tree_flatten, tree_map_with_path
 from mlx_lm.convert import mixed_quant_predicate_builder
 from mlx_lm.utils import quantize_model
 
-from . import openvision_checkpoint
+from .models import openvision_checkpoint
 from .models.base import VisionLanguageModel
 from .utils import OPEN_CLIP_CONFIG, copy_side_files, get_model_path, load_model, save_config, save_weights
 

@@ -14,7 +14,7 @@ from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
 from .engine import PromptReader, attach_prompt
 from .params import GenerationParameterError, check_cache_params, check_generation_params
-from .validation import invalid_unicode
+from .weights.validation import invalid_unicode
 from .processors.image import ImageError, load_video_frames
 from .utils import load
 
@@ -31,7 +31,7 @@ class GenerationResponse:
     generation_tps: float
     peak_memory: float  # GB
     finish_reason: Optional[str] = None
-    cached_tokens: int = 0  # prompt tokens a PromptCache already held
+    cached_tokens: int = 0  # prompt tokens a ConversationCache already held
     logprobs: Optional[mx.array] = None  # (vocab,) log-probabilities this token was sampled from
 
 
@@ -112,7 +112,7 @@ def prepare_chat_inputs(model, processor, messages: list, images=()):
 
 
 @dataclass
-class PromptCache:
+class ConversationCache:
     """What one conversation has run through the language model: the token
     ids and their KV cache, and the vision features of its images. The next
     turn prefills only what follows the longest prefix it shares with them and
@@ -139,8 +139,8 @@ class PromptCache:
         return keep
 
 
-def cached_embeddings(model, inputs, cache: PromptCache):
-    """The prompt's embeddings and positions, with the images encoded once per PromptCache."""
+def cached_embeddings(model, inputs, cache: ConversationCache):
+    """The prompt's embeddings and positions, with the images encoded once per ConversationCache."""
     if cache.vision_features is None:
         cache.vision_features = model.encode_vision([inputs])[0]
     return model.get_input_embeddings(inputs, vision_features=cache.vision_features)
@@ -159,24 +159,24 @@ def stream_generate(model, processor, prompt: str, images: Optional[Sequence] = 
     yield from stream_from_inputs(model, processor, inputs, **sampling)
 
 
-def stream_chat(model, processor, messages: list, images: Sequence = (), prompt_cache: Optional[PromptCache] = None,
+def stream_chat(model, processor, messages: list, images: Sequence = (), conversation: Optional[ConversationCache] = None,
                 **options) -> Generator[GenerationResponse, None, None]:
     """`stream_generate` for a conversation: `messages` as in `prepare_chat_inputs`.
-    With a `prompt_cache` kept across the turns of one conversation, each turn
+    With a `conversation` kept across the turns of one conversation, each turn
     prefills only its new tokens. Bad input (a sampling parameter out of range,
     a prompt too long for the context) raises on the first `next()`."""
     sampling = checked_options(model, **options)
     inputs = prepare_chat_inputs(model, processor, messages, images)
-    if prompt_cache is None:
+    if conversation is None:
         yield from stream_from_inputs(model, processor, inputs, **sampling)
         return
-    embeddings, positions = cached_embeddings(model, inputs, prompt_cache)
+    embeddings, positions = cached_embeddings(model, inputs, conversation)
     ids = [int(i) for i in inputs.input_ids]
-    keep = prompt_cache.reuse(model, ids)
+    keep = conversation.reuse(model, ids)
     sampling.pop("max_kv_size")  # the conversation's cache is the model's own
-    for r in decode(model, processor.tokenizer, ids, embeddings[0], positions, prompt_cache.kv, keep, **sampling):
+    for r in decode(model, processor.tokenizer, ids, embeddings[0], positions, conversation.kv, keep, **sampling):
         if r.token is not None:
-            prompt_cache.ids.append(r.token)
+            conversation.ids.append(r.token)
         yield r
 
 

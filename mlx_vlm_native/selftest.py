@@ -32,7 +32,7 @@ import numpy as np
 from . import native
 from .native import validation
 from .native.validation import TOLERANCE
-from .packed_attention import dense_attention, segmented_attention
+from .native.packed_attention import dense_attention, segmented_attention
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 CASES = ([1, 5, 17, 33], [64, 1, 100, 7], [130])

@@ -48,7 +48,7 @@ from .engine import PromptReader
 from .http_limits import (
     ConnectionTable, DeadlineReader, PixelBudget, json_values, longest_token_bytes, text_of,
 )
-from .validation import invalid_unicode
+from .weights.validation import invalid_unicode
 from .conversations import ROLES, UnsupportedPart, openai_content
 from .generate import (
     DEFAULT_MODEL_NAME, Decoded, PromptTooLongError, add_model_argument, add_runtime_arguments, check_chat_length,
@@ -401,7 +401,7 @@ class Decoding(Decoded):
         self.job.responses.put(Job.END)
 
 
-class PromptCaches:
+class ConversationCaches:
     """Several conversations' KV caches (mlx-lm's `LRUPromptCache`, keyed by
     their images' digests and their tokens) and their images' vision features,
     each bounded by entries and bytes. A request continuing a conversation
@@ -463,13 +463,13 @@ class ChatService:
 
     def __init__(self, model, processor, model_id: str, limits: Limits = Limits(),
                  system_prompt: Optional[str] = None, cache_options: Optional[dict] = None,
-                 prefill_step_size: int = 512, prompt_cache: Optional[PromptCaches] = None):
+                 prefill_step_size: int = 512, conversations: Optional[ConversationCaches] = None):
         self.model, self.processor, self.model_id, self.limits = model, processor, model_id, limits
         self.system_prompt = system_prompt  # for requests that bring no system message
         self.cache_options = cache_options or {}  # KV-cache options (check_cache_params) for every answer
         self.prefill_step_size = prefill_step_size
         self.admission_slice = 0.02  # seconds of admission work between two decode steps (at least one step)
-        self.prompt_cache = prompt_cache or PromptCaches()
+        self.conversations = conversations or ConversationCaches()
         self.created = int(time.time())
         self.jobs: queue.Queue = queue.Queue(maxsize=limits.max_queued)
         self.decoding = {}  # BatchGenerator uid -> Decoding
@@ -569,18 +569,18 @@ class ChatService:
         job.images, key = [], tuple(hashlib.sha256(image.data).digest() for image in job.images)
         inputs = prepare_chat_inputs(self.model, self.processor, messages, images)
         yield
-        features = self.prompt_cache.vision_features(key)
+        features = self.conversations.vision_features(key)
         if features is None:
             for features in self.model.encode_vision_steps([inputs]):
                 yield
             features = features[0]
-            self.prompt_cache.keep_features(key, features)
+            self.conversations.keep_features(key, features)
         embeddings, positions = self.model.get_input_embeddings(inputs, vision_features=features)
         ids = [int(i) for i in inputs.input_ids]
-        cached = self.prompt_cache.reuse(key, ids)
+        cached = self.conversations.reuse(key, ids)
         o = job.options
         uid = insert_prompt(self.batch, self.model, ids, embeddings[0], positions, o["max_tokens"],
-                            self.prompt_cache.taken, cached, samplers=make_sampler(temp=o["temperature"], top_p=o["top_p"]),
+                            self.conversations.taken, cached, samplers=make_sampler(temp=o["temperature"], top_p=o["top_p"]),
                             logits_processors=make_logits_processors(None, o["repetition_penalty"],
                                                                      o["repetition_context_size"]))
         self.decoding[uid] = Decoding(job, self.processor.tokenizer, ids, cached, key, tic)
@@ -613,7 +613,7 @@ class ChatService:
             if r.finish_reason is not None:
                 del self.decoding[r.uid]
                 answer.finish(r.finish_reason)
-                self.prompt_cache.keep(answer.images_key, r.all_tokens, r.prompt_cache)
+                self.conversations.keep(answer.images_key, r.all_tokens, r.prompt_cache)
 
     def run(self, job: Job) -> None:
         """Answer `job` alone through `stream_chat`, with the KV-cache options."""

@@ -17,7 +17,7 @@ import yaml  # mlx-lm's dependency, as its -c config
 from .training import TASKS
 from .training.config import ConfigError, finetune_config
 from .training.loop import stop_message
-from .weight_files import read_json_file
+from .weights.files import read_json_file
 
 RECIPES = Path(__file__).parent / "recipes"
 

@@ -15,13 +15,13 @@ from mlx.utils import tree_flatten
 from mlx_lm.utils import infer_quant_config, load_tokenizer, make_shards
 from tqdm import tqdm
 
-from . import openvision_checkpoint
-from .validation import check_config
+from .models import openvision_checkpoint
+from .weights.validation import check_config
 from .adapters import load_adapters
 from .models.base import check_weights
 from .native import execution
-from .torch_pickle import load_torch_checkpoint
-from .weight_files import check_safetensors, read_json_file
+from .weights.torch_pickle import load_torch_checkpoint
+from .weights.files import check_safetensors, read_json_file
 
 
 @dataclass(frozen=True)

@@ -47,7 +47,7 @@ def tiny_hf_dir(tmp_path_factory):
     import torch
     from transformers import LlavaOnevisionForConditionalGeneration
 
-    from convert.random_checkpoint import write_checkpoint
+    from convert.write_hf_release import write_checkpoint
 
     torch.set_num_threads(1)
     ours = write_checkpoint(tmp_path_factory.mktemp("tiny_ours"))

@@ -21,7 +21,7 @@ import torch
 
 from mlx_vlm_native import load
 from mlx_vlm_native.adapters import LANGUAGE_MODEL_FOLDER, adapt_linears, adapter_config, save_adapters
-from convert.random_checkpoint import write_checkpoint
+from convert.write_hf_release import write_checkpoint
 from test_layouts import hub_release_config, image_inputs, ours_greedy, peer_greedy
 
 TARGETS = [r"language_model\..*(q|v|down)_proj"]

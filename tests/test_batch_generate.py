@@ -9,7 +9,7 @@ from conftest import make_image
 from decoding_probes import decode_batch_sizes
 from mlx_vlm_native import batch_generate, generate, load
 from mlx_vlm_native.models.qwen2_vl import BatchMRoPECache, MRoPECache
-from convert.random_checkpoint import write_checkpoint
+from convert.write_hf_release import write_checkpoint
 
 PROMPTS = ["One image.", "Two images, and a longer question about both of them.", "No image.", "A tall image."]
 IMAGES = [[make_image(120, 200, 1)], [make_image(60, 60, 2), make_image(300, 90, 3)], [],

@@ -11,7 +11,7 @@ import pytest
 from conftest import make_image
 from mlx_vlm_native.chat import Conversation, chat_loop
 from mlx_vlm_native.generate import chat_generate, generate
-from convert.random_checkpoint import write_checkpoint
+from convert.write_hf_release import write_checkpoint
 
 SAMPLING = dict(max_tokens=6, temperature=0.0, top_p=1.0, seed=None)
 STATS = re.compile(r"\[prompt: (\d+) tokens \((\d+) cached\), [\d.]+ tokens/s; answer: (\d+) tokens")
@@ -111,7 +111,7 @@ def test_the_answers_are_what_chat_generate_gives(loaded, images):
 
 @pytest.mark.parametrize("preset", ["tiny-56", "qwen2-vl-tiny", "points-tiny", None])
 def test_prompt_cache_changes_nothing_but_the_work(preset, images, tmp_path):
-    """Each turn through the conversation's PromptCache gives the tokens a
+    """Each turn through the conversation's ConversationCache gives the tokens a
     fresh run over the whole conversation gives, while reading the earlier
     turns from the cache (Qwen2-VL's M-RoPE positions included; None is the
     embedded default model)."""
@@ -124,7 +124,7 @@ def test_prompt_cache_changes_nothing_but_the_work(preset, images, tmp_path):
         sampling = {**SAMPLING, "max_tokens": 12}
         fresh = chat_generate(model, processor, conversation.messages(), conversation.images, **sampling)
         cached = chat_generate(model, processor, conversation.messages(), conversation.images,
-                               prompt_cache=conversation.cache, **sampling)
+                               conversation=conversation.cache, **sampling)
         assert cached.text == fresh.text and cached.prompt_tokens == fresh.prompt_tokens
         assert (cached.cached_tokens > 0) == (turn > 0)
         conversation.answer(cached.text)

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from conftest import make_image
-from convert.random_checkpoint import write_checkpoint
+from convert.write_hf_release import write_checkpoint
 
 EXE = shutil.which("mlx-vlm-native") or os.path.join(os.path.dirname(sys.executable), "mlx-vlm-native")
 

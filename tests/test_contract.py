@@ -12,9 +12,9 @@ import pytest
 from mlx_lm.models.cache import make_prompt_cache
 
 from conftest import make_image
-from convert.eve_checkpoint import write_checkpoint as write_eve
-from convert.eve_checkpoint import write_checkpoint_v2 as write_eve_v2
-from convert.random_checkpoint import write_checkpoint
+from convert.write_eve_release import write_checkpoint as write_eve
+from convert.write_eve_release import write_checkpoint_v2 as write_eve_v2
+from convert.write_hf_release import write_checkpoint
 from mlx_vlm_native.models.base import TEXT, VisionLanguageModel
 from mlx_vlm_native.processors.base import Processor
 from mlx_vlm_native.utils import DEFAULT_MODEL, FAMILIES, load

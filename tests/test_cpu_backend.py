@@ -13,8 +13,8 @@ from mlx.utils import tree_flatten
 
 from mlx_vlm_native.models.qwen2_vision import VisionConfig, VisionModel
 from mlx_vlm_native.native import cpu_backend
-from mlx_vlm_native.packed_attention import PackedAttention, equal_length_runs
-from mlx_vlm_native.packing import pack, patchify
+from mlx_vlm_native.native.packed_attention import PackedAttention, equal_length_runs
+from mlx_vlm_native.native.packing import pack, patchify
 
 
 @pytest.mark.parametrize("dtype,tol", [(mx.float32, 1e-6), (mx.bfloat16, 1e-2)])

@@ -28,7 +28,7 @@ PEL_TOL = 1e-4  # fp32, max abs difference of (tokens, hidden) outputs
 
 @pytest.fixture(scope="session")
 def eve_ref_dir(tmp_path_factory):
-    from convert.eve_checkpoint import write_checkpoint
+    from convert.write_eve_release import write_checkpoint
 
     return write_checkpoint(tmp_path_factory.mktemp("eve_ref"), weights_format="bin")
 
@@ -57,7 +57,7 @@ def eve_loaded(eve_mlx_dir):
 
 @pytest.fixture(scope="session")
 def teacher_dir(tmp_path_factory):
-    from convert.eve_checkpoint import write_clip_teacher
+    from convert.write_eve_release import write_clip_teacher
 
     return write_clip_teacher(tmp_path_factory.mktemp("eve_teacher"))
 
@@ -187,7 +187,7 @@ def _rewrite(src, dst, edit):
 
 @pytest.fixture(scope="module")
 def eve_safetensors_dir(tmp_path_factory):
-    from convert.eve_checkpoint import write_checkpoint
+    from convert.write_eve_release import write_checkpoint
 
     return write_checkpoint(tmp_path_factory.mktemp("eve_st"))
 

@@ -152,7 +152,7 @@ def test_clip_teacher_matches_transformers(teacher, torch_clip, eve_loaded):
 
 
 def test_teacher_inside_a_reference_checkpoint(teacher, eve_ref_dir, eve_mlx_dir, eve_loaded):
-    from convert.eve_checkpoint import TINY_CLIP
+    from convert.write_eve_release import TINY_CLIP
     from mlx_vlm_native.training.eve_align import load_teacher
 
     inside = load_teacher(eve_ref_dir, TINY_CLIP)  # model.vision_clip.backbone.vision_model.*
@@ -338,7 +338,7 @@ def test_mismatched_teacher_grid_is_refused(training_model, teacher):
 
 def test_training_script_stage3_writes_a_loadable_folder(eve_ref_dir, tmp_path):
     """Stage 3 through the script, with the teacher read from the reference checkpoint."""
-    from convert.eve_checkpoint import TINY_CLIP
+    from convert.write_eve_release import TINY_CLIP
 
     (tmp_path / "clip.json").write_text(json.dumps(TINY_CLIP))
     records = []
@@ -371,7 +371,7 @@ def test_training_script_stage3_writes_a_loadable_folder(eve_ref_dir, tmp_path):
 
 def eve_recipe(tmp_path, name, records, **fields):
     """A stage-1 recipe on `records` (image, caption) in its own run folder."""
-    from convert.eve_checkpoint import TINY_CLIP
+    from convert.write_eve_release import TINY_CLIP
     from mlx_vlm_native.train import load_recipe
 
     data = tmp_path / "data"

@@ -20,7 +20,7 @@ LOGITS_TOL = 1e-4  # max abs, fp32 (logits up to ~4; measured 2.5e-6)
 
 @pytest.fixture(scope="module")
 def v2_dirs(tmp_path_factory):
-    from convert.eve_checkpoint import write_checkpoint_v2
+    from convert.write_eve_release import write_checkpoint_v2
 
     root = tmp_path_factory.mktemp("eve_v2")
     return write_checkpoint_v2(root / "new"), write_checkpoint_v2(root / "old", old_names=True)

@@ -43,7 +43,7 @@ def test_batch_images_example():
 
 
 def test_batch_images_example_packed(tmp_path):
-    from convert.random_checkpoint import write_checkpoint
+    from convert.write_hf_release import write_checkpoint
 
     model = write_checkpoint(tmp_path / "model", "qwen2-vl-tiny")
     out = run_example("batch_images.py", "--model", model, "--max-tokens", 4)
@@ -57,7 +57,7 @@ def test_video_frames_example_frame_by_frame():
 
 
 def test_video_frames_example_video_model(tmp_path):
-    from convert.random_checkpoint import write_checkpoint
+    from convert.write_hf_release import write_checkpoint
 
     model = write_checkpoint(tmp_path / "model", "qwen2-vl-tiny")
     out = run_example("video_frames.py", "--model", model, "--frames", 4, "--max-tokens", 4)

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 from conftest import make_image
-from convert.open_clip_checkpoint import write_tiny_open_clip
+from convert.write_open_clip_release import write_tiny_open_clip
 from mlx_vlm_native.models import navit
 from mlx_vlm_native.native import cpu_backend, execution
-from mlx_vlm_native.packing import pack
+from mlx_vlm_native.native.packing import pack
 from mlx_vlm_native.utils import FAMILIES, load, load_model
 from test_contract import CHECKPOINTS, write_checkpoint
 

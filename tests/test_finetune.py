@@ -15,7 +15,7 @@ from PIL import Image
 
 from mlx_vlm_native import generate, load
 from mlx_vlm_native.fuse import fuse
-from convert.random_checkpoint import write_checkpoint
+from convert.write_hf_release import write_checkpoint
 from mlx_vlm_native.training import finetune
 from mlx_vlm_native.training.finetune import ConversationFile, answer_loss, run, tokenize
 

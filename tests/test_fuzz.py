@@ -101,7 +101,7 @@ dims = st.integers(-2, 100_000)
     st.binary(max_size=300),
 ))
 def test_the_pickle_reader_reads_or_refuses(tmp_path_factory, case):
-    from mlx_vlm_native.torch_pickle import load_torch_checkpoint
+    from mlx_vlm_native.weights.torch_pickle import load_torch_checkpoint
 
     path = tmp_path_factory.mktemp("fuzz") / "w.bin"
     path.write_bytes(case)

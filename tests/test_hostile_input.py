@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from convert.random_checkpoint import write_checkpoint
+from convert.write_hf_release import write_checkpoint
 from mlx_vlm_native.server import Limits, make_server
 
 LIMITS = Limits(max_request_bytes=25_000_000, default_max_tokens=4, header_timeout=2.0, body_timeout=3.0,
@@ -317,7 +317,7 @@ def test_damaged_adapters_are_clear_errors(model_dir, tmp_path):
 ])
 def test_config_values_are_checked_before_anything_is_built(model_dir, tmp_path, key, value, words):
     from mlx_vlm_native.utils import load_model
-    from mlx_vlm_native.validation import ConfigError
+    from mlx_vlm_native.weights.validation import ConfigError
 
     for f in model_dir.iterdir():
         (tmp_path / f.name).symlink_to(f)
@@ -334,7 +334,7 @@ def test_config_values_are_checked_before_anything_is_built(model_dir, tmp_path,
 
 
 def test_the_memory_estimate():
-    from mlx_vlm_native.validation import ConfigError, check_memory, implied_parameters
+    from mlx_vlm_native.weights.validation import ConfigError, check_memory, implied_parameters
 
     assert implied_parameters({"hidden_size": 10, "num_hidden_layers": 2, "intermediate_size": 20,
                                "vocab_size": 100}) == 2 * (400 + 400) + 1000

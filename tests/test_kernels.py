@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from kernel_cases import SEGMENT_MIXES, pack
-from mlx_vlm_native import native, packed_attention as pa
+from mlx_vlm_native import native
+from mlx_vlm_native.native import packed_attention as pa
 from mlx_vlm_native.models import qwen2_vision
 from mlx_vlm_native.native import attention, kernels_source, rope, validation
 from mlx_vlm_native.native import backend as native_backend
@@ -275,7 +276,7 @@ def test_a_tower_on_a_simulated_gpu_whose_kernels_fail_answers_right(monkeypatch
     """The Qwen2-VL tower, loaded plain (as on a GPU): every kernel fails to build,
     the features equal the CPU's, one warning per kernel variant."""
     from mlx_vlm_native.models.qwen2_vision import VisionConfig, VisionModel
-    from mlx_vlm_native.packing import pack as pack_images, patchify
+    from mlx_vlm_native.native.packing import pack as pack_images, patchify
 
     config = VisionConfig.from_dict(dict(depth=2, embed_dim=128, hidden_size=48, mlp_ratio=2, num_heads=2))
     mx.random.seed(0)
@@ -389,7 +390,7 @@ def test_grad_of_a_packing_encoder_goes_through_the_kernel_backward(monkeypatch)
     import mlx.nn as nn
 
     from mlx_vlm_native.models.qwen2_vision import VisionConfig, VisionModel
-    from mlx_vlm_native.packing import pack as pack_images, patchify
+    from mlx_vlm_native.native.packing import pack as pack_images, patchify
 
     config = VisionConfig.from_dict(dict(depth=2, embed_dim=32, hidden_size=48, mlp_ratio=2, num_heads=2))
     mx.random.seed(0)

@@ -11,11 +11,11 @@ PACKAGE = Path(__file__).resolve().parents[1] / "mlx_vlm_native"
 
 # lowest first; a module may import its own layer and the ones below
 LAYERS = (
-    ("kernels", ("native", "packing", "packed_attention", "torch_pickle", "weight_files", "params", "engine",
-                 "validation")),
-    ("models", ("models", "openvision_checkpoint")),
+    ("kernels and file readers", ("native", "weights", "engine")),
+    ("models", ("models",)),
     ("processors", ("processors",)),
-    ("loading and generation", ("utils", "adapters", "conversations", "generate", "convert", "fuse", "caption")),
+    ("loading and generation", ("utils", "adapters", "conversations", "params", "generate", "convert", "fuse",
+                                "caption")),
     ("training", ("training",)),
     ("commands", ("chat", "server", "http_limits", "train", "selftest", "cli", "__main__", "__init__")),
 )

@@ -25,7 +25,7 @@ from conftest import make_image
 from mlx_vlm_native import load
 from mlx_vlm_native.convert import convert
 from mlx_vlm_native.generate import stream_from_inputs
-from convert.random_checkpoint import write_checkpoint
+from convert.write_hf_release import write_checkpoint
 
 TOL = 1e-4
 FAMILIES = {"tiny": "LlavaOnevisionForConditionalGeneration",
@@ -400,7 +400,7 @@ def test_points_release_config_without_model_type(tmp_path, monkeypatch):
 
 def test_eve_v1_bin_shards_by_hub_id(tmp_path, monkeypatch):
     """EVE-7B(-HD)-v1.0 ship `pytorch_model-0000x-of-0000N.bin` + index."""
-    from convert.eve_checkpoint import write_checkpoint as write_eve
+    from convert.write_eve_release import write_checkpoint as write_eve
 
     local = write_eve(tmp_path / "local")
     repo = write_eve(tmp_path / "repo", weights_format="bin")
@@ -427,7 +427,7 @@ def test_eve_v2_resolution_from_tower_name_and_width_key(tmp_path, width_key):
     """EVE-7B-HD-v2.0 without preprocessor_config.json: the canvas comes from
     `mm_vision_tower` ("...-res1600-..."); the tower width from `mm_hidden_size`
     (what EVEv2's trainer writes) or `vision_tower_hidden_size`."""
-    from convert.eve_checkpoint import write_checkpoint_v2
+    from convert.write_eve_release import write_checkpoint_v2
 
     folder = write_checkpoint_v2(tmp_path / "v2", max_size=96)
     reference, ref_processor = load(str(folder))
@@ -452,7 +452,7 @@ def test_eve_v2_resolution_from_tower_name_and_width_key(tmp_path, width_key):
 def test_openvision2_folders_through_load(tmp_path, monkeypatch):
     """A released `*-vision-only` open_clip folder and its converted MLX folder
     load with the same `load()`, which hands back the caption processor."""
-    from convert.open_clip_checkpoint import write_tiny_open_clip
+    from convert.write_open_clip_release import write_tiny_open_clip
     from mlx_vlm_native.caption import caption
 
     released = write_tiny_open_clip(tmp_path / "released", weights_format="bin")

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from mlx_vlm_native.models.navit import FactorizedPositionEmbedding, MaskedAttentionPool, token_grid_sizes
-from mlx_vlm_native.packing import pack, patchify
+from mlx_vlm_native.native.packing import pack, patchify
 from mlx_vlm_native.training.navit import drop_tokens, sample_drop_rates, sample_resolution
 
 

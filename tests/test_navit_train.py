@@ -15,7 +15,7 @@ from mlx.utils import tree_flatten
 from PIL import Image
 
 from mlx_vlm_native.models.navit import Model
-from mlx_vlm_native.packing import Pack
+from mlx_vlm_native.native.packing import Pack
 from mlx_vlm_native.training import navit
 from mlx_vlm_native.training.navit import batch_stream, classification_loss, drop_rate
 from train.navit.make_shapes_data import classes, write_split

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from convert.open_clip_checkpoint import write_tiny_open_clip
-from mlx_vlm_native import openvision_checkpoint as ovc
+from convert.write_open_clip_release import write_tiny_open_clip
+from mlx_vlm_native.models import openvision_checkpoint as ovc
 from mlx_vlm_native.convert import convert
 from mlx_vlm_native.models import openvision as ov
 

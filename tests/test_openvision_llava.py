@@ -4,8 +4,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from convert.open_clip_checkpoint import write_vocab
-from mlx_vlm_native import openvision_checkpoint as ovc
+from convert.write_open_clip_release import write_vocab
+from mlx_vlm_native.models import openvision_checkpoint as ovc
 from mlx_vlm_native.models import openvision_llava as ol
 from mlx_vlm_native.processors.openvision_llava import Processor
 

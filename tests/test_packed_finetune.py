@@ -12,7 +12,7 @@ from mlx.utils import tree_flatten
 from PIL import Image
 
 from mlx_vlm_native import load
-from convert.random_checkpoint import write_checkpoint
+from convert.write_hf_release import write_checkpoint
 from mlx_vlm_native.training import finetune
 from mlx_vlm_native.training.finetune import (
     ConversationFile, PackedBatch, answer_loss, forward_packed, parse_record, run, tokenize,

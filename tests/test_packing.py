@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from conftest import make_image
-from mlx_vlm_native.packed_attention import packed_attention
-from mlx_vlm_native.packing import (
+from mlx_vlm_native.native.packed_attention import packed_attention
+from mlx_vlm_native.native.packing import (
     cu_seqlens, greedy_pack, pack, patchify, positions_2d, smart_resize, unpack,
 )
 from mlx_vlm_native.processors.image import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, rescale_and_normalize, resize

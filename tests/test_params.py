@@ -45,7 +45,7 @@ def test_good_values_pass_unchanged():
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     from mlx_vlm_native import load
-    from convert.random_checkpoint import write_checkpoint
+    from convert.write_hf_release import write_checkpoint
 
     return load(str(write_checkpoint(tmp_path_factory.mktemp("params_model"), "tiny-56")))
 

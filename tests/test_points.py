@@ -17,7 +17,7 @@ from conftest import make_image
 from mlx_vlm_native import batch_generate, generate, load
 from mlx_vlm_native.convert import convert
 from mlx_vlm_native.models.points_v15 import Model
-from convert.random_checkpoint import write_checkpoint
+from convert.write_hf_release import write_checkpoint
 from mlx_vlm_native.utils import load_weights
 
 TOL = 1e-4

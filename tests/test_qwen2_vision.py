@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from mlx_vlm_native.models.qwen2_vision import VisionConfig, VisionModel
-from mlx_vlm_native.packing import pack, patchify
+from mlx_vlm_native.native.packing import pack, patchify
 
 CONFIG = dict(depth=2, embed_dim=32, hidden_size=64, mlp_ratio=2, num_heads=4, hidden_act="quick_gelu",
               rope_parameters={"rope_type": "axial", "rope_theta": 10000.0})

@@ -14,7 +14,7 @@ import torch
 from conftest import make_image
 from mlx_vlm_native import batch_generate, generate, load, stream_generate
 from mlx_vlm_native.models import qwen2_vl
-from convert.random_checkpoint import TINY_MAX_PIXELS, TINY_MIN_PIXELS, write_checkpoint
+from convert.write_hf_release import TINY_MAX_PIXELS, TINY_MIN_PIXELS, write_checkpoint
 
 TOL = 1e-4
 # bf16 weights and activations in both against transformers' bf16 on the CPU: max |diff| over

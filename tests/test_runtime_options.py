@@ -12,7 +12,7 @@ from mlx_vlm_native import generate, load
 from mlx_vlm_native.chat import Conversation
 from mlx_vlm_native.generate import prepare_inputs, setup_arg_parser
 from mlx_vlm_native.params import GenerationParameterError, check_cache_params
-from convert.random_checkpoint import write_checkpoint
+from convert.write_hf_release import write_checkpoint
 
 
 @pytest.fixture(scope="module", params=["default", "qwen2-vl-tiny"])

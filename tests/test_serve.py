@@ -22,7 +22,7 @@ from PIL import Image
 from conftest import make_image
 from decoding_probes import slowed_decoding
 from mlx_vlm_native.generate import generate
-from convert.random_checkpoint import write_checkpoint
+from convert.write_hf_release import write_checkpoint
 from mlx_vlm_native.server import Limits, make_server
 
 CONTEXT = 512
@@ -569,13 +569,13 @@ def test_same_image_twice_reuses_the_prompt_cache(server, image_png):
     messages = image_message(data_url(image_png.read_bytes()))
     _, first = complete(server, messages=messages, max_tokens=4, temperature=0)
     seen = []
-    original = service.prompt_cache.reuse
+    original = service.conversations.reuse
 
     def reuse(model, ids):
         seen.append(original(model, ids))
         return seen[-1]
 
-    service.prompt_cache.reuse = reuse
+    service.conversations.reuse = reuse
     _, second = complete(server, messages=messages, max_tokens=4, temperature=0)
     assert second["choices"][0]["message"]["content"] == first["choices"][0]["message"]["content"]
     assert seen and seen[0] == second["usage"]["prompt_tokens"] - 1  # all but the last prompt token

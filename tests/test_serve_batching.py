@@ -14,7 +14,7 @@ import pytest
 
 from conftest import make_image
 from decoding_probes import decode_batch_sizes, slowed_decoding
-from convert.random_checkpoint import write_checkpoint
+from convert.write_hf_release import write_checkpoint
 from mlx_vlm_native import chat_generate, load
 from mlx_vlm_native.server import Limits, make_server
 
@@ -159,8 +159,8 @@ def test_prompt_cache_survives_batching(loaded):
     try:
         first = ask(httpd, user("What is it?", [image]), 5)
         seen, service = [], httpd.service
-        original = service.prompt_cache.reuse
-        service.prompt_cache.reuse = lambda model, ids: seen.append(original(model, ids)) or seen[-1]
+        original = service.conversations.reuse
+        service.conversations.reuse = lambda model, ids: seen.append(original(model, ids)) or seen[-1]
         second = ask(httpd, user("What is it?", [image]), 5)
         assert first == second == (expected.text, expected.finish_reason, expected.generation_tokens)
         assert seen == [expected.prompt_tokens - 1]  # all but the last prompt token came from the cache

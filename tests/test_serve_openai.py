@@ -12,10 +12,10 @@ import pytest
 from mlx_lm.generate import generate_step
 
 from conftest import make_image
-from convert.random_checkpoint import write_checkpoint
+from convert.write_hf_release import write_checkpoint
 from mlx_vlm_native import chat_generate, load
 from mlx_vlm_native.generate import prepare_chat_inputs
-from mlx_vlm_native.server import Limits, PromptCaches, make_server
+from mlx_vlm_native.server import Limits, ConversationCaches, make_server
 
 openai = pytest.importorskip("openai")
 
@@ -130,8 +130,8 @@ def test_three_interleaved_conversations_keep_their_caches(loaded, server, monke
     original = type(model).encode_vision_steps
     monkeypatch.setattr(type(model), "encode_vision_steps", lambda self, b: encodes.append(1) or original(self, b))
     service = server.service
-    seen, reuse = [], service.prompt_cache.reuse
-    service.prompt_cache.reuse = lambda key, ids: seen.append((len(ids), reuse(key, ids))) or seen[-1][1]
+    seen, reuse = [], service.conversations.reuse
+    service.conversations.reuse = lambda key, ids: seen.append((len(ids), reuse(key, ids))) or seen[-1][1]
     c = client(server)
     images = [make_image(60 + 8 * i, 70, 10 + i) for i in range(3)]
     firsts = []
@@ -152,7 +152,7 @@ def test_three_interleaved_conversations_keep_their_caches(loaded, server, monke
     for (_, _, usage), (_, kept) in zip(firsts, seen):
         assert kept >= usage.prompt_tokens  # the first turn's prompt at least came from the cache
 
-    small = PromptCaches(max_entries=2)
+    small = ConversationCaches(max_entries=2)
     for i in range(3):
         small.keep((bytes([i]),), [1, 2, 3, i], model.make_cache())
     assert small.reuse((b"\x00",), [1, 2, 3, 0, 5]) == 0  # the oldest was dropped

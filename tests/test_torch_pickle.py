@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from mlx_vlm_native.torch_pickle import UnsafePickleError, load_torch_checkpoint
+from mlx_vlm_native.weights.torch_pickle import UnsafePickleError, load_torch_checkpoint
 
 
 def as_numpy(a: mx.array) -> np.ndarray:

@@ -20,8 +20,8 @@ import pytest
 from mlx.utils import tree_flatten, tree_unflatten
 from PIL import Image, ImageDraw
 
-from convert.open_clip_checkpoint import write_vocab
-from mlx_vlm_native import openvision_checkpoint as ovc
+from convert.write_open_clip_release import write_vocab
+from mlx_vlm_native.models import openvision_checkpoint as ovc
 from mlx_vlm_native.processors import image as image_layer
 from mlx_vlm_native.training import checkpoint as ckpt
 from mlx_vlm_native.training import data as tdata

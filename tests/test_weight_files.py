@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from mlx_vlm_native.utils import load_config, load_weights
-from mlx_vlm_native.weight_files import check_safetensors
+from mlx_vlm_native.weights.files import check_safetensors
 
 
 def write_raw(path, header: dict, data: bytes) -> None:

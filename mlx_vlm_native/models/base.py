@@ -8,7 +8,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from ..engine import PromptKVCache
-from ..packing import Pack
+from ..native.packing import Pack
 
 TEXT, IMAGE, VIDEO = 0, 1, 2  # the values of `ProcessedInputs.token_types`
 

@@ -18,8 +18,8 @@ import mlx.nn as nn
 import numpy as np
 from PIL import Image
 
-from ..packed_attention import PackedAttention
-from ..packing import Pack, patchify, segment_ids
+from ..native.packed_attention import PackedAttention
+from ..native.packing import Pack, patchify, segment_ids
 from .base import BaseModelArgs
 
 

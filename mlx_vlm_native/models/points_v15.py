@@ -13,7 +13,7 @@ from typing import List, Optional, Sequence
 import mlx.core as mx
 from mlx_lm.models import qwen2
 
-from ..packing import pack_of_packs, split_by_prompt
+from ..native.packing import pack_of_packs, split_by_prompt
 from .base import BaseModelArgs, ProcessedInputs, VisionLanguageModel, scatter_features, text_config_for_mlx_lm
 from .qwen2_vision import PatchMerger, VisionConfig, VisionModel
 

@@ -13,8 +13,8 @@ import mlx.nn as nn
 import numpy as np
 
 from .. import native
-from ..packed_attention import PackedAttention
-from ..packing import Pack
+from ..native.packed_attention import PackedAttention
+from ..native.packing import Pack
 from .base import BaseModelArgs
 
 ACTIVATIONS = {  # as layers: the CPU backend gives quick_gelu and silu a NumPy body at load time

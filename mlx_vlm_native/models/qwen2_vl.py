@@ -19,7 +19,7 @@ from mlx_lm.models.base import create_attention_mask
 
 from ..engine import BatchPromptKVCache, Prompt, PromptKVCache, prompts_of
 
-from ..packing import pack_of_packs, split_by_prompt
+from ..native.packing import pack_of_packs, split_by_prompt
 from .base import (
     IMAGE, TEXT, VIDEO, BaseModelArgs, ProcessedInputs, VisionLanguageModel, scatter_features, text_config_for_mlx_lm,
 )

@@ -24,7 +24,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from ..packed_attention import PackedAttention as _PackedAttention
+from .packed_attention import PackedAttention as _PackedAttention
 
 
 def _tuple(x):

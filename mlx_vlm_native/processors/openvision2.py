@@ -7,7 +7,7 @@ from typing import Sequence
 import mlx.core as mx
 import numpy as np
 
-from .. import openvision_checkpoint as ovc
+from ..models import openvision_checkpoint as ovc
 from .base import Processor as BaseProcessor
 from .image import ImageInput, center_crop_pixels, load_image
 

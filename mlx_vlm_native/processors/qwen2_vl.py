@@ -10,7 +10,7 @@ from typing import Optional, Sequence, Tuple
 import numpy as np
 
 from ..models.base import IMAGE, TEXT, VIDEO, ProcessedInputs
-from ..packing import pack, patchify, smart_resize
+from ..native.packing import pack, patchify, smart_resize
 from .image import (
     OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageInput, load_image, rescale_and_normalize, resize, to_chw,
 )

@@ -18,7 +18,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
-from ..weight_files import load_checked_safetensors, read_json_file
+from ..weights.files import load_checked_safetensors, read_json_file
 
 WEIGHTS = "weights.safetensors"
 OPTIMIZER = "optimizer.safetensors"

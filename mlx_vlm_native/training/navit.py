@@ -33,7 +33,7 @@ from PIL import Image
 from ..models.base import masked_cross_entropy
 from ..models.navit import Model, ModelArgs, image_tokens, scale_to_long_side
 from ..native import execution
-from ..packing import Pack, greedy_pack
+from ..native.packing import Pack, greedy_pack
 from .checkpoint import resume_state
 from .loop import TrainConfig, train
 from .stream import positions, rank_batches

@@ -9,7 +9,7 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
-from .. import openvision_checkpoint as ovc
+from ..models import openvision_checkpoint as ovc
 from ..models.openvision import DecoderConfig, Model, ModelArgs, VisionConfig
 from .checkpoint import latest_checkpoint, resume_state
 from ..processors.image import FIT_PIXELS

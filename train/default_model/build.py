@@ -34,7 +34,7 @@ sys.path[:0] = [str(HERE), str(ROOT)]
 from train import shapes_world as shapes  # noqa: E402  (the generated world: train/shapes_world.py)
 import encoder  # noqa: E402  (stage 1: train/default_model/encoder.py)
 import lookup  # noqa: E402  (stage 2 with the lookup loss: train/default_model/lookup.py)
-from convert.random_checkpoint import CHAT_TEMPLATE  # noqa: E402  (the tests' ChatML template)
+from convert.write_hf_release import CHAT_TEMPLATE  # noqa: E402  (the tests' ChatML template)
 PACKAGE_MODEL = ROOT / "mlx_vlm_native" / "default_model"
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>"]  # ids 0..4
@@ -78,7 +78,7 @@ def train_tokenizer(data: Path, dst: Path, vocab_size: int):
 
 def assemble(vision_dir: Path, tokenizer_dir: Path, dst: Path, seed: int = 0) -> Path:
     """An `openvision_llava` folder: the stage-1 ViT, a fresh projector and decoder."""
-    from mlx_vlm_native import openvision_checkpoint as ovc
+    from mlx_vlm_native.models import openvision_checkpoint as ovc
     from mlx_vlm_native.models import openvision_llava as ol
     from mlx_vlm_native.utils import save_weights
 

@@ -1,7 +1,7 @@
 """Random-weight checkpoints in their released layouts, at any geometry: tiny
 ones for tests and the demo, real-size ones for benchmarks.
 
-    python convert/random_checkpoint.py OUT [--preset tiny|llava-onevision-0.5b|qwen2-vl-tiny|...]
+    python convert/write_hf_release.py OUT [--preset tiny|llava-onevision-0.5b|qwen2-vl-tiny|...]
 
 Offline stand-in for a Hub download: feed it to `mlx-vlm-native convert`,
 load it in transformers, or benchmark at the real 0.5B geometry.

@@ -16,7 +16,7 @@ import numpy as np
 
 from safetensors.numpy import save_file
 
-from convert.random_checkpoint import build_tokenizer as build_qwen2_tokenizer
+from convert.write_hf_release import build_tokenizer as build_qwen2_tokenizer
 from mlx_vlm_native.processors.eve import VICUNA_V1_SYSTEM
 from mlx_vlm_native.processors.image import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 

@@ -11,7 +11,7 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from mlx_vlm_native.models.openvision import IMAGENET_MEAN, IMAGENET_STD, positional_table
-from mlx_vlm_native.openvision_checkpoint import DECODER_CONFIG, DECODER_WEIGHTS, OPEN_CLIP_CONFIG
+from mlx_vlm_native.models.openvision_checkpoint import DECODER_CONFIG, DECODER_WEIGHTS, OPEN_CLIP_CONFIG
 
 TINY_WORDS = (
     "a photo of the cat dog red blue green square circle on in with and small large "

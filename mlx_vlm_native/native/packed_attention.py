@@ -21,7 +21,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from . import native
+from .. import native
 from .packing import segment_ids
 
 PATHS = ("dense", "segmented", "kernel")

@@ -16,11 +16,11 @@ from typing import Optional
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from .models.base import check_weights
-from .models.openvision import IMAGENET_MEAN as IMAGE_MEAN
-from .models.openvision import IMAGENET_STD as IMAGE_STD
-from .models.openvision import DecoderConfig, Model, ModelArgs, fused_qkv_key
-from .torch_pickle import load_torch_checkpoint
+from .base import check_weights
+from .openvision import IMAGENET_MEAN as IMAGE_MEAN
+from .openvision import IMAGENET_STD as IMAGE_STD
+from .openvision import DecoderConfig, Model, ModelArgs, fused_qkv_key
+from ..weights.torch_pickle import load_torch_checkpoint
 
 OPEN_CLIP_CONFIG = "open_clip_config.json"
 DECODER_CONFIG = "text_decoder_config.json"
