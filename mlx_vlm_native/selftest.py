@@ -194,9 +194,11 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="fewer head dims and dtypes, small packs, 1 run")
     p.add_argument("--heads", type=int, default=16)
     p.add_argument("--head-dim", type=int, default=80)
-    p.add_argument("--dtype", choices=list(DTYPES), default="float16")
-    p.add_argument("--packs", type=int, nargs="+", default=[1, 8, 32])
-    p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--dtype", choices=list(DTYPES), default=None,
+                   help="timing dtype (default: float16 on a GPU, float32 on the CPU, where float16 is emulated)")
+    p.add_argument("--packs", type=int, nargs="+", default=None,
+                   help="images per timed pack (default: 1 8 32 on a GPU, 1 8 on the CPU)")
+    p.add_argument("--runs", type=int, default=None, help="timed runs per path (default: 5 on a GPU, 1 on the CPU)")
     p.add_argument("--no-timing", action="store_true")
     p.add_argument("--json", type=Path, default=None, help="also write the checks and timings to this file")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
@@ -223,7 +225,10 @@ def main(argv=None) -> int:
 
     timings = []
     if not args.no_timing:
-        packs = args.packs
+        # on the CPU the full GPU timing (32-image packs, float16, 5 runs) takes many minutes
+        args.dtype = args.dtype or ("float16" if gpu else "float32")
+        packs = args.packs or ([1, 8, 32] if gpu else [1, 8])
+        args.runs = args.runs or (5 if gpu else 1)
         if args.quick:
             packs, args.runs = [p for p in packs if p <= 8], 1
         timings = timing_rows(backend, packs, args.heads, args.head_dim, DTYPES[args.dtype], args.runs,
