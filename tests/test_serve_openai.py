@@ -17,7 +17,7 @@ from mlx_vlm_native import chat_generate, load
 from mlx_vlm_native.generate import prepare_chat_inputs
 from mlx_vlm_native.server import Limits, ConversationCaches, make_server
 
-openai = pytest.importorskip("openai")
+import openai  # noqa: E402 - the test extras install it (pyproject.toml); a missing client fails, not skips
 
 
 @pytest.fixture(scope="module", params=["tiny-56", "qwen2-vl-tiny"])
