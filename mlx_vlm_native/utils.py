@@ -1,18 +1,20 @@
 """Loading and saving models: local folders or Hub ids, HF or MLX layout."""
 
+import fnmatch
 import importlib
 import json
 import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import huggingface_hub
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
-from mlx_lm.utils import infer_quant_config, load_tokenizer, make_shards
+from mlx_lm.utils import load_model as mlx_lm_load_model
+from mlx_lm.utils import load_tokenizer, make_shards
 from tqdm import tqdm
 
 from .models import openvision_checkpoint
@@ -20,8 +22,7 @@ from .weights.validation import check_config
 from .adapters import load_adapters
 from .models.base import check_weights
 from .native import execution
-from .weights.torch_pickle import load_torch_checkpoint
-from .weights.files import check_safetensors, read_json_file
+from .weights.files import check_safetensors, read_json_file, read_weight_file, weight_files
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,7 @@ class Family:
     model_types: Tuple[str, ...]  # config.json `model_type` spellings
     architectures: Tuple[str, ...] = ()  # `architectures` / `auto_map` class names
     weight_prefixes: Tuple[str, ...] = ()  # keys only this family's checkpoints have
+    model_module: str = ""  # `models/<model_module>.py` where it is not `models/<module>.py`
 
 
 # The one registry of families: every loader, converter and processor looks here.
@@ -45,10 +47,11 @@ FAMILIES = (
     Family("eve", ("eve",), ("EVELlamaForCausalLM",)),
     Family("eve_v2", ("eve-qwen2",), ("EVEQwen2ForCausalLM",)),
     Family("openvision_llava", ("openvision_llava",)),
-    Family("openvision2", ("openvision2",)),  # also released open_clip folders (no config.json)
+    Family("openvision2", ("openvision2",), model_module="openvision"),  # also released open_clip folders
 )
 
 OPEN_CLIP_CONFIG = "open_clip_config.json"  # released OpenVision folders
+MLX_LM_WEIGHT_FILES = "model*.safetensors"  # the files `mlx_lm.utils.load_model` reads itself
 SAFETENSORS_PATTERNS = ["*.safetensors", "*.safetensors.index.json"]
 TORCH_BIN_PATTERNS = ["pytorch_model*.bin", "pytorch_model.bin.index.json", "open_clip_pytorch_model.bin"]
 SIDE_FILE_PATTERNS = [
@@ -148,42 +151,10 @@ def family_of(model_type: str) -> Family:
 
 def load_weights(path: Path) -> dict:
     """All tensors of a checkpoint folder: safetensors (lazy) or torch pickles (safe)."""
-    path = Path(path)
-    files = sorted(path.glob("*.safetensors"))
-    if files:
-        weights = {}
-        for f in files:
-            check_safetensors(f)
-            try:
-                weights.update(mx.load(str(f)))
-            except (RuntimeError, ValueError) as e:
-                raise ValueError(f"cannot read {f}: {e}") from e
-        return weights
-    pickles = sorted(path.glob("pytorch_model*.bin")) + sorted(path.glob("*.pth")) + sorted(path.glob("*.pt"))
-    if pickles:
-        weights = {}
-        for f in pickles:
-            weights.update(load_torch_checkpoint(f))
-        return weights
-    raise FileNotFoundError(f"no *.safetensors, pytorch_model*.bin or *.pth weights in {path}")
-
-
-def quantize_for_checkpoint(model: nn.Module, config: dict, weights: dict) -> None:
-    """Quantize the layers the checkpoint stores quantized, each with its own
-    settings as mlx-lm's loader reads them: a per-module entry of
-    `config["quantization"]` (mlx-vlm's mixed recipes), else what the packed
-    shapes say, for affine, mxfp4 and the other modes."""
-    quantization = config["quantization"]
-
-    def predicate(path, module):
-        if isinstance(quantization.get(path), dict):
-            return quantization[path]
-        if not hasattr(module, "to_quantized") or f"{path}.scales" not in weights:
-            return False
-        return infer_quant_config(path, module, weights)
-
-    nn.quantize(model, group_size=quantization["group_size"], bits=quantization["bits"],
-                mode=quantization.get("mode", "affine"), class_predicate=predicate)
+    weights = {}
+    for f in weight_files(path):
+        weights.update(read_weight_file(f))
+    return weights
 
 
 def load_model(path: Path, lazy: bool = False, strict: bool = True) -> Tuple[nn.Module, dict]:
@@ -192,32 +163,57 @@ def load_model(path: Path, lazy: bool = False, strict: bool = True) -> Tuple[nn.
     the CPU, plain MLX on a GPU) and recorded as `model.execution_path`."""
     path = Path(path)
     config = load_config(path)
-    if config.get("model_type") == "openvision2":
+    if (path / "config.json").exists():
+        model, config = load_with_mlx_lm(path, config, lazy, strict)
+    else:  # a released open_clip folder (OpenVision): mlx-lm's loader needs a config.json
         model = openvision_checkpoint.load(path)
         config = openvision_checkpoint.config_dict(model.args)
-    else:
-        model = build_model(path, config, lazy, strict)
     execution.apply(model)
     model.eval()
     return model, config
 
 
-def build_model(path: Path, config: dict, lazy: bool = False, strict: bool = True) -> nn.Module:
-    """The family's Model with the folder's weights (quantized where they are)."""
-    weights = load_weights(path)
-    family = detect_family(config, weights)
+def load_with_mlx_lm(path: Path, config: dict, lazy: bool = False, strict: bool = True) -> Tuple[nn.Module, dict]:
+    """`mlx_lm.utils.load_model` with the folder's family: mlx-lm reads
+    `model*.safetensors`, the quantization metadata (`quantization`,
+    `quantization_config`, `hf_quant_config.json`) and quantizes as the
+    checkpoint is stored. Before it, every safetensors header is checked and
+    the weights it does not read (torch pickles, other safetensors names) are
+    read here; `loading_classes` adds them and the named-key check."""
+    files = weight_files(path)
+    read_by_mlx_lm = [f for f in files if fnmatch.fnmatch(f.name, MLX_LM_WEIGHT_FILES)]
+    names = [name for f in read_by_mlx_lm for name in check_safetensors(f)]
+    others = {}
+    for f in files:
+        if f not in read_by_mlx_lm:
+            others.update(read_weight_file(f))
+    family = detect_family(config, names + list(others))
     config.setdefault("model_type", family.model_types[0])
-    arch = importlib.import_module(f"mlx_vlm_native.models.{family.module}")
-    model = arch.Model(arch.ModelArgs.from_dict(config))
-    weights = model.sanitize(weights)
-    if config.get("quantization") is not None:
-        quantize_for_checkpoint(model, config, weights)
-    if strict:
-        check_weights(model, weights, model.layouts)
-    model.load_weights(list(weights.items()), strict=strict)
-    if not lazy:
-        mx.eval(model.parameters())
-    return model
+    arch = importlib.import_module(f"mlx_vlm_native.models.{family.model_module or family.module}")
+    # mlx-lm's strict also demands model*.safetensors files; the weights are checked in `loading_classes`
+    model, config = mlx_lm_load_model(path, lazy=lazy, strict=False, model_config=config,
+                                      get_model_classes=loading_classes(arch, others, strict))
+    model.__class__ = arch.Model  # the loading steps belonged to this load only
+    return model, config
+
+
+def loading_classes(arch, others: dict, checked: bool) -> Callable[..., tuple]:
+    """mlx-lm's `get_model_classes` hook: the family's Model, whose `sanitize`
+    first adds `others` (the weights mlx-lm did not read) and maps every
+    release layout, and whose `load_weights`, called after mlx-lm quantized
+    the model, first names the missing, unexpected or mis-shaped keys and the
+    layouts the family knows (when `checked`)."""
+
+    class Loading(arch.Model):
+        def sanitize(self, weights: dict) -> dict:
+            return super().sanitize({**others, **weights})
+
+        def load_weights(self, weights, strict=False):  # mlx-lm's strict, always False here
+            if checked:
+                check_weights(self, dict(weights), getattr(self, "layouts", ()))
+            return super().load_weights(weights, strict=checked)
+
+    return lambda config: (Loading, arch.ModelArgs)
 
 
 def load_processor(path: Path, model):

@@ -7,6 +7,7 @@ import sys
 
 import mlx.core as mx
 import mlx_lm.generate  # noqa: F401
+import mlx_lm.utils
 from mlx_lm.models import base, cache, qwen2
 
 g = sys.modules["mlx_lm.generate"]  # the module (mlx_lm exports a function of that name)
@@ -57,3 +58,21 @@ def test_qwen2_attention_takes_its_positions_from_the_cache():
     assert "make_mask" in inspect.getsource(base.create_attention_mask)
     assert {"h", "cache", "window_size", "return_array"} <= params(base.create_attention_mask)
     assert "input_embeddings" in params(qwen2.Model.__call__)
+
+
+def test_load_model_takes_the_hooks_the_loader_uses():
+    """`utils.load_with_mlx_lm` calls `load_model(path, lazy=, strict=False,
+    model_config=, get_model_classes=)` and relies on its order: it reads only
+    `model*.safetensors` (the rest is read before it), asks the hook for the
+    classes by `config=`, sanitizes, quantizes, then calls
+    `model.load_weights(..., strict=)`, where the named-key check runs."""
+    load_model = mlx_lm.utils.load_model
+    assert {"model_path", "lazy", "strict", "model_config", "get_model_classes"} <= params(load_model)
+    source = inspect.getsource(load_model)
+    assert 'glob.glob(str(model_path / "model*.safetensors"))' in source
+    assert "get_model_classes(config=config)" in source
+    assert "hf_quant_config.json" in source
+    steps = ("config.update(model_config)", "weights = model.sanitize(weights)", "_quantize(quantization)",
+             "model.load_weights(list(weights.items()), strict=strict)")
+    positions = [source.index(step) for step in steps]
+    assert positions == sorted(positions)

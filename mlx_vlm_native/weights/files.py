@@ -1,12 +1,16 @@
 """Checks of checkpoint files before they are loaded: a safetensors header
 against the file it describes, and config.json as JSON. Errors name the file
-(and the tensor)."""
+(and the tensor). And the weight files of a checkpoint folder, read only
+through those checks (safetensors) or the safe unpickler (torch pickles)."""
 
 import json
 import math
 from pathlib import Path
+from typing import List
 
 import mlx.core as mx
+
+from .torch_pickle import load_torch_checkpoint
 
 SAFETENSORS_DTYPES = {
     "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "I16": 2, "F16": 2, "BF16": 2,
@@ -15,11 +19,12 @@ SAFETENSORS_DTYPES = {
 MAX_HEADER_BYTES = 100_000_000  # the format's own limit
 
 
-def check_safetensors(path) -> None:
+def check_safetensors(path) -> List[str]:
     """Verify a .safetensors header against the file before anything is mapped:
     the header's length and JSON, each tensor's dtype, shape and byte range
     (inside the data, matching its shape, not overlapping another), and that
-    the data is exactly as long as the tensors need (a truncated file fails)."""
+    the data is exactly as long as the tensors need (a truncated file fails).
+    Returns the names of the tensors it checked."""
     path = Path(path)
     size = path.stat().st_size
     with open(path, "rb") as f:
@@ -73,6 +78,31 @@ def check_safetensors(path) -> None:
         covered = end
     if covered != data_size:
         raise ValueError(f"{path}: the tensors cover {covered} bytes of data but the file has {data_size}")
+    return [name for _, _, name in ranges]
+
+
+def weight_files(path) -> List[Path]:
+    """The weight files of a checkpoint folder: its safetensors, else its torch pickles."""
+    path = Path(path)
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        files = sorted(path.glob("pytorch_model*.bin")) + sorted(path.glob("*.pth")) + sorted(path.glob("*.pt"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors, pytorch_model*.bin or *.pth weights in {path}")
+    return files
+
+
+def read_weight_file(path) -> dict:
+    """The tensors of one weight file: safetensors after `check_safetensors`
+    (lazily), a torch pickle through the safe unpickler (no pickled code runs)."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        return load_torch_checkpoint(path)
+    check_safetensors(path)
+    try:
+        return mx.load(str(path))
+    except (RuntimeError, ValueError) as e:
+        raise ValueError(f"cannot read {path}: {e}") from e
 
 
 def load_checked_safetensors(path, what: str) -> dict:
