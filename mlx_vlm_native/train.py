@@ -4,6 +4,8 @@ starts from a recipe shipped in the package (`lora`, `dora`, `full`,
 `qlora`) or any recipe file, `-c FILE` from a JSON/YAML config; flags then
 override its fields. Other families (`openvision2`, `navit`, `eve`) take a
 recipe file whose `family` picks the task module in `mlx_vlm_native/training/`.
+Every recipe, with the flags applied, becomes its family's typed config
+(`training/config.py`) before anything is loaded; an error names the file and the key.
 """
 
 import argparse
@@ -15,7 +17,7 @@ from typing import List, Optional
 import yaml  # mlx-lm's dependency, as its -c config
 
 from .training import TASKS
-from .training.config import ConfigError, finetune_config
+from .training.config import ConfigError, family_config, has_key
 from .training.loop import stop_message
 from .weights.files import read_json_file
 
@@ -114,15 +116,21 @@ def finetune_overrides(recipe: dict, args) -> dict:
 
 
 def apply_overrides(recipe: dict, args) -> dict:
-    """Command-line values over a recipe of another family (openvision2, navit, eve)."""
+    """Command-line values over a recipe of another family (openvision2, navit, eve);
+    a flag whose key the family does not have is refused, naming the flag."""
     recipe = dict(recipe)
+    family = recipe.get("family")
     if args.data:
         kind = "jsonl" if args.data.endswith(".jsonl") else "folder" if Path(args.data).is_dir() else "shards"
         recipe["data"] = {kind: args.data}
     for key, value in (("model", args.model), ("tokenizer", args.tokenizer), ("init", args.init), ("output", args.output),
                        ("steps", args.steps), ("batch_size", args.batch_size)):
-        if value is not None:
-            recipe[key] = value
+        if value is None:
+            continue
+        if not has_key(family, key):
+            raise ConfigError(f"--{key.replace('_', '-')} does not apply to the {family} family "
+                              f"(its recipes have no {key!r} key)")
+        recipe[key] = value
     return recipe
 
 
@@ -134,14 +142,11 @@ def main(argv: Optional[List[str]] = None) -> None:
         source = args.recipe or args.config
         recipe = load_recipe(source) if source else {"family": "finetune"}
         family = recipe.get("family", recipe.get("task", "finetune"))
-        if family == "finetune":
-            recipe = finetune_config(finetune_overrides(recipe, args))
-            output = recipe.run_folder
-        else:
-            recipe = apply_overrides(recipe, args)
-            output = recipe["output"]
+        overrides = finetune_overrides if family == "finetune" else apply_overrides
+        config = family_config(family, overrides(recipe, args), source)
+        output = config.run_folder if family == "finetune" else config.output
         task = importlib.import_module(f"mlx_vlm_native.training.{TASKS[family]}")
-        result = task.run(recipe, resume=args.resume, progress=not args.no_progress)
+        result = task.run(config, resume=args.resume, progress=not args.no_progress)
     except (ValueError, FileNotFoundError, KeyError) as e:
         sys.exit(f"error: {e}")
     losses = result["losses"]

@@ -29,6 +29,7 @@ from ..processors.image import load_image
 from ..utils import copy_side_files, get_model_path, load, save_config, save_weights
 from . import eve_align as A
 from .checkpoint import resume_state
+from .config import EveScale, eve_config
 from .loop import TrainConfig, train
 from .stream import positions, rank_batches
 from .optim import build_optimizer, current_lr
@@ -100,16 +101,9 @@ def batch_loss(ratio: int, align_weight: float):
     return loss_fn
 
 
-def hyperparameters(recipe: dict) -> dict:
+def hyperparameters(recipe) -> EveScale:
     """The recipe's `laptop` or `reference` block (`scale`), top-level overrides on top."""
-    hp = dict(recipe[recipe.get("scale", "laptop")])
-    for key in ("steps", "batch_size", "learning_rate"):
-        if recipe.get(key) is not None:
-            hp[key] = recipe[key]
-    if "steps" not in hp:
-        raise ValueError("the reference scale is given in epochs: pass --steps")
-    hp.setdefault("batch_size", hp.get("per_device_batch_size"))
-    return hp
+    return eve_config(recipe).hyperparameters
 
 
 def save_model(model: A.EVETrainingModel, src: Path, out: Path) -> None:
@@ -121,46 +115,46 @@ def save_model(model: A.EVETrainingModel, src: Path, out: Path) -> None:
     save_config(json.loads((src / "config.json").read_text()), out)
 
 
-def run(recipe: dict, resume: Optional[str] = None, progress: bool = True, on_step=None) -> dict:
-    hp = hyperparameters(recipe)
-    seed = recipe.get("seed", 0)
+def run(recipe, resume: Optional[str] = None, progress: bool = True, on_step=None) -> dict:
+    """Train one stage from a recipe (a dict or an EveConfig), checked whole before
+    the model or the data is read."""
+    cfg = eve_config(recipe)
+    hp = cfg.hyperparameters
+    path = cfg.data.path
+    seed = cfg.seed
     mx.random.seed(seed)
-    src = get_model_path(recipe["model"])
+    src = get_model_path(cfg.model)
     eve, processor = load(str(src))
-    teacher_config = json.loads(Path(recipe["teacher_config"]).read_text()) if recipe.get("teacher_config") else None
-    teacher = A.load_teacher(recipe.get("teacher") or src, teacher_config)
+    teacher_config = json.loads(Path(cfg.teacher_config).read_text()) if cfg.teacher_config else None
+    teacher = A.load_teacher(cfg.teacher or src, teacher_config)
     model = A.EVETrainingModel(eve, A.new_aligner(eve, teacher.tower.config.hidden_size))
     A.load_aligner_weights(model.aligner, src)
     A.broadcast_parameters(model)
-    A.apply_stage(model, recipe["stage"])
+    A.apply_stage(model, cfg.stage)
     ratio = A.grid_ratio(eve, processor, teacher)
 
-    data = recipe.get("data") or {}
-    path = data.get("jsonl") or data.get("train")
-    if not path:
-        raise ValueError("the recipe needs data.jsonl (a JSON-lines file), or pass --data")
-    prompt_format = recipe["prompt_format"]
+    prompt_format = cfg.prompt_format
     records = read_records(path, prompt_format)
-    image_root = Path(recipe.get("image_root") or Path(path).parent)
-    steps = hp["steps"]
-    optimizer = build_optimizer({"lr": hp["learning_rate"], "warmup_steps": math.ceil(steps * hp.get("warmup_ratio", 0.0)),
-                                 "weight_decay": hp.get("weight_decay", 0.0)}, steps)
-    out = Path(recipe["output"])
+    image_root = Path(cfg.image_root or Path(path).parent)
+    steps = hp.steps
+    optimizer = build_optimizer({"lr": hp.learning_rate, "warmup_steps": math.ceil(steps * hp.warmup_ratio),
+                                 "weight_decay": hp.weight_decay}, steps)
+    out = Path(cfg.output)
     ckpt_dir = out / "checkpoints"
     start, position, rng_key = resume_state(resume, ckpt_dir, model, optimizer, steps)
 
     def make(record):
-        return make_sample(record, processor, teacher, prompt_format, image_root, hp.get("max_length", 2048))
+        return make_sample(record, processor, teacher, prompt_format, image_root, hp.max_length)
 
-    batches = sample_batches(records, make, hp["batch_size"], teacher, seed, position)
-    config = TrainConfig(steps=steps, grad_accumulation=recipe.get("grad_accumulation", 1),
-                         checkpoint_dir=str(ckpt_dir), checkpoint_every=recipe.get("checkpoint_every", 0),
-                         keep_checkpoints=recipe.get("keep_checkpoints", 2), progress=progress, rate_unit="img")
+    batches = sample_batches(records, make, hp.batch_size, teacher, seed, position)
+    config = TrainConfig(steps=steps, grad_accumulation=cfg.grad_accumulation,
+                         checkpoint_dir=str(ckpt_dir), checkpoint_every=cfg.checkpoint_every,
+                         keep_checkpoints=cfg.keep_checkpoints, progress=progress, rate_unit="img")
     is_main = mx.distributed.init().rank() == 0
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
         n_trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
-        print(f"[INFO] stage {recipe['stage']} ({recipe.get('name', '')}): {n_trainable:,} trainable parameters, "
+        print(f"[INFO] stage {cfg.stage} ({cfg.name or ''}): {n_trainable:,} trainable parameters, "
               f"{len(records)} samples, {mx.distributed.init().size()} process(es)")
     log = (out / "train_log.jsonl").open("a" if start else "w") if is_main else None
 
@@ -172,7 +166,7 @@ def run(recipe: dict, resume: Optional[str] = None, progress: bool = True, on_st
             on_step(step, loss)
 
     try:
-        result = train(model, batch_loss(ratio, recipe.get("align_loss_weight", 1.0)), optimizer, batches,
+        result = train(model, batch_loss(ratio, cfg.align_loss_weight), optimizer, batches,
                        config, start_step=start, batch_size_of=lambda b: len(b[0]), rng_key=rng_key, seed=seed,
                        on_step=after_step)
     finally:

@@ -18,6 +18,7 @@ An image's resolution, drop rate and dropped tokens are drawn from
 run builds the same batches.
 """
 
+import dataclasses
 import json
 import os
 import tempfile
@@ -35,6 +36,7 @@ from ..models.navit import Model, ModelArgs, image_tokens, scale_to_long_side
 from ..native import execution
 from ..native.packing import Pack, greedy_pack
 from .checkpoint import resume_state
+from .config import NavitConfig, NavitData, NavitImage, TokenDrop, navit_config, parse
 from .loop import TrainConfig, train
 from .stream import positions, rank_batches
 from .optim import build_optimizer
@@ -74,9 +76,6 @@ def sample_resolution(
     return scale_to_long_side(height, width, rng.uniform(min_side, max_side), multiple)
 
 
-MODES = ("packed", "padded", "square")
-
-
 @dataclass
 class Labelled:
     image: Image.Image
@@ -87,18 +86,24 @@ class Labelled:
 # ---------------------------------------------------------------- data
 
 
+def data_section(spec) -> NavitData:
+    return spec if isinstance(spec, NavitData) else parse(NavitData, spec, "data")
+
+
 class LabelledFiles:
     """Images with labels: a JSONL of `{"image": "a.png", "label": "cat"}` lines
     (paths relative to it, or to `images`), or a folder of one sub-folder per
-    class. Shuffled per epoch from `seed`; `iterate(position)` resumes exactly."""
+    class. Shuffled per epoch from `seed`; `iterate(position)` resumes exactly.
+    `spec`: the recipe's `data` section (or its dict)."""
 
-    def __init__(self, spec: dict, seed: int = 0, classes: Optional[Sequence[str]] = None):
+    def __init__(self, spec, seed: int = 0, classes: Optional[Sequence[str]] = None):
+        spec = data_section(spec)
         self.records = []
-        if "jsonl" in spec:
-            path = Path(spec["jsonl"])
+        if spec.jsonl is not None:
+            path = Path(spec.jsonl)
             if not path.exists():
                 raise FileNotFoundError(f"data file not found: {path}")
-            root = Path(spec.get("images") or path.parent)
+            root = Path(spec.images or path.parent)
             for n, line in enumerate(path.read_text().splitlines(), 1):
                 if not line.strip():
                     continue
@@ -109,23 +114,21 @@ class LabelledFiles:
                 if not isinstance(rec, dict) or "image" not in rec or "label" not in rec:
                     raise ValueError(f"{path}:{n}: each line needs 'image' and 'label'")
                 self.records.append((root / rec["image"], str(rec["label"]), f"{path}:{n}"))
-        elif "folder" in spec:
-            root = Path(spec["folder"])
+        else:
+            root = Path(spec.folder)
             if not root.is_dir():
                 raise FileNotFoundError(f"image folder not found: {root}")
             for sub in sorted(p for p in root.iterdir() if p.is_dir()):
                 for f in sorted(sub.iterdir()):
                     if f.suffix.lower().lstrip(".") in ("png", "jpg", "jpeg", "webp", "bmp"):
                         self.records.append((f, sub.name, str(f)))
-        else:
-            raise ValueError(f"data needs 'jsonl' (+ 'images') or 'folder', got {sorted(spec)}")
         if not self.records:
-            raise ValueError(f"no labelled images in {spec}")
+            raise ValueError(f"no labelled images in {spec.jsonl or spec.folder}")
         self.classes = list(classes) if classes else sorted({label for _, label, _ in self.records})
         for _, label, where in self.records:
             if label not in self.classes:
                 raise ValueError(f"{where}: label {label!r} is not one of the recipe's classes")
-        self.seed, self.shuffle = seed, spec.get("shuffle", True)
+        self.seed, self.shuffle = seed, spec.shuffle
 
     def __len__(self) -> int:
         return len(self.records)
@@ -141,15 +144,14 @@ class LabelledFiles:
             yield self.get(item, (pos["epoch"], pos["index"] - 1)), pos
 
 
-def open_data(spec: dict, seed: int, classes=None):
+def open_data(spec, seed: int, classes=None):
     return LabelledFiles(spec, seed, classes)
 
 
-def eval_samples(recipe: dict, data, count: int) -> List[Labelled]:
+def eval_samples(cfg: NavitConfig, data, count: int) -> List[Labelled]:
     """Held-out examples: the first `count` of the recipe's `data.valid` file."""
-    spec = recipe["data"]
-    if spec.get("valid"):
-        valid = LabelledFiles({"jsonl": spec["valid"], "shuffle": False}, classes=data.classes)
+    if cfg.data.valid:
+        valid = LabelledFiles(NavitData(jsonl=cfg.data.valid, shuffle=False), classes=data.classes)
         return [valid.get(i, (0, i)) for i in range(min(count, len(valid)))]
     return []
 
@@ -157,31 +159,35 @@ def eval_samples(recipe: dict, data, count: int) -> List[Labelled]:
 # ---------------------------------------------------------------- images to tokens
 
 
-def drop_rate(cfg: dict, rng: np.random.Generator, progress: float) -> float:
+def drop_rate(cfg, rng: np.random.Generator, progress: float) -> float:
     """`{"rate": r}` for every image, or `{"max_rate": m, "beta": [a, b]}` drawn
     per image (m * Beta(a, b)); `"schedule": {"to": x}` moves r (or m) linearly
-    to x over the run (progress 0 -> 1)."""
+    to x over the run (progress 0 -> 1). `cfg`: a TokenDrop section or its dict."""
     if not cfg:
         return 0.0
-    kind = "rate" if "rate" in cfg else "max_rate"
-    value = cfg.get(kind, 0.0)
-    if cfg.get("schedule"):
-        value = value + (cfg["schedule"]["to"] - value) * progress
-    if kind == "rate":
+    if not isinstance(cfg, TokenDrop):
+        cfg = parse(TokenDrop, cfg, "token_drop")
+    value = cfg.rate if cfg.rate is not None else (cfg.max_rate or 0.0)
+    if cfg.schedule:
+        value = value + (cfg.schedule.to - value) * progress
+    if cfg.rate is not None:
         return float(value)
-    return float(sample_drop_rates(1, rng, value, tuple(cfg.get("beta", (2.0, 2.0))))[0])
+    return float(sample_drop_rates(1, rng, value, tuple(cfg.beta))[0])
 
 
-def image_size(image: Image.Image, cfg: dict, patch: int, rng) -> tuple:
+def image_size(image: Image.Image, cfg, patch: int, rng) -> tuple:
     """(h, w): a sampled long side in [min_side, max_side] (aspect kept), a fixed
-    `side` x `side` square, or the native size (capped at `max_side`)."""
+    `side` x `side` square, or the native size (capped at `max_side`).
+    `cfg`: an image section or its dict."""
+    if not isinstance(cfg, NavitImage):
+        cfg = parse(NavitImage, cfg, "image")
     h, w = image.height, image.width
-    if cfg.get("side"):
-        return cfg["side"], cfg["side"]
-    if cfg.get("sample_resolution", True) and "min_side" in cfg:
-        return sample_resolution(h, w, rng, cfg["min_side"], cfg["max_side"], patch)
-    if cfg.get("max_side") and max(h, w) > cfg["max_side"]:
-        return scale_to_long_side(h, w, cfg["max_side"], patch)
+    if cfg.side:
+        return cfg.side, cfg.side
+    if cfg.sample_resolution and cfg.min_side is not None:
+        return sample_resolution(h, w, rng, cfg.min_side, cfg.max_side, patch)
+    if cfg.max_side and max(h, w) > cfg.max_side:
+        return scale_to_long_side(h, w, cfg.max_side, patch)
     return scale_to_long_side(h, w, max(h, w), patch)
 
 
@@ -199,7 +205,8 @@ class Tokens:
         return int(self.pack.cu_seqlens[-1])
 
 
-def to_tokens(sample: Labelled, patch: int, image_cfg: dict, drop_cfg: dict, seed: int, progress: float) -> Tokens:
+def to_tokens(sample: Labelled, patch: int, image_cfg: NavitImage, drop_cfg: Optional[TokenDrop], seed: int,
+              progress: float) -> Tokens:
     rng = np.random.default_rng((seed, *sample.key))
     size = image_size(sample.image, image_cfg, patch, rng)
     patches, grid = image_tokens(sample.image, patch, size)
@@ -393,65 +400,56 @@ def load_model(path) -> Model:
 # ---------------------------------------------------------------- the run
 
 
-def model_args(recipe: dict, classes: Sequence[str]) -> ModelArgs:
-    return ModelArgs.from_dict({**recipe.get("model", {}), "num_classes": len(classes), "classes": list(classes)})
+def model_args(recipe, classes: Sequence[str]) -> ModelArgs:
+    cfg = navit_config(recipe)
+    return ModelArgs.from_dict({**dataclasses.asdict(cfg.model), "num_classes": len(classes),
+                                "classes": list(classes)})
 
 
-def batch_stream(recipe: dict, dataset, args: ModelArgs, position=None, start_step: int = 0, stats=None,
+def batch_stream(recipe, dataset, args: ModelArgs, position=None, start_step: int = 0, stats=None,
                  processes: int = 1):
     """The recipe's micro-batches (`batching.mode`: packed, padded or square)."""
-    seed, steps = recipe.get("seed", 0), recipe["steps"]
+    cfg = navit_config(recipe)
+    seed, steps, batching = cfg.seed, cfg.steps, cfg.batching
     patch = args.patch_size
     patch_dim = args.channels * patch * patch
-    batching, image_cfg = dict(recipe.get("batching", {})), dict(recipe.get("image", {}))
-    drop_cfg = recipe.get("token_drop") or {}
-    mode = batching.get("mode", "packed")
-    if mode not in MODES:
-        raise ValueError(f"unknown batching mode {mode!r}; use one of {', '.join(MODES)}")
-    if mode == "square":
-        if not batching.get("side"):
-            raise ValueError("batching mode 'square' needs batching.side")
-        image_cfg = {"side": batching["side"]}
-    accumulation = recipe.get("grad_accumulation", 1)
+    image_cfg = NavitImage(side=batching.side) if batching.mode == "square" else cfg.image
 
     def make_tokens(sample, step):
-        return to_tokens(sample, patch, image_cfg, drop_cfg, seed, (step - 1) / max(steps - 1, 1))
+        return to_tokens(sample, patch, image_cfg, cfg.token_drop, seed, (step - 1) / max(steps - 1, 1))
 
-    common = dict(position=position, first_step=start_step + 1, steps_per_batch=1 / (accumulation * processes),
-                  stats=stats)
-    if mode == "packed":
-        seq_len = batching.get("seq_len", 256)
-        max_side = image_cfg.get("max_side")
-        if max_side and (max_side // patch) ** 2 > seq_len:
-            raise ValueError(f"seq_len {seq_len} is below the {(max_side // patch) ** 2} tokens of a "
-                             f"{max_side}x{max_side} image; raise batching.seq_len or lower image.max_side")
-        return packed_batches(dataset, make_tokens, seq_len, batching.get("sequences", 1), patch_dim, **common)
-    return padded_batches(dataset, make_tokens, batching.get("images", 8), patch_dim, **common)
+    common = dict(position=position, first_step=start_step + 1,
+                  steps_per_batch=1 / (cfg.grad_accumulation * processes), stats=stats)
+    if batching.mode == "packed":
+        return packed_batches(dataset, make_tokens, batching.seq_len, batching.sequences, patch_dim, **common)
+    return padded_batches(dataset, make_tokens, batching.images, patch_dim, **common)
 
 
-def run(recipe: dict, resume: Optional[str] = None, progress: bool = True, on_step=None,
+def run(recipe, resume: Optional[str] = None, progress: bool = True, on_step=None,
         should_stop=None) -> dict:
-    seed, steps = recipe.get("seed", 0), recipe["steps"]
-    dataset = open_data(recipe["data"], seed, recipe.get("classes"))
-    args = model_args(recipe, dataset.classes)
+    """Train from a recipe (a dict or a NavitConfig), checked whole before any data is read."""
+    cfg = navit_config(recipe)
+    seed, steps = cfg.seed, cfg.steps
+    dataset = open_data(cfg.data, seed, cfg.classes)
+    args = model_args(cfg, dataset.classes)
     mx.random.seed(seed)
     model = Model(args)
     mx.eval(model.parameters())
     execution.apply(model)
-    optimizer = build_optimizer(recipe["optim"], steps)
-    out = Path(recipe["output"])
+    optimizer = build_optimizer(cfg.optim.as_dict(), steps)
+    out = Path(cfg.output)
     ckpt_dir = out / "checkpoints"
     start, position, rng_key = resume_state(resume, ckpt_dir, model, optimizer, steps)
     stats = {}
     group = mx.distributed.init()
-    stream = batch_stream(recipe, dataset, args, position, start, stats, group.size())
+    stream = batch_stream(cfg, dataset, args, position, start, stats, group.size())
     if group.size() > 1:
         stream = rank_batches(stream, group.rank(), group.size())
     config = TrainConfig(
-        steps=steps, grad_accumulation=recipe.get("grad_accumulation", 1),
-        compute_dtype=recipe.get("compute_dtype"), grad_checkpoint=recipe.get("grad_checkpoint", False),
-        checkpoint_dir=str(ckpt_dir), checkpoint_every=recipe.get("checkpoint_every", 0),
-        keep_checkpoints=recipe.get("keep_checkpoints", 2), progress=progress,
+        steps=steps, grad_accumulation=cfg.grad_accumulation,
+        compute_dtype=cfg.compute_dtype, grad_checkpoint=cfg.grad_checkpoint,
+        checkpoint_dir=str(ckpt_dir), checkpoint_every=cfg.checkpoint_every,
+        keep_checkpoints=cfg.keep_checkpoints, progress=progress,
     )
     result = train(model, classification_loss, optimizer, stream, config, start_step=start,
                    checkpoint_layers=model.blocks, batch_size_of=lambda b: b.images, on_step=on_step,
@@ -461,11 +459,10 @@ def run(recipe: dict, resume: Optional[str] = None, progress: bool = True, on_st
         return result
     if group.rank() == 0:
         save_model(model, out / "model")
-        (out / "recipe.json").write_text(json.dumps(recipe, indent=2))
-        ev = recipe.get("eval") or {}
-        samples = eval_samples(recipe, dataset, ev.get("count", 0)) if ev.get("count") else []
+        (out / "recipe.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+        samples = eval_samples(cfg, dataset, cfg.eval.count) if cfg.eval.count else []
         if samples:
-            curve = resolution_curve(model, samples, ev.get("sides", []))
+            curve = resolution_curve(model, samples, cfg.eval.sides)
             (out / "eval.json").write_text(json.dumps({"accuracy": curve, "count": len(samples)}, indent=2))
             print("[INFO] held-out accuracy by long side: "
                   + ", ".join(f"{k} {v:.3f}" for k, v in curve.items()))

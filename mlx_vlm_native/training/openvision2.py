@@ -1,6 +1,7 @@
 """OpenVision 2 pretraining task: caption-only loss on masked visual tokens,
 two-stage (low then high resolution) curriculum. Recipes: `train/openvision2/`."""
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Optional
@@ -12,6 +13,7 @@ from mlx.utils import tree_flatten
 from ..models import openvision_checkpoint as ovc
 from ..models.openvision import DecoderConfig, Model, ModelArgs, VisionConfig
 from .checkpoint import latest_checkpoint, resume_state
+from .config import OpenVision2Model, openvision2_config, parse
 from ..processors.image import FIT_PIXELS
 from .data import augmented_pixels, batches, open_dataset, tokenize_captions
 from .loop import TrainConfig, train
@@ -28,36 +30,44 @@ def load_text_tokenizer(name: str):
     return AutoTokenizer.from_pretrained(name)
 
 
-def special_ids(tokenizer, cfg: dict) -> dict:
-    """pad/bos/eos: the recipe's, else the released [PAD]/[BOS]/[EOS], else the tokenizer's."""
+def model_section(cfg) -> OpenVision2Model:
+    return cfg if isinstance(cfg, OpenVision2Model) else parse(OpenVision2Model, cfg, "model")
+
+
+def special_ids(tokenizer, cfg) -> dict:
+    """pad/bos/eos: the recipe's, else the released [PAD]/[BOS]/[EOS], else the tokenizer's.
+    `cfg`: the recipe's `model` section (or its dict)."""
+    cfg = model_section(cfg)
     vocab = tokenizer.get_vocab()
     fallback = {
         "pad": vocab.get("[PAD]", tokenizer.pad_token_id),
         "bos": vocab.get("[BOS]", tokenizer.bos_token_id or tokenizer.cls_token_id),
         "eos": vocab.get("[EOS]", tokenizer.eos_token_id or tokenizer.sep_token_id),
     }
-    ids = {k: cfg.get(f"{k}_token_id", v) for k, v in fallback.items()}
+    chosen = {k: getattr(cfg, f"{k}_token_id") for k in fallback}
+    ids = {k: fallback[k] if chosen[k] is None else chosen[k] for k in fallback}
     missing = [k for k, v in ids.items() if v is None]
     if missing:
         raise ValueError(f"the tokenizer has no {missing[0]} token; set model.{missing[0]}_token_id")
     return ids
 
 
-def model_args(cfg: dict, vocab_size: int, ids: dict) -> ModelArgs:
-    """From a recipe's `model` section: variants (`vision`, `decoder`) or explicit configs."""
-    size, patch = cfg["image_size"], cfg.get("patch_size", 14)
-    if "vision_config" in cfg:
-        vision = VisionConfig.from_dict({**cfg["vision_config"], "image_size": size, "patch_size": patch})
+def model_args(cfg, vocab_size: int, ids: dict) -> ModelArgs:
+    """From a recipe's `model` section (or its dict): variants (`vision`, `decoder`) or explicit configs."""
+    cfg = model_section(cfg)
+    size, patch = cfg.image_size, cfg.patch_size
+    if cfg.vision_config is not None:
+        vision = VisionConfig.from_dict({**cfg.vision_config, "image_size": size, "patch_size": patch})
     else:
-        vision = VisionConfig.from_variant(cfg["vision"], size, patch)
+        vision = VisionConfig.from_variant(cfg.vision, size, patch)
     extra = {"pad_token_id": ids["pad"], "bos_token_id": ids["bos"], "eos_token_id": ids["eos"],
-             "attention_mask": cfg.get("attention_mask", "prefix")}
-    if "decoder_config" in cfg:
-        decoder = DecoderConfig.from_dict({**cfg["decoder_config"], "vocab_size": vocab_size,
+             "attention_mask": cfg.attention_mask}
+    if cfg.decoder_config is not None:
+        decoder = DecoderConfig.from_dict({**cfg.decoder_config, "vocab_size": vocab_size,
                                            "vision_width": vision.width, **extra})
     else:
-        decoder = DecoderConfig.from_variant(cfg["decoder"], vision.width, vocab_size, **extra)
-    return ModelArgs(vision_config=vision, decoder_config=decoder, keep_ratio=cfg.get("keep_ratio", 0.35))
+        decoder = DecoderConfig.from_variant(cfg.decoder, vision.width, vocab_size, **extra)
+    return ModelArgs(vision_config=vision, decoder_config=decoder, keep_ratio=cfg.keep_ratio)
 
 
 def init_model(args: ModelArgs, seed: int = 0) -> Model:
@@ -69,11 +79,10 @@ def init_model(args: ModelArgs, seed: int = 0) -> Model:
     return model
 
 
-def initial_model(recipe: dict, args: ModelArgs):
+def initial_model(init: Optional[str], args: ModelArgs, seed: int = 0):
     """Fresh weights, or stage 2: the `init` checkpoint with the positional
     table regenerated for this stage's grid."""
-    init = recipe.get("init")
-    model = init_model(args, seed=recipe.get("seed", 0))
+    model = init_model(args, seed=seed)
     if not init:
         return model
     init = Path(init)
@@ -96,30 +105,31 @@ def initial_model(recipe: dict, args: ModelArgs):
     return model
 
 
-def run(recipe: dict, resume: Optional[str] = None, progress: bool = True, on_step=None) -> dict:
-    seed = recipe.get("seed", 0)
-    mcfg = recipe["model"]
-    fit_name = recipe.get("image_fit", "crop")
-    if fit_name not in FIT_PIXELS:
-        raise ValueError(f"unknown image_fit {fit_name!r}; use one of {', '.join(FIT_PIXELS)}")
-    fit = FIT_PIXELS[fit_name]
-    tokenizer = load_text_tokenizer(recipe["tokenizer"])
+def run(recipe, resume: Optional[str] = None, progress: bool = True, on_step=None) -> dict:
+    """Train from a recipe (a dict or an OpenVision2Config), checked whole before
+    the tokenizer, the model or the data is read."""
+    cfg = openvision2_config(recipe)
+    seed, mcfg = cfg.seed, cfg.model
+    fit = FIT_PIXELS[cfg.image_fit]
+    tokenizer = load_text_tokenizer(cfg.tokenizer)
     ids = special_ids(tokenizer, mcfg)
     args = model_args(mcfg, len(tokenizer), ids)
-    model = initial_model(recipe, args)
-    total = recipe["steps"]
-    optimizer = build_optimizer(recipe["optim"], total)
-    out = Path(recipe["output"])
+    model = initial_model(cfg.init, args, seed)
+    total = cfg.steps
+    optimizer = build_optimizer(cfg.optim.as_dict(), total)
+    out = Path(cfg.output)
     ckpt_dir = out / "checkpoints"
 
     start_step, position, rng_key = resume_state(resume, ckpt_dir, model, optimizer, total)
 
-    size, max_len = args.vision_config.image_size, mcfg.get("max_text_len", 128)
-    mean, std = recipe.get("image_mean", ovc.IMAGE_MEAN), recipe.get("image_std", ovc.IMAGE_STD)
-    dtype = getattr(mx, recipe["compute_dtype"]) if recipe.get("compute_dtype") else mx.float32
+    size, max_len = args.vision_config.image_size, mcfg.max_text_len
+    mean = ovc.IMAGE_MEAN if cfg.image_mean is None else cfg.image_mean
+    std = ovc.IMAGE_STD if cfg.image_std is None else cfg.image_std
+    dtype = getattr(mx, cfg.compute_dtype) if cfg.compute_dtype else mx.float32
 
-    augment = recipe.get("augment") or {}
-    area_min, jitter = augment.get("inception_crop"), augment.get("colour_jitter", 0.0)
+    augment = cfg.augment
+    area_min = augment.inception_crop if augment else None
+    jitter = augment.colour_jitter if augment else 0.0
 
     def to_pixels(sample):
         if area_min is None:
@@ -132,26 +142,26 @@ def run(recipe: dict, resume: Optional[str] = None, progress: bool = True, on_st
                                  ids["bos"], ids["eos"], ids["pad"])
         return mx.array(pixels, dtype=dtype), mx.array(text)
 
-    weight = recipe.get("loss_weight", 1.0)
+    weight = cfg.loss_weight
 
     def loss_fn(model, batch, key):
         pixels, text = batch
         loss, count = model.loss(pixels, text, key=key)
         return weight * loss, count
 
-    dataset = open_dataset(recipe["data"], seed=seed)
+    dataset = open_dataset(cfg.data.as_spec(), seed=seed)
     group = mx.distributed.init()
-    stream = batches(dataset, recipe["batch_size"], collate, position)
+    stream = batches(dataset, cfg.batch_size, collate, position)
     if group.size() > 1:
         stream = rank_batches(stream, group.rank(), group.size())
     config = TrainConfig(
         steps=total,
-        grad_accumulation=recipe.get("grad_accumulation", 1),
-        compute_dtype=recipe.get("compute_dtype"),
-        grad_checkpoint=recipe.get("grad_checkpoint", False),
+        grad_accumulation=cfg.grad_accumulation,
+        compute_dtype=cfg.compute_dtype,
+        grad_checkpoint=cfg.grad_checkpoint,
         checkpoint_dir=str(ckpt_dir),
-        checkpoint_every=recipe.get("checkpoint_every", 0),
-        keep_checkpoints=recipe.get("keep_checkpoints", 0),
+        checkpoint_every=cfg.checkpoint_every,
+        keep_checkpoints=cfg.keep_checkpoints,
         progress=progress,
     )
     result = train(model, loss_fn, optimizer, stream, config, start_step=start_step,
@@ -160,6 +170,6 @@ def run(recipe: dict, resume: Optional[str] = None, progress: bool = True, on_st
     if group.rank() == 0:
         final = ovc.save(model, out / "model")
         tokenizer.save_pretrained(str(final))
-        (out / "recipe.json").write_text(json.dumps(recipe, indent=2))
+        (out / "recipe.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
     result["model"] = model
     return result

@@ -16,6 +16,7 @@ import sys
 
 from mlx_vlm_native.train import load_recipe
 from mlx_vlm_native.training import eve
+from mlx_vlm_native.training.config import family_config
 
 
 def main(argv=None):
@@ -46,7 +47,7 @@ def main(argv=None):
                   output=args.out, scale=args.scale, steps=args.steps, batch_size=args.batch_size,
                   learning_rate=args.learning_rate, grad_accumulation=args.grad_accumulation,
                   checkpoint_every=args.checkpoint_every, seed=args.seed)
-    if not eve.run(recipe, resume=args.resume)["stopped"]:
+    if not eve.run(family_config("eve", recipe, args.recipe), resume=args.resume)["stopped"]:
         print(f"[INFO] saved to {args.out}")
 
 
