@@ -16,7 +16,7 @@ from typing import Iterable, Iterator, List, Optional
 
 from .generate import (
     DEFAULT_MODEL_NAME, ConversationCache, PromptTooLongError, add_model_argument, add_runtime_arguments,
-    add_sampling_arguments, sampling_from_args, stream_chat,
+    add_sampling_arguments, check_cli_text, sampling_from_args, stream_chat,
 )
 from .processors.image import ImageError, load_image
 from .utils import load
@@ -158,6 +158,11 @@ def chat_loop(model, processor, conversation: Conversation, lines: Iterable[str]
         line = line.strip()
         if not line:
             continue
+        try:
+            check_cli_text(line, "the line")
+        except ValueError as e:
+            print(f"error: {e}", file=err)
+            continue
         if line.startswith("/"):
             if not run_command(line, conversation, out, err):
                 return
@@ -166,6 +171,8 @@ def chat_loop(model, processor, conversation: Conversation, lines: Iterable[str]
 
 
 def read_lines(prompt: str) -> Iterator[str]:
+    # bytes that are not UTF-8 arrive as lone surrogates, which chat_loop refuses line by line
+    sys.stdin.reconfigure(errors="surrogateescape")
     while True:
         try:
             yield input(prompt)

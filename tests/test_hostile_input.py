@@ -214,6 +214,17 @@ def test_a_non_utf8_prompt_is_a_clear_cli_error(model_dir):
     assert "Traceback" not in err
 
 
+def test_a_non_utf8_chat_line_is_refused_and_the_chat_goes_on(model_dir):
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "mlx_vlm_native.chat", "--model", str(model_dir), "--max-tokens", "2"],
+                            input=b"what \xff colour?\nWhat colour?\n", capture_output=True, timeout=120)
+    err = result.stderr.decode("utf-8", "replace")
+    assert result.returncode == 0 and "the line is not valid UTF-8 (byte 0xff at character 5)" in err, err
+    assert "Traceback" not in err and result.stdout.strip(), (result.stdout, err)  # the next line is answered
+
+
 # ------------------------------------------------------ 4. meaningless values
 
 
