@@ -33,13 +33,10 @@ from mlx_lm.generate import BatchGenerator
 from mlx_lm.models.cache import LRUPromptCache, trim_prompt_cache
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
-from .engine import PromptReader
-from .http_limits import (
-    ConnectionTable, DeadlineReader, PixelBudget, json_values, longest_token_bytes, text_of,
-)
-from .weights.validation import invalid_unicode
 from .conversations import ROLES, UnsupportedPart, openai_content
-from .engine import attach_prompt
+from .engine import PromptReader, attach_prompt
+from .http_limits import ConnectionTable, DeadlineReader, PixelBudget, json_values, longest_token_bytes, text_of
+from .weights.validation import invalid_unicode
 from .generate import (
     DEFAULT_MODEL_NAME, GenerationResponse, PromptTooLongError, add_model_argument, add_runtime_arguments,
     check_chat_length, context_length, prepare_chat_inputs, stream_chat,
@@ -417,11 +414,9 @@ class Decoding:
 
 
 class ConversationCaches:
-    """Several conversations' KV caches (mlx-lm's `LRUPromptCache`, keyed by
-    their images' digests and their tokens) and their images' vision features,
-    each bounded by entries and bytes. A request continuing a conversation
-    prefills only what follows the longest prefix a kept cache shares with it,
-    and does not encode its images again."""
+    """Conversations' KV caches (mlx-lm's `LRUPromptCache`, keyed by their images'
+    digests and tokens) and vision features, bounded by entries and bytes: a
+    request continuing one prefills only what follows the prefix it shares."""
 
     def __init__(self, max_entries: int = 8, max_bytes: int = 4 << 30):
         self.kv = LRUPromptCache(max_entries, max_bytes)
@@ -565,10 +560,8 @@ class ChatService:
                 return
 
     def admit(self, job: Job) -> Iterator[None]:
-        """`job`'s admission in steps: its images decoded, its prompt prepared,
-        its vision features (kept per set of images) encoded a block at a
-        time, then its prompt in the batch behind the longest prefix a kept KV
-        cache holds."""
+        """`job`'s admission in steps: images decoded, prompt prepared, vision
+        features encoded a block at a time (or kept ones), then into the batch."""
         tic = time.perf_counter()
         messages = self.messages_of(job)
         images = []
