@@ -1,11 +1,8 @@
-"""Caption an image with an OpenVision 2 encoder + caption decoder:
-`mlx-vlm-native caption --model <folder or Hub id> --image photo.jpg`.
-
-The folder is either a converted MLX folder (config.json) or a released
-`*-vision-only` repo (open_clip weights + caption_decoder.safetensors).
-Decoding uses a KV cache: with both attention masks the image tokens never
-attend to text, so the cached prefix stays valid as text grows.
-"""
+"""`mlx-vlm-native caption --model <folder or Hub id> --image photo.jpg`: caption
+images with an OpenVision 2 encoder + caption decoder, from a converted MLX
+folder or a released `*-vision-only` repo (open_clip weights +
+caption_decoder.safetensors). The image tokens never attend to text (either
+mask), so their KV cache stays valid as the text grows."""
 
 import argparse
 import sys
@@ -61,20 +58,11 @@ def generate_captions(model, pixels: mx.array, max_tokens: int = 64, temperature
     return out
 
 
-def caption(
-    model: Union[str, Path, "object"],
-    images: Union[ImageInput, Sequence[ImageInput]],
-    max_tokens: int = 64,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    seed: Optional[int] = None,
-    attention_mask: Optional[str] = None,
-    processor=None,
-) -> Union[str, List[str]]:
-    """Caption one image (returns a str) or a list of images (a list of str).
-
-    `model` is a folder / Hub id, or a model from `load()` with its `processor`.
-    Greedy at temperature 0, else sampling."""
+def caption(model: Union[str, Path, "object"], images: Union[ImageInput, Sequence[ImageInput]], max_tokens: int = 64,
+            temperature: float = 0.0, top_p: float = 1.0, seed: Optional[int] = None,
+            attention_mask: Optional[str] = None, processor=None) -> Union[str, List[str]]:
+    """Caption one image (a str) or a list of them (a list of str); `model` is a
+    folder / Hub id, or a model from `load()` with its `processor`."""
     if isinstance(model, (str, Path)):
         path = get_model_path(str(model))
         model = ovc.load(path, attention_mask=attention_mask)

@@ -1,12 +1,6 @@
-"""`mlx-vlm-native chat`: talk about images in the terminal, the conversation kept.
-
-    mlx-vlm-native chat --model <folder or Hub id> --image photo.jpg
-    > What is in this image?
-    > And what colour is it?      (the model sees the previous answer)
-    > /image other.png            (a new conversation about other.png)
-
-Works with stdin as a pipe too: one question or command per line.
-"""
+"""`mlx-vlm-native chat --image photo.jpg`: talk about images in the terminal,
+the conversation kept (docs/generation.md); stdin may be a pipe, one question
+or command per line."""
 
 import argparse
 import itertools
@@ -30,11 +24,9 @@ anything else is a question about the current image(s)"""
 
 
 class Conversation:
-    """The current images and the turns about them.
-
-    Every conversation starts at an image change or a /reset, so the image
-    placeholders always go into its first user turn. `cache` holds what the
-    model has already read of it, so a new question costs only its own tokens."""
+    """The current images and the turns about them, which start at an image
+    change or a /reset (so the images go into the first user turn). `cache`
+    holds what the model has read of it: a new question costs only its own tokens."""
 
     def __init__(self, images: Iterable = (), system_prompt: Optional[str] = None):
         self.system_prompt = system_prompt
@@ -45,7 +37,7 @@ class Conversation:
     def new_images(self, images: Iterable) -> None:
         self.images = list(images)
         self.turns = []
-        self.cache = ConversationCache()  # the cached image tokens are of the old images
+        self.cache = ConversationCache()  # the cached image tokens were of the old images
 
     def reset(self) -> None:
         self.turns = []
@@ -80,8 +72,8 @@ class Conversation:
 
 
 def start_answer(model, processor, conversation: Conversation, sampling: dict, err=sys.stderr) -> Iterator:
-    """The answer's stream, primed so that bad input raises before any text shows.
-    While the conversation is too long for the context, its oldest exchanges go."""
+    """The answer's stream, primed so that bad input raises before any text
+    shows; while the conversation is too long for the context, its oldest exchanges go."""
     while True:
         stream = stream_chat(model, processor, conversation.messages(), conversation.images,
                              conversation=conversation.cache, **sampling)
@@ -118,10 +110,6 @@ def reply(model, processor, conversation: Conversation, question: str, sampling:
               f"answer: {last.generation_tokens} tokens, {last.generation_tps:.1f} tokens/s]", file=out)
 
 
-def load_images(paths: List[str]) -> list:
-    return [load_image(p) for p in paths]
-
-
 def run_command(line: str, conversation: Conversation, out=sys.stdout, err=sys.stderr) -> bool:
     """Carry out a /command; False when it is time to leave."""
     try:
@@ -141,7 +129,7 @@ def run_command(line: str, conversation: Conversation, out=sys.stdout, err=sys.s
             print("usage: /image PATH [PATH...]", file=err)
             return True
         try:
-            images = load_images(args)
+            images = [load_image(path) for path in args]
         except ImageError as e:
             print(f"error: {e} (the current images and conversation are kept)", file=err)
             return True
@@ -197,7 +185,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     args = setup_arg_parser().parse_args(argv)
     try:
         sampling = sampling_from_args(args)
-        conversation = Conversation(load_images(args.image), args.system_prompt)
+        conversation = Conversation([load_image(path) for path in args.image], args.system_prompt)
         print(f"loading {args.model or DEFAULT_MODEL_NAME} ...", file=sys.stderr, flush=True)
         model, processor = load(args.model, adapter_path=args.adapter_path)
     except (ImageError, ValueError, FileNotFoundError) as e:

@@ -1,13 +1,14 @@
-"""Generate text about images and videos: Python API and `generate` command."""
+"""Generate text about images and videos: the Python API and the `generate`
+command, on mlx-lm's `stream_generate` and `batch_generate` (docs/generation.md)."""
 
 import argparse
+import dataclasses
 import sys
-import time
 from dataclasses import dataclass, field
 from typing import Generator, List, Optional, Sequence
 
 import mlx.core as mx
-from mlx_lm.generate import BatchGenerator
+from mlx_lm.generate import batch_generate as mlx_batch_generate
 from mlx_lm.generate import stream_generate as mlx_stream_generate
 from mlx_lm.models.cache import RotatingKVCache, can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
@@ -19,11 +20,15 @@ from .processors.image import ImageError, load_video_frames
 from .utils import load
 
 DEFAULT_MODEL_NAME = "mlx-vlm-native-default"  # how the embedded model is named (server, logs)
+OPTIONS = ("max_tokens", "temperature", "top_p", "seed", "repetition_penalty", "repetition_context_size",
+           "kv_bits", "kv_group_size", "quantized_kv_start", "max_kv_size")  # `checked_options`' keywords
 
 
 @dataclass
 class GenerationResponse:
-    text: str  # the new text of this step
+    """One streamed piece of an answer, or (from `generate`) the whole answer."""
+
+    text: str
     token: Optional[int]
     prompt_tokens: int
     prompt_tps: float
@@ -52,6 +57,11 @@ def check_prompt_length(model, n_prompt: int) -> None:
         )
 
 
+def format_chat(processor, messages: list) -> str:
+    """A whole conversation through the chat template, ready for the answer."""
+    return processor.format_messages(messages, add_generation_prompt=True)
+
+
 def process_checked(model, processor, text: str, images=(), videos=()):
     """Rendered prompt + media -> processed inputs, checked against the model's context."""
     inputs = processor(text, images=list(images or []), videos=list(videos or []))
@@ -60,64 +70,43 @@ def process_checked(model, processor, text: str, images=(), videos=()):
 
 
 def check_chat_length(model, processor, messages: list, image_sizes: Sequence) -> None:
-    """Refuse a conversation too long for the context from its images' (width,
-    height) alone, before they are decoded."""
+    """Refuse a conversation too long for the context from its images' (width, height) alone."""
     check_prompt_length(model, processor.num_prompt_tokens(format_chat(processor, messages), list(image_sizes)))
+
+
+def prepare_chat_inputs(model, processor, messages: list, images=(), videos=()):
+    """OpenAI-like messages ({"role", "content"}: a string or parts {"type": "text"|"image"|"video"})
+    + the media of their parts, in order -> processed, checked inputs."""
+    return process_checked(model, processor, format_chat(processor, messages), images, videos)
 
 
 def prepare_inputs(model, processor, prompt: str, images=(), videos=(), apply_chat_template=True,
                    system_prompt: Optional[str] = None):
-    """Prompt + media -> processed inputs, checked against the model's context.
-    A `system_prompt` goes first, as the conversation's system message."""
+    """Prompt + media -> processed, checked inputs; a `system_prompt` goes first, as a system message."""
     images, videos = list(images or []), list(videos or [])
-    if system_prompt is not None:
-        if not apply_chat_template:
-            raise ValueError("a system prompt needs the chat template (drop --no-chat-template)")
-        content = [{"type": "image"}] * len(images) + [{"type": "video"}] * len(videos)
-        messages = [{"role": "system", "content": system_prompt},
-                    {"role": "user", "content": content + [{"type": "text", "text": prompt}]}]
-        prompt = format_chat(processor, messages)
-    elif apply_chat_template:
-        prompt = processor.format_prompt(prompt, len(images), len(videos))
-    return process_checked(model, processor, prompt, images, videos)
-
-
-def check_kv_group_size(model, kv_bits: Optional[int], kv_group_size: int) -> None:
-    """A quantized KV cache groups along the head dim, which the group size must divide."""
-    t = model.args.text_config
-    head_dim = getattr(t, "head_dim", None) or t.hidden_size // t.num_attention_heads
-    if kv_bits is not None and head_dim % kv_group_size:
-        raise GenerationParameterError(
-            "kv_group_size", f"kv_group_size {kv_group_size} must divide the model's attention head "
-            f"dim {head_dim} to quantize the KV cache")
+    if system_prompt is None:
+        text = processor.format_prompt(prompt, len(images), len(videos)) if apply_chat_template else prompt
+        return process_checked(model, processor, text, images, videos)
+    if not apply_chat_template:
+        raise ValueError("a system prompt needs the chat template (drop --no-chat-template)")
+    media = [{"type": "image"}] * len(images) + [{"type": "video"}] * len(videos)
+    messages = [{"role": "system", "content": system_prompt},
+                {"role": "user", "content": media + [{"type": "text", "text": prompt}]}]
+    return prepare_chat_inputs(model, processor, messages, images, videos)
 
 
 def new_cache(model, max_kv_size: Optional[int] = None) -> list:
-    """The model's KV cache, or with `max_kv_size` mlx-lm's rotating one (the
-    first 4 tokens kept)."""
+    """The model's KV cache, or with `max_kv_size` mlx-lm's rotating one (the first 4 tokens kept)."""
     if max_kv_size is None:
         return make_prompt_cache(model)
     return [RotatingKVCache(max_size=max_kv_size, keep=4) for _ in model.layers]
 
 
-def format_chat(processor, messages: list) -> str:
-    """A whole conversation through the chat template, ready for the answer."""
-    return processor.format_messages(messages, add_generation_prompt=True)
-
-
-def prepare_chat_inputs(model, processor, messages: list, images=()):
-    """OpenAI-like messages ({"role", "content"}: a string or parts {"type": "text"|"image"})
-    + the images of their image parts, in order -> processed, checked inputs."""
-    return process_checked(model, processor, format_chat(processor, messages), images)
-
-
 @dataclass
 class ConversationCache:
-    """What one conversation has run through the language model: the token
-    ids and their KV cache, and the vision features of its images. The next
-    turn prefills only what follows the longest prefix it shares with them and
-    does not encode the images again. Valid for one set of images: start a new
-    one when they change."""
+    """What one conversation has run through the language model (its token ids
+    and KV cache) and its images' vision features: the next turn prefills only
+    what follows the prefix it shares with them. Valid for one set of images."""
 
     ids: List[int] = field(default_factory=list)
     kv: Optional[list] = None
@@ -139,83 +128,72 @@ class ConversationCache:
         return keep
 
 
-def cached_embeddings(model, inputs, cache: ConversationCache):
-    """The prompt's embeddings and positions, with the images encoded once per ConversationCache."""
-    if cache.vision_features is None:
-        cache.vision_features = model.encode_vision([inputs])[0]
-    return model.get_input_embeddings(inputs, vision_features=cache.vision_features)
+def checked_options(model=None, max_tokens=256, temperature=0.0, top_p=1.0, seed=None, repetition_penalty=None,
+                    repetition_context_size=20, kv_bits=None, kv_group_size=64, quantized_kv_start=5000,
+                    max_kv_size=None) -> dict:
+    """The generation options, checked (`params`); with a `model`, also the KV
+    quantization's group size against its attention head dim."""
+    options = check_generation_params(max_tokens, temperature, top_p, seed, repetition_penalty,
+                                      repetition_context_size)
+    options.update(check_cache_params(kv_bits, kv_group_size, quantized_kv_start, max_kv_size))
+    if model is not None and kv_bits is not None:
+        t = model.args.text_config
+        head_dim = getattr(t, "head_dim", None) or t.hidden_size // t.num_attention_heads
+        if head_dim % kv_group_size:
+            raise GenerationParameterError("kv_group_size", f"kv_group_size {kv_group_size} must divide the "
+                                           f"model's attention head dim {head_dim} to quantize the KV cache")
+    return options
 
 
 def stream_generate(model, processor, prompt: str, images: Optional[Sequence] = None,
                     videos: Optional[Sequence[Sequence]] = None, apply_chat_template: bool = True,
                     system_prompt: Optional[str] = None, **options) -> Generator[GenerationResponse, None, None]:
     """Yield the answer piece by piece; the last response carries the stats.
-    `options` are `check_generation_params`' (max_tokens, temperature, top_p,
-    seed, repetition_penalty, repetition_context_size) and the KV-cache ones of
-    `check_cache_params`; a bad one raises `GenerationParameterError` (a
-    ValueError) at the first `next()`, before any image is processed."""
-    sampling = checked_options(model, **options)
+    `options` are `checked_options`' (`OPTIONS`); a bad one raises
+    `GenerationParameterError` (a ValueError) at the first `next()`, before any image is processed."""
+    options = checked_options(model, **options)
     inputs = prepare_inputs(model, processor, prompt, images, videos, apply_chat_template, system_prompt)
-    yield from stream_from_inputs(model, processor, inputs, **sampling)
+    yield from stream_from_inputs(model, processor, inputs, **options)
 
 
 def stream_chat(model, processor, messages: list, images: Sequence = (), conversation: Optional[ConversationCache] = None,
                 **options) -> Generator[GenerationResponse, None, None]:
-    """`stream_generate` for a conversation: `messages` as in `prepare_chat_inputs`.
-    With a `conversation` kept across the turns of one conversation, each turn
-    prefills only its new tokens. Bad input (a sampling parameter out of range,
-    a prompt too long for the context) raises on the first `next()`."""
-    sampling = checked_options(model, **options)
+    """`stream_generate` for a conversation (`messages` as in `prepare_chat_inputs`).
+    With a `conversation` kept across its turns, each turn prefills only its new tokens."""
+    options = checked_options(model, **options)
     inputs = prepare_chat_inputs(model, processor, messages, images)
-    if conversation is None:
-        yield from stream_from_inputs(model, processor, inputs, **sampling)
-        return
-    embeddings, positions = cached_embeddings(model, inputs, conversation)
-    ids = [int(i) for i in inputs.input_ids]
-    keep = conversation.reuse(model, ids)
-    sampling.pop("max_kv_size")  # the conversation's cache is the model's own
-    for r in decode(model, processor.tokenizer, ids, embeddings[0], positions, conversation.kv, keep, **sampling):
-        if r.token is not None:
-            conversation.ids.append(r.token)
-        yield r
+    yield from stream_from_inputs(model, processor, inputs, conversation=conversation, **options)
 
 
-def checked_options(model, max_tokens=256, temperature=0.0, top_p=1.0, seed=None, repetition_penalty=None,
-                    repetition_context_size=20, kv_bits=None, kv_group_size=64, quantized_kv_start=5000,
-                    max_kv_size=None) -> dict:
-    sampling = check_generation_params(max_tokens, temperature, top_p, seed, repetition_penalty,
-                                       repetition_context_size)
-    sampling.update(check_cache_params(kv_bits, kv_group_size, quantized_kv_start, max_kv_size))
-    check_kv_group_size(model, kv_bits, kv_group_size)
-    return sampling
-
-
-def stream_from_inputs(model, processor, inputs, tic=None, max_kv_size=None, **sampling):
-    """Generate after processed `inputs` (`tic` is accepted for older callers)."""
-    embeddings, positions = model.get_input_embeddings(inputs)
-    yield from decode(model, processor.tokenizer, [int(i) for i in inputs.input_ids], embeddings[0], positions,
-                      new_cache(model, max_kv_size), 0, **sampling)
-
-
-def decode(model, tokenizer, ids: List[int], embeddings: mx.array, positions, cache: list, cached: int = 0,
-           max_tokens=256, temperature=0.0, top_p=1.0, seed=None, repetition_penalty=None,
-           repetition_context_size=20, kv_bits=None, kv_group_size=64, quantized_kv_start=5000,
-           prefill_step_size: int = 2048) -> Generator[GenerationResponse, None, None]:
-    """The one-sequence decode: mlx-lm's `stream_generate` over the prompt `ids`
-    (with its (L, D) `embeddings` and `positions`), of which `cache` already
-    holds the first `cached`. Each response carries its token's log-probabilities."""
+def stream_from_inputs(model, processor, inputs, tic=None, conversation: Optional[ConversationCache] = None,
+                       max_kv_size=None, seed=None, max_tokens=256, temperature=0.0, top_p=1.0,
+                       repetition_penalty=None, repetition_context_size=20, prefill_step_size: int = 2048,
+                       **cache_options) -> Generator[GenerationResponse, None, None]:
+    """The one-sequence decode after processed `inputs`: mlx-lm's `stream_generate`,
+    each response carrying its token's log-probabilities. A `conversation` holds
+    the KV cache (`max_kv_size` does not apply to it) and the images' features.
+    `tic` is unused (the timings are mlx-lm's)."""
     if seed is not None:
         mx.random.seed(seed)
-    attach_prompt(cache, embeddings, positions)
-    limit = min(max_tokens, context_length(model) - len(ids))
+    ids = [int(i) for i in inputs.input_ids]
+    if conversation is None:
+        (embeddings, positions), cache, cached = model.get_input_embeddings(inputs), new_cache(model, max_kv_size), 0
+    else:
+        if conversation.vision_features is None:
+            conversation.vision_features = model.encode_vision([inputs])[0]
+        embeddings, positions = model.get_input_embeddings(inputs, vision_features=conversation.vision_features)
+        cached = conversation.reuse(model, ids)
+        cache = conversation.kv
+    attach_prompt(cache, embeddings[0], positions)
     steps = mlx_stream_generate(
-        PromptReader(model), tokenizer, mx.array(ids[cached:]), max_tokens=limit,
-        sampler=make_sampler(temp=temperature, top_p=top_p),
-        logits_processors=make_logits_processors(None, repetition_penalty, repetition_context_size),
-        prompt_cache=cache, prefill_step_size=prefill_step_size, kv_bits=kv_bits, kv_group_size=kv_group_size,
-        quantized_kv_start=quantized_kv_start)
+        PromptReader(model), processor.tokenizer, mx.array(ids[cached:]),
+        max_tokens=min(max_tokens, context_length(model) - len(ids)), prompt_cache=cache,
+        sampler=make_sampler(temp=temperature, top_p=top_p), prefill_step_size=prefill_step_size,
+        logits_processors=make_logits_processors(None, repetition_penalty, repetition_context_size), **cache_options)
     for r in steps:
         stats = (len(ids), r.prompt_tps, r.generation_tokens, r.generation_tps, r.peak_memory)
+        if conversation is not None and r.finish_reason != "stop":
+            conversation.ids.append(r.token)
         if r.finish_reason is None or r.finish_reason == "length":
             yield GenerationResponse(r.text, r.token, *stats, None, cached, r.logprobs)
         if r.finish_reason is not None:
@@ -223,151 +201,75 @@ def decode(model, tokenizer, ids: List[int], embeddings: mx.array, positions, ca
                                      r.finish_reason, cached)
 
 
-@dataclass
-class GenerationResult:
-    text: str
-    prompt_tokens: int
-    generation_tokens: int
-    prompt_tps: float
-    generation_tps: float
-    peak_memory: float
-    finish_reason: str
-    cached_tokens: int = 0
-
-
-def generate(model, processor, prompt: str, images=None, videos=None, verbose=False, **kwargs) -> GenerationResult:
+def generate(model, processor, prompt: str, images=None, videos=None, verbose=False, **kwargs) -> GenerationResponse:
     """Generate a whole answer; with `verbose`, stream it and print the stats."""
     return collect(stream_generate(model, processor, prompt, images, videos, **kwargs), verbose)
 
 
 def chat_generate(model, processor, messages: list, images: Sequence = (), verbose=False,
-                  **kwargs) -> GenerationResult:
+                  **kwargs) -> GenerationResponse:
     """The whole answer to a conversation (see `stream_chat`)."""
     return collect(stream_chat(model, processor, messages, images, **kwargs), verbose)
 
 
-class Decoded:
-    """One answer of a `BatchGenerator`: its tokens, text and timings, as
-    `GenerationResponse`s (batch_generate and the server both use it)."""
-
-    def __init__(self, tokenizer, prompt_tokens: int, cached: int = 0, tic: Optional[float] = None):
-        self.detok = tokenizer.detokenizer
-        self.detok.reset()
-        self.eos = set(tokenizer.eos_token_ids)
-        self.prompt_tokens, self.cached, self.tokens = prompt_tokens, cached, []
-        self.tic = time.perf_counter() if tic is None else tic
-        self.prompt_tps, self.gen_tic = 0.0, None
-
-    def response(self, text: str, token: Optional[int], finish_reason=None, logprobs=None) -> GenerationResponse:
-        elapsed = time.perf_counter() - self.gen_tic
-        decoded = len(self.tokens) - 1  # the first token comes with the prefill
-        return GenerationResponse(text, token, self.prompt_tokens, self.prompt_tps, len(self.tokens),
-                                  decoded / elapsed if decoded > 0 and elapsed > 0 else 0.0,
-                                  mx.get_peak_memory() / 1e9, finish_reason, self.cached, logprobs)
-
-    def add(self, token: int, logprobs=None) -> Optional[GenerationResponse]:
-        """Count `token`; its response, or None for an end-of-sequence token."""
-        if not self.tokens:
-            self.gen_tic = time.perf_counter()
-            self.prompt_tps = (self.prompt_tokens - self.cached) / max(self.gen_tic - self.tic, 1e-9)
-        self.tokens.append(token)
-        if token in self.eos:
-            return None
-        self.detok.add_token(token)
-        return self.response(self.detok.last_segment, token, logprobs=logprobs)
-
-    def finish(self, reason: str) -> GenerationResponse:
-        self.detok.finalize()
-        self.final = self.response(self.detok.last_segment, None, reason)
-        return self.final
-
-
-def insert_prompt(gen: BatchGenerator, model, ids: List[int], embeddings: mx.array, positions, max_tokens: int,
-                  cache: Optional[list] = None, cached: int = 0, **per_sequence) -> int:
-    """Put one prompt into `gen` (its prefill then runs in `gen`'s chunks,
-    batched with the prompts that arrive with it); its uid. `cache` holds the
-    first `cached` tokens of `ids` already."""
-    cache = cache if cache is not None else model.make_cache()
-    attach_prompt(cache, embeddings, positions)
-    limit = min(max_tokens, context_length(model) - len(ids))
-    (uid,) = gen.insert([ids[cached:]], max_tokens=[limit], caches=[cache], all_tokens=[ids[:cached]],
-                        **{k: [v] for k, v in per_sequence.items()})
-    return uid
+def collect(stream, verbose: bool = False) -> GenerationResponse:
+    text, last = "", None
+    for last in stream:
+        text += last.text
+        if verbose:
+            print(last.text, end="", flush=True)
+    if verbose:
+        print(f"\n{'=' * 10}\nPrompt: {last.prompt_tokens} tokens, {last.prompt_tps:.3f} tokens-per-sec\n"
+              f"Generation: {last.generation_tokens} tokens, {last.generation_tps:.3f} tokens-per-sec\n"
+              f"Peak memory: {last.peak_memory:.3f} GB")
+    return dataclasses.replace(last, text=text, logprobs=None)
 
 
 def batch_generate(model, processor, prompts: Sequence[str], images: Optional[Sequence[Sequence]] = None,
                    apply_chat_template: bool = True, max_tokens: int = 256, temperature: float = 0.0,
                    top_p: float = 1.0, seed: Optional[int] = None, completion_batch_size: int = 32,
-                   prefill_step_size: int = 2048) -> List["GenerationResult"]:
-    """Answer several prompts, each with its own images, decoding them as ONE
-    batch. `encode_vision` encodes the images of all prompts in one call (one
-    packed tower call for the packed families); mlx-lm's `BatchGenerator` then
-    prefills the prompts together in chunks and decodes up to
-    `completion_batch_size` sequences together, each leaving the batch when it
-    finishes. Greedy answers are the ones `generate` gives, token for token.
-
-    `prompt_tps` of each result counts its prompt over the time to its first
-    token; `generation_tps` its tokens over the batch's decode time until it finished."""
-    checked = check_generation_params(max_tokens, temperature, top_p, seed)
-    max_tokens, temperature, top_p, seed = (checked[k] for k in ("max_tokens", "temperature", "top_p", "seed"))
+                   prefill_step_size: int = 2048) -> List[GenerationResponse]:
+    """Answer several prompts, each with its own images, as ONE batch: the images
+    of all prompts encoded in one `encode_vision` call, then mlx-lm's
+    `batch_generate` (batched chunked prefill, then up to `completion_batch_size`
+    sequences decoded together). Greedy answers are `generate`'s, token for
+    token. The tokens-per-second are the batch's, over all its prompts and answers."""
+    options = check_generation_params(max_tokens, temperature, top_p, seed)
     images = list(images) if images is not None else [[] for _ in prompts]
     if len(images) != len(prompts):
         raise ValueError(f"{len(prompts)} prompts but {len(images)} image lists")
     if seed is not None:
         mx.random.seed(seed)
-    tokenizer = processor.tokenizer
-    tic = time.perf_counter()
     batch = [prepare_inputs(model, processor, p, i, (), apply_chat_template) for p, i in zip(prompts, images)]
-    features = model.encode_vision(batch)
-    gen = BatchGenerator(PromptReader(model), stop_tokens=[[t] for t in tokenizer.eos_token_ids],
-                         sampler=make_sampler(temp=temperature, top_p=top_p),
-                         completion_batch_size=completion_batch_size, prefill_step_size=prefill_step_size,
-                         prefill_batch_size=min(len(batch), completion_batch_size) or 1)
-    answers = {}
-    try:
-        for inputs, feats in zip(batch, features):
-            embeddings, positions = model.get_input_embeddings(inputs, vision_features=feats)
-            ids = [int(i) for i in inputs.input_ids]
-            uid = insert_prompt(gen, model, ids, embeddings[0], positions, max_tokens)
-            answers[uid] = Decoded(tokenizer, len(ids), tic=tic)
-        pending = set(answers)
-        while pending:
-            for r in gen.next_generated():
-                answers[r.uid].add(r.token)
-                if r.finish_reason is not None:
-                    answers[r.uid].finish(r.finish_reason)
-                    pending.discard(r.uid)
-    finally:
-        gen.close()
-    return [GenerationResult(a.detok.text, a.prompt_tokens, len(a.tokens), a.prompt_tps, a.final.generation_tps,
-                             a.final.peak_memory, a.final.finish_reason) for a in answers.values()]
+    ids, caches = [[int(i) for i in inputs.input_ids] for inputs in batch], []
+    for inputs, features in zip(batch, model.encode_vision(batch)):
+        embeddings, positions = model.get_input_embeddings(inputs, vision_features=features)
+        caches.append(model.make_cache())
+        attach_prompt(caches[-1], embeddings[0], positions)
+    limits = [min(options["max_tokens"], context_length(model) - len(i)) for i in ids]
+    out = mlx_batch_generate(
+        PromptReader(model), processor.tokenizer, ids, caches, limits, return_token_ids=True,
+        sampler=make_sampler(temp=options["temperature"], top_p=options["top_p"]),
+        completion_batch_size=completion_batch_size, prefill_step_size=prefill_step_size,
+        prefill_batch_size=min(len(batch), completion_batch_size) or 1)
+    s = out.stats
+    # a finished sequence's stop token is left out of its token ids
+    return [GenerationResponse(detokenize(processor.tokenizer, t), None, len(i), s.prompt_tps, len(t) + (len(t) < n),
+                               s.generation_tps, s.peak_memory, "length" if len(t) == n else "stop")
+            for t, i, n in zip(out.token_ids, ids, limits)]
 
 
-def collect(stream, verbose: bool = False) -> "GenerationResult":
-    text, last = "", None
-    for r in stream:
-        text += r.text
-        last = r
-        if verbose:
-            print(r.text, end="", flush=True)
-    if verbose:
-        print()
-        print_stats(last)
-    return GenerationResult(
-        text, last.prompt_tokens, last.generation_tokens, last.prompt_tps,
-        last.generation_tps, last.peak_memory, last.finish_reason, last.cached_tokens,
-    )
-
-
-def print_stats(r: GenerationResponse, file=sys.stdout) -> None:
-    print("=" * 10, file=file)
-    print(f"Prompt: {r.prompt_tokens} tokens, {r.prompt_tps:.3f} tokens-per-sec", file=file)
-    print(f"Generation: {r.generation_tokens} tokens, {r.generation_tps:.3f} tokens-per-sec", file=file)
-    print(f"Peak memory: {r.peak_memory:.3f} GB", file=file)
+def detokenize(tokenizer, ids: List[int]) -> str:
+    """The text `stream_generate` streams for `ids` (`tokenizer.decode` may differ at the first space)."""
+    detokenizer = tokenizer.detokenizer
+    detokenizer.reset()
+    for token in ids:
+        detokenizer.add_token(token)
+    detokenizer.finalize()
+    return detokenizer.text
 
 
 def add_model_argument(p: argparse.ArgumentParser) -> None:
-    """`--model`, as every command that runs a model takes it."""
     p.add_argument("--model", default=None,
                    help="local model folder (MLX or HF layout) or Hugging Face repo id "
                         "(default: the embedded model, see mlx_vlm_native/default_model/README.md)")
@@ -375,15 +277,11 @@ def add_model_argument(p: argparse.ArgumentParser) -> None:
 
 def sampling_from_args(args: argparse.Namespace) -> dict:
     """The sampling and KV-cache flags every command shares, checked before any model loads."""
-    checked = check_generation_params(args.max_tokens, args.temperature, args.top_p, args.seed,
-                                      args.repetition_penalty, args.repetition_context_size)
-    checked.update(check_cache_params(args.kv_bits, args.kv_group_size, args.quantized_kv_start,
-                                      args.max_kv_size))
-    return checked
+    return checked_options(None, **{name: getattr(args, name) for name in OPTIONS})
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
-    """mlx-lm's sampling flags, as generate and chat take them (`sampling_from_args` checks them)."""
+    """mlx-lm's sampling flags, as generate and chat take them."""
     p.add_argument("--temperature", "--temp", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
@@ -394,8 +292,7 @@ def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def add_runtime_arguments(p: argparse.ArgumentParser) -> None:
-    """mlx-lm's flags for adapters, the system prompt and the KV cache, as
-    generate, chat and serve take them."""
+    """mlx-lm's flags for adapters, the system prompt and the KV cache, as generate, chat and serve take them."""
     p.add_argument("--adapter-path", default=None,
                    help="a folder of LoRA/DoRA adapters (adapters.safetensors + adapter_config.json)")
     p.add_argument("--system-prompt", default=None, help="a system message before the conversation")
@@ -432,8 +329,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Answer a prompt about images or a video.")
     add_model_argument(p)
     p.add_argument("--image", nargs="+", default=[], help="image paths or URLs")
-    p.add_argument("--video", default=None,
-                   help="a folder of frames or an animated GIF/WebP")
+    p.add_argument("--video", default=None, help="a folder of frames or an animated GIF/WebP")
     p.add_argument("--video-frames", type=int, default=8, help="frames sampled from --video")
     p.add_argument("--prompt", default="Describe this image.")
     p.add_argument("--max-tokens", "-m", type=int, default=256)
@@ -447,7 +343,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> None:
     args = setup_arg_parser().parse_args(argv)
     try:
-        sampling = sampling_from_args(args)
+        options = sampling_from_args(args)
         check_cli_text(args.prompt, "--prompt")
         if args.system_prompt is not None:
             check_cli_text(args.system_prompt, "--system-prompt")
@@ -455,11 +351,8 @@ def main(argv: Optional[List[str]] = None) -> None:
         if args.video:
             check_video_frames(model, processor, args.video_frames)
         videos = [load_video_frames(args.video, args.video_frames)] if args.video else []
-        generate(
-            model, processor, args.prompt, images=args.image, videos=videos,
-            apply_chat_template=not args.no_chat_template, system_prompt=args.system_prompt,
-            verbose=True, **sampling,
-        )
+        generate(model, processor, args.prompt, images=args.image, videos=videos, verbose=True,
+                 apply_chat_template=not args.no_chat_template, system_prompt=args.system_prompt, **options)
         print(f"Execution path: {model.execution_path}")
     except (ImageError, ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")

@@ -1,20 +1,9 @@
-"""`mlx-vlm-native serve`: an OpenAI-compatible chat completions server.
-
-    mlx-vlm-native serve --model <folder or Hub id> --port 8080
-    curl localhost:8080/v1/chat/completions -H "Content-Type: application/json" -d '{"messages":
-        [{"role": "user", "content": [{"type": "text", "text": "What is this?"},
-         {"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}}]}]}'
-
-Standard library only. A ThreadingHTTPServer's handlers share one model, run
-by a single generation thread that takes requests from a bounded queue and
-decodes the concurrent ones together as one batch (mlx-lm's BatchGenerator:
-continuous batching). Images come as data URLs or http(s) URLs (fetched under a byte cap and a
-wall-clock deadline); their sizes are checked from the headers against the
-per-image and per-request budgets, and against the context, before the
-generation thread decodes them. A client that disconnects has its answer
-stopped. Every bad request gets an error in OpenAI's shape, {"error":
-{"message", "type", "param", "code"}}, and the server goes on.
-"""
+"""`mlx-vlm-native serve`: an OpenAI-compatible chat completions server
+(standard library HTTP, docs/generation.md). Handler threads parse and check
+requests and fetch their images; one generation thread decodes the concurrent
+answers together on mlx-lm's `BatchGenerator`. Every bad request gets an error
+in OpenAI's shape, {"error": {"message", "type", "param", "code"}}, and the
+server goes on."""
 
 import argparse
 import contextlib
@@ -44,15 +33,13 @@ from mlx_lm.generate import BatchGenerator
 from mlx_lm.models.cache import LRUPromptCache, trim_prompt_cache
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
-from .engine import PromptReader
-from .http_limits import (
-    ConnectionTable, DeadlineReader, PixelBudget, json_values, longest_token_bytes, text_of,
-)
-from .weights.validation import invalid_unicode
 from .conversations import ROLES, UnsupportedPart, openai_content
+from .engine import PromptReader, attach_prompt
+from .http_limits import ConnectionTable, DeadlineReader, PixelBudget, json_values, longest_token_bytes, text_of
+from .weights.validation import invalid_unicode
 from .generate import (
-    DEFAULT_MODEL_NAME, Decoded, PromptTooLongError, add_model_argument, add_runtime_arguments, check_chat_length,
-    context_length, insert_prompt, prepare_chat_inputs, stream_chat,
+    DEFAULT_MODEL_NAME, GenerationResponse, PromptTooLongError, add_model_argument, add_runtime_arguments,
+    check_chat_length, context_length, prepare_chat_inputs, stream_chat,
 )
 from .params import GenerationParameterError, check_cache_params, check_generation_params
 from .processors.image import (
@@ -63,15 +50,16 @@ from .utils import load
 
 @dataclass(frozen=True)
 class Limits:
+    # the first nine are `serve` flags (FLAGS: their help)
     max_request_bytes: int = 20_000_000
-    max_image_bytes: int = 10_000_000  # decoded data URL or downloaded file
+    max_image_bytes: int = 10_000_000
     max_image_pixels: int = 40_000_000
-    image_timeout: float = 10.0  # seconds for a whole image download (a wall-clock deadline)
+    image_timeout: float = 10.0
     default_max_tokens: int = 512
-    max_images: int = 16  # per request
-    max_request_pixels: int = 64_000_000  # all of a request's images together
-    max_queued: int = 64  # requests waiting for a place in the batch; more get 503
-    max_batch: int = 16  # answers decoded together
+    max_images: int = 16
+    max_request_pixels: int = 64_000_000
+    max_queued: int = 64
+    max_batch: int = 16
     max_connections: int = 256  # open connections; at the cap the longest-waiting reader is closed
     overflow_connections: int = 32  # over the cap with none to close: read the request, answer 503
     header_timeout: float = 10.0  # seconds from a request's first byte to the end of its headers
@@ -79,6 +67,19 @@ class Limits:
     max_json_values: int = 100_000  # objects, arrays, members and items in a request body
     max_server_pixels: int = 128_000_000  # image pixels held by all requests in flight together
     pixel_wait: float = 30.0  # seconds a request may wait for max_server_pixels; then 503
+
+
+FLAGS = {  # Limits field -> `serve` flag help
+    "max_request_bytes": "largest request body",
+    "max_image_bytes": "largest image, as decoded from a data URL or downloaded",
+    "max_image_pixels": "most pixels of one image",
+    "image_timeout": "seconds allowed to download an image URL (a deadline for the whole download)",
+    "default_max_tokens": "answer length when a request sets no max_tokens (flag: --max-tokens)",
+    "max_images": "most images in one request",
+    "max_request_pixels": "most pixels of all the images of one request together",
+    "max_queued": "requests that may wait for a place in the batch; more are answered 503",
+    "max_batch": "most answers decoded together as one batch",
+}
 
 
 class APIError(Exception):
@@ -157,17 +158,11 @@ def sampling_options(request: dict, default_max_tokens: int) -> dict:
     if request.get("n") not in (None, 1):
         raise APIError(400, "only n = 1 is supported", "invalid_value", "n")
 
-    def get(key, default):
-        value = request.get(key)
-        return default if value is None else value
-
+    given = {k: request.get(k) for k in ("temperature", "top_p", "seed", "repetition_penalty",
+                                         "repetition_context_size")}
+    given["max_tokens"] = default_max_tokens if request.get(name) is None else request.get(name)
     try:
-        options = check_generation_params(
-            max_tokens=get(name, default_max_tokens), temperature=get("temperature", 0.0),
-            top_p=get("top_p", 1.0), seed=request.get("seed"),
-            repetition_penalty=request.get("repetition_penalty"),
-            repetition_context_size=get("repetition_context_size", 20),
-        )
+        options = check_generation_params(**{k: v for k, v in given.items() if v is not None})
     except GenerationParameterError as e:
         param = name if e.param == "max_tokens" else e.param
         raise APIError(400, str(e).replace("max_tokens", param, 1), "invalid_value", param)
@@ -378,35 +373,50 @@ def logprob_entry(tokenizer, token: int, logprobs: mx.array, top: int) -> dict:
     return {**entry(token), "top_logprobs": [entry(int(t)) for t in best]}
 
 
-class Decoding(Decoded):
-    """One answer in the batch: its job, the logprobs it asked for, and the
-    responses streamed to its request's thread."""
+class Decoding:
+    """One answer in the batch: its job, text and timings; its responses go to its request's thread."""
 
     def __init__(self, job: Job, tokenizer, ids: List[int], cached: int, images_key, tic: float):
-        super().__init__(tokenizer, len(ids), cached, tic)
-        self.job, self.ids, self.images_key, self.tokenizer = job, ids, images_key, tokenizer
+        self.job, self.tokenizer, self.images_key = job, tokenizer, images_key
+        self.detok = tokenizer.detokenizer
+        self.detok.reset()
+        self.eos = set(tokenizer.eos_token_ids)
+        self.prompt_tokens, self.cached, self.tokens, self.tic = len(ids), cached, [], tic
+        self.prompt_tps, self.gen_tic = 0.0, None
         self.logprobs = None  # of the token `add` is given next
+
+    def response(self, text: str, token: Optional[int], finish_reason=None) -> GenerationResponse:
+        elapsed = time.perf_counter() - self.gen_tic
+        decoded = len(self.tokens) - 1  # the first token comes with the prefill
+        return GenerationResponse(text, token, self.prompt_tokens, self.prompt_tps, len(self.tokens),
+                                  decoded / elapsed if decoded > 0 and elapsed > 0 else 0.0,
+                                  mx.get_peak_memory() / 1e9, finish_reason, self.cached)
 
     def add(self, token: int) -> None:
         """Stream `token` to the client (an end-of-sequence token only counts)."""
-        response = super().add(token)
-        if response is not None:
-            top = self.job.options.get("top_logprobs")
-            if top is not None and self.logprobs is not None:
-                response.logprobs = logprob_entry(self.tokenizer, token, self.logprobs, top)
-            self.job.responses.put(response)
+        if not self.tokens:
+            self.gen_tic = time.perf_counter()
+            self.prompt_tps = (self.prompt_tokens - self.cached) / max(self.gen_tic - self.tic, 1e-9)
+        self.tokens.append(token)
+        if token in self.eos:
+            return
+        self.detok.add_token(token)
+        response = self.response(self.detok.last_segment, token)
+        top = self.job.options.get("top_logprobs")
+        if top is not None and self.logprobs is not None:
+            response.logprobs = logprob_entry(self.tokenizer, token, self.logprobs, top)
+        self.job.responses.put(response)
 
     def finish(self, reason: str) -> None:
-        self.job.responses.put(super().finish(reason))
+        self.detok.finalize()
+        self.job.responses.put(self.response(self.detok.last_segment, None, reason))
         self.job.responses.put(Job.END)
 
 
 class ConversationCaches:
-    """Several conversations' KV caches (mlx-lm's `LRUPromptCache`, keyed by
-    their images' digests and their tokens) and their images' vision features,
-    each bounded by entries and bytes. A request continuing a conversation
-    prefills only what follows the longest prefix a kept cache shares with it,
-    and does not encode its images again."""
+    """Conversations' KV caches (mlx-lm's `LRUPromptCache`, keyed by their images'
+    digests and tokens) and vision features, bounded by entries and bytes: a
+    request continuing one prefills only what follows the prefix it shares."""
 
     def __init__(self, max_entries: int = 8, max_bytes: int = 4 << 30):
         self.kv = LRUPromptCache(max_entries, max_bytes)
@@ -442,24 +452,18 @@ class ConversationCaches:
 
 
 class ChatService:
-    """The model, a bounded queue of jobs and the one thread that answers
-    them, on mlx-lm's `BatchGenerator` (continuous batching). Each loop turn
-    runs bounded steps of the newcomers' admissions (decoding an image,
-    preparing a prompt, one block of a vision encoder) for about
-    `admission_slice` seconds, then one
-    `BatchGenerator.next()`: a decode step of the running answers and one
-    chunk (`prefill_step_size` tokens) of the prefill of the prompts that
-    arrived, batched together. So a running stream never waits for a
-    newcomer's whole encode and prefill. At most `max_batch` answers are
-    admitted or decoding at once, the rest wait in the queue. A seeded sampled
-    request, and every request under KV-cache options (quantized or rotating
-    caches do not merge into a batch), is answered alone once the batch has
-    drained.
+    """The model, a bounded queue of jobs and the one thread that answers them
+    on mlx-lm's `BatchGenerator`. Each loop turn runs about `admission_slice`
+    seconds of the newcomers' admission steps (an image decoded, a prompt
+    prepared, a block of a vision encoder), then one `BatchGenerator.next()`: a
+    decode step of the running answers batched with one prefill chunk of the
+    newcomers. At most `max_batch` answers are admitted or decoding; the rest
+    wait in the queue. Seeded sampled requests and KV-cache options (caches
+    that do not merge into a batch) are answered alone once the batch drains.
 
     One long-lived thread rather than a lock: MLX keeps streams per thread, and
     each short-lived request thread that ran the model would leave its MLX
-    worker threads behind. Images are decoded by this thread when their job's
-    turn comes, so a waiting request holds only its encoded bytes."""
+    worker threads behind."""
 
     def __init__(self, model, processor, model_id: str, limits: Limits = Limits(),
                  system_prompt: Optional[str] = None, cache_options: Optional[dict] = None,
@@ -556,10 +560,8 @@ class ChatService:
                 return
 
     def admit(self, job: Job) -> Iterator[None]:
-        """`job`'s admission in steps: its images decoded, its prompt prepared,
-        its vision features (kept per set of images) encoded a block at a
-        time, then its prompt in the batch behind the longest prefix a kept KV
-        cache holds."""
+        """`job`'s admission in steps: images decoded, prompt prepared, vision
+        features encoded a block at a time (or kept ones), then into the batch."""
         tic = time.perf_counter()
         messages = self.messages_of(job)
         images = []
@@ -578,11 +580,13 @@ class ChatService:
         embeddings, positions = self.model.get_input_embeddings(inputs, vision_features=features)
         ids = [int(i) for i in inputs.input_ids]
         cached = self.conversations.reuse(key, ids)
+        cache = self.conversations.taken or self.model.make_cache()
+        attach_prompt(cache, embeddings[0], positions)
         o = job.options
-        uid = insert_prompt(self.batch, self.model, ids, embeddings[0], positions, o["max_tokens"],
-                            self.conversations.taken, cached, samplers=make_sampler(temp=o["temperature"], top_p=o["top_p"]),
-                            logits_processors=make_logits_processors(None, o["repetition_penalty"],
-                                                                     o["repetition_context_size"]))
+        (uid,) = self.batch.insert(
+            [ids[cached:]], [min(o["max_tokens"], context_length(self.model) - len(ids))], [cache], [ids[:cached]],
+            [make_sampler(temp=o["temperature"], top_p=o["top_p"])],
+            [make_logits_processors(None, o["repetition_penalty"], o["repetition_context_size"])])
         self.decoding[uid] = Decoding(job, self.processor.tokenizer, ids, cached, key, tic)
 
     def step(self) -> None:
@@ -765,20 +769,8 @@ class Handler(BaseHTTPRequestHandler):
         self.reader.deadline = self.request_start + self.server.service.limits.header_timeout
         super().handle_one_request()
 
-    def do_GET(self):
-        self.dispatch("GET")
-
-    def do_POST(self):
-        self.dispatch("POST")
-
-    def do_PUT(self):
-        self.dispatch("PUT")
-
-    def do_DELETE(self):
-        self.dispatch("DELETE")
-
-    def do_PATCH(self):
-        self.dispatch("PATCH")
+    do_GET, do_POST, do_PUT, do_DELETE, do_PATCH = (
+        lambda self, m=method: self.dispatch(m) for method in ("GET", "POST", "PUT", "DELETE", "PATCH"))
 
     def dispatch(self, method: str) -> None:
         self.tic, self.logged = time.perf_counter(), False
@@ -1009,27 +1001,18 @@ def make_server(model, processor, model_id: str, host: str = "127.0.0.1", port: 
     return ChatServer((host, port), service)
 
 
+def flag_name(field: str) -> str:
+    return "--max-tokens" if field == "default_max_tokens" else "--" + field.replace("_", "-")
+
+
 def setup_arg_parser() -> argparse.ArgumentParser:
-    d = Limits()
     p = argparse.ArgumentParser(description="OpenAI-compatible chat completions server (/v1/chat/completions).")
     add_model_argument(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=8080, help="port to listen on (0: any free port)")
-    p.add_argument("--max-tokens", type=int, default=d.default_max_tokens,
-                   help="answer length when a request sets no max_tokens")
-    p.add_argument("--max-request-bytes", type=int, default=d.max_request_bytes)
-    p.add_argument("--max-image-bytes", type=int, default=d.max_image_bytes,
-                   help="largest image, as decoded from a data URL or downloaded")
-    p.add_argument("--max-image-pixels", type=int, default=d.max_image_pixels)
-    p.add_argument("--image-timeout", type=float, default=d.image_timeout,
-                   help="seconds allowed to download an image URL (a deadline for the whole download)")
-    p.add_argument("--max-images", type=int, default=d.max_images, help="most images in one request")
-    p.add_argument("--max-request-pixels", type=int, default=d.max_request_pixels,
-                   help="most pixels of all the images of one request together")
-    p.add_argument("--max-batch", type=int, default=d.max_batch,
-                   help="most answers decoded together as one batch")
-    p.add_argument("--max-queued", type=int, default=d.max_queued,
-                   help="requests that may wait for a place in the batch; more are answered 503")
+    for field, help in FLAGS.items():
+        default = getattr(Limits, field)
+        p.add_argument(flag_name(field), dest=field, type=type(default), default=default, help=help)
     p.add_argument("--prefill-step-size", type=int, default=512,
                    help="prompt tokens prefilled between two decode steps of the running answers")
     add_runtime_arguments(p)
@@ -1038,17 +1021,12 @@ def setup_arg_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> None:
     args = setup_arg_parser().parse_args(argv)
-    limits = Limits(max_request_bytes=args.max_request_bytes, max_image_bytes=args.max_image_bytes,
-                    max_image_pixels=args.max_image_pixels, image_timeout=args.image_timeout,
-                    default_max_tokens=args.max_tokens, max_images=args.max_images,
-                    max_request_pixels=args.max_request_pixels, max_queued=args.max_queued,
-                    max_batch=args.max_batch)
-    for name in ("max_tokens", "max_request_bytes", "max_image_bytes", "max_image_pixels", "max_images",
-                 "max_request_pixels", "max_queued", "max_batch", "prefill_step_size"):
-        if getattr(args, name) < 1:
-            sys.exit(f"error: --{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    for field in [f for f in FLAGS if f != "image_timeout"] + ["prefill_step_size"]:
+        if getattr(args, field) < 1:
+            sys.exit(f"error: {flag_name(field)} must be at least 1, got {getattr(args, field)}")
     if not args.image_timeout > 0 or args.image_timeout == float("inf"):
         sys.exit(f"error: --image-timeout must be a positive number of seconds, got {args.image_timeout}")
+    limits = Limits(**{field: getattr(args, field) for field in FLAGS})
     model_id = args.model or DEFAULT_MODEL_NAME
     try:
         cache_options = check_cache_params(args.kv_bits, args.kv_group_size, args.quantized_kv_start,
