@@ -7,6 +7,7 @@ server goes on."""
 
 import argparse
 import contextlib
+import copy
 import dataclasses
 import ctypes
 import hashlib
@@ -474,6 +475,9 @@ class ChatService:
         self.prefill_step_size = prefill_step_size
         self.admission_slice = 0.02  # seconds of admission work between two decode steps (at least one step)
         self.conversations = conversations or ConversationCaches()
+        # request threads count prompt tokens with their own copy of the tokenizer, so that the
+        # generation thread never tokenizes a prompt that does not fit, nor waits for one that is counted
+        self.counting_processor, self.counting_lock = copy.deepcopy(processor), threading.Lock()
         self.created = int(time.time())
         self.jobs: queue.Queue = queue.Queue(maxsize=limits.max_queued)
         self.decoding = {}  # BatchGenerator uid -> Decoding
@@ -535,12 +539,23 @@ class ChatService:
         finally:
             job.images = []
 
-    def messages_of(self, job: Job) -> list:
-        messages = job.messages
+    def with_system_prompt(self, messages: list) -> list:
         if self.system_prompt is not None and not any(m["role"] == "system" for m in messages):
-            messages = [{"role": "system", "content": self.system_prompt}] + messages
-        check_chat_length(self.model, self.processor, messages, [i.size for i in job.images])
+            return [{"role": "system", "content": self.system_prompt}] + messages
         return messages
+
+    def check_length(self, messages: list, images: List[RequestImage]) -> None:
+        """On the request's thread: the conversation against the context, from its
+        images' sizes alone; a 400 when it does not fit."""
+        from jinja2 import TemplateError
+
+        try:
+            with self.counting_lock:
+                check_chat_length(self.model, self.counting_processor, messages, [i.size for i in images])
+        except PromptTooLongError as e:
+            raise APIError(400, str(e), "context_length_exceeded", "messages")
+        except (ValueError, TemplateError) as e:  # e.g. placeholder/image count, roles
+            raise APIError(400, str(e), "invalid_value", "messages")
 
     def admit_steps(self) -> None:
         """Admission steps, the newcomers in turn, until `admission_slice` seconds
@@ -563,7 +578,7 @@ class ChatService:
         """`job`'s admission in steps: images decoded, prompt prepared, vision
         features encoded a block at a time (or kept ones), then into the batch."""
         tic = time.perf_counter()
-        messages = self.messages_of(job)
+        messages = job.messages
         images = []
         for image in job.images:
             images.append(image.decode(self.limits))
@@ -621,7 +636,7 @@ class ChatService:
 
     def run(self, job: Job) -> None:
         """Answer `job` alone through `stream_chat`, with the KV-cache options."""
-        messages = self.messages_of(job)
+        messages = job.messages
         images = [image.decode(self.limits) for image in job.images]
         top = job.options.get("top_logprobs")
         options = {k: v for k, v in job.options.items() if k not in ("top_logprobs", "stop")}
@@ -642,6 +657,8 @@ class ChatService:
         is dropped. Closing the iterator stops the generation."""
         from jinja2 import TemplateError
 
+        messages = self.with_system_prompt(messages)
+        self.check_length(messages, images)
         job = Job(messages, images, options)
         try:
             self.jobs.put_nowait(job)

@@ -464,6 +464,20 @@ def test_prompt_budget_is_checked_before_decoding(server, monkeypatch):
     assert body["error"]["code"] == "context_length_exceeded" and decoded == []
 
 
+def test_prompt_length_is_counted_off_the_generation_thread(server, monkeypatch):
+    """An over-long prompt is counted on its request's thread, with the counting copy of the
+    tokenizer; the generation thread never tokenizes it (it keeps decoding the others)."""
+    service = SERVERS["main"].service
+    threads = []
+    for processor in (service.processor, service.counting_processor):
+        original = processor.num_prompt_tokens
+        monkeypatch.setattr(processor, "num_prompt_tokens", lambda *a, original=original, p=processor:
+                            threads.append((p is service.processor, threading.current_thread().name)) or original(*a))
+    status, body = complete(server, messages=[{"role": "user", "content": "What " * 600}])
+    assert_error(status, body, 400, "context is 512 tokens")
+    assert threads and all(not shared and name != "generation" for shared, name in threads), threads
+
+
 def test_the_estimate_equals_the_processed_prompt(loaded, image_png):
     from mlx_vlm_native.generate import format_chat
 
