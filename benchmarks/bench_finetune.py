@@ -1,18 +1,19 @@
 """LoRA finetuning at a real size: this project's trainer against mlx-vlm's, on
 one random-weight Qwen2-VL-2B folder (see benchmarks/README.md).
 
-    python benchmarks/bench_finetune.py [--folder /tmp/bench_finetune] [--preset 2b|tiny]
+    python benchmarks/bench_finetune.py [--folder /tmp/bench_finetune] [--preset 2b|2b-4layers|tiny]
         [--only ours-fp32,mlx-vlm-fp32,ours-bf16,mlx-vlm-bf16,ours-q4,mlx-vlm-q4,load]
         [--steps 2] [--steps-bf16 1] [--out results.json]
 
 One hub release (Qwen2-VL-2B-Instruct's geometry, random weights, bf16 shards)
 is written once under --folder and converted by `mlx-vlm-native convert` into
 three MLX folders (fp32, bf16, and 4-bit with the tower in bf16) that both
-projects load. One record: a 448x448 image, a short question and an answer of
---answer-tokens tokens. Each (trainer, folder) runs in its own subprocess:
+projects load (`2b-4layers`: the same widths, vocabulary and image with 4
+decoder layers and 4 tower blocks; `tiny`: a smoke test). One record: a
+448x448 image, a short question and an answer of --answer-tokens tokens. Each (trainer, folder) runs in its own subprocess:
 LoRA rank 8 on every decoder projection, batch 1, Adam; one warm-up step, then
---steps timed steps (the seconds between the ends of consecutive steps, data
-preparation included on both sides). Peak memory is the worker's
+--steps timed steps (the wall and CPU seconds between the ends of consecutive
+steps, data preparation included on both sides). Peak memory is the worker's
 `mx.get_peak_memory()` (weights included) and `ru_maxrss`.
 
 - ours: `mlx_vlm_native.training.finetune.run` (what `mlx-vlm-native train
