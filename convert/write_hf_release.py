@@ -15,6 +15,7 @@ is needed.
 import argparse
 import json
 from pathlib import Path
+from typing import Optional
 
 import mlx.core as mx
 import numpy as np
@@ -111,6 +112,15 @@ PRESETS = {
                   num_attention_heads=14, num_key_value_heads=2),
         mrope_section=[8, 12, 12], tie_word_embeddings=True, vocab_size=152000,
     ),
+    # Qwen/Qwen2-VL-2B-Instruct's config.json geometry (the tower above, a Qwen2-1.5B decoder)
+    "qwen2-vl-2b": dict(
+        family="qwen2_vl",
+        vision=dict(depth=32, embed_dim=1280, num_heads=16, mlp_ratio=4, hidden_act="quick_gelu"),
+        text=dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                  num_attention_heads=12, num_key_value_heads=2),
+        mrope_section=[16, 24, 24], tie_word_embeddings=True, vocab_size=151936,
+        pixels=(56 * 56, 28 * 28 * 16384),  # the release's min_pixels, max_pixels
+    ),
     "points-tiny": dict(
         family="points_v15", llm_layout="custom_llama",
         vision=dict(depth=2, embed_dim=32, num_heads=4, mlp_ratio=2, hidden_act="quick_gelu"),
@@ -187,11 +197,12 @@ def hf_config(preset: str, vocab_size: int, image_token: int, video_token: int) 
     }
 
 
-def randomize(model, seed: int) -> dict:
-    """Fan-in-scaled normal weights, norms near 1, small non-zero biases, so that
-    attention patterns are far from uniform and layout bugs show."""
+def random_weights(model, seed: int):
+    """(name, fp32 array) of every parameter of `model`, one at a time: fan-in-scaled
+    normal weights, norms near 1, small non-zero biases, so that attention
+    patterns are far from uniform and layout bugs show. The model's own
+    parameters are only read for their shapes (MLX leaves them unevaluated)."""
     rng = np.random.default_rng(seed)
-    out = {}
     for k, v in tree_flatten(model.parameters()):
         shape = v.shape
         if ("norm" in k or "ln_q" in k) and k.endswith("weight"):
@@ -203,8 +214,12 @@ def randomize(model, seed: int) -> dict:
         else:
             fan_in = int(np.prod(shape[1:]))
             a = rng.standard_normal(shape) / np.sqrt(fan_in)
-        out[k] = mx.array(a.astype(np.float32))
-    return out
+        yield k, mx.array(a.astype(np.float32))
+
+
+def randomize(model, seed: int) -> dict:
+    """Every parameter of `random_weights`, in one dict."""
+    return dict(random_weights(model, seed))
 
 
 def to_hf_layout(weights: dict) -> dict:
@@ -310,24 +325,82 @@ def vision_to_hub_layout(weights: dict, prefix: str) -> dict:
     return out
 
 
-def write_qwen2_vl_checkpoint(path, preset: str, seed: int) -> Path:
+def qwen2_vl_hub_name(k: str) -> Optional[str]:
+    """Our parameter name -> the hub release's (None: not in the release)."""
+    if k.startswith("visual."):
+        return k
+    if k.startswith("language_model.model."):
+        return "model." + k[len("language_model.model.") :]
+    if k == "language_model.lm_head.weight":
+        return "lm_head.weight"
+    return None
+
+
+def write_qwen2_vl_checkpoint(path, preset: str, seed: int, dtype: Optional[str] = None,
+                              shard_bytes: Optional[int] = None) -> Path:
+    """The hub release of `preset`: one fp32 `model.safetensors` by default; with
+    `shard_bytes`, tensors are drawn one at a time and written in shards of about
+    that size with a `model.safetensors.index.json` (peak memory near one shard:
+    how billion-parameter presets are written), in `dtype` ("bfloat16", ...) if given."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
+    p = PRESETS[preset]
     tok = build_tokenizer(path, special_tokens=QWEN2_VL_SPECIAL_TOKENS, chat_template=QWEN2_VL_CHAT_TEMPLATE)
     config = qwen2_vl_config(preset, tok)
-    weights = randomize(qwen2_vl.Model(qwen2_vl.ModelArgs.from_dict(config)), seed)
-    vision = {k[len("visual.") :]: v for k, v in weights.items() if k.startswith("visual.")}
-    hub = vision_to_hub_layout(vision, "visual.")
-    for k, v in weights.items():
-        if k.startswith("language_model.model."):
-            hub["model." + k[len("language_model.model.") :]] = v
-        elif k == "language_model.lm_head.weight":
-            hub["lm_head.weight"] = v
-    mx.save_safetensors(str(path / "model.safetensors"), hub, metadata={"format": "pt"})
+    model = qwen2_vl.Model(qwen2_vl.ModelArgs.from_dict(config))
+    cast = (lambda v: v.astype(getattr(mx, dtype))) if dtype else (lambda v: v)
+    if shard_bytes is None:
+        weights = randomize(model, seed)
+        vision = {k[len("visual.") :]: v for k, v in weights.items() if k.startswith("visual.")}
+        hub = vision_to_hub_layout(vision, "visual.")
+        for k, v in weights.items():
+            name = qwen2_vl_hub_name(k)
+            if name is not None and not k.startswith("visual."):
+                hub[name] = v
+        mx.save_safetensors(str(path / "model.safetensors"), {k: cast(v) for k, v in hub.items()},
+                            metadata={"format": "pt"})
+    else:
+        write_shards(path, ((qwen2_vl_hub_name(k), k, v) for k, v in random_weights(model, seed)), cast, shard_bytes)
     (path / "config.json").write_text(json.dumps(config, indent=2))
-    (path / "preprocessor_config.json").write_text(json.dumps(qwen2_vl_preprocessor_config(), indent=2))
+    pixels = p.get("pixels")
+    prep = qwen2_vl_preprocessor_config(*pixels) if pixels else qwen2_vl_preprocessor_config()
+    (path / "preprocessor_config.json").write_text(json.dumps(prep, indent=2))
     (path / "chat_template.jinja").write_text(QWEN2_VL_CHAT_TEMPLATE)
     return path
+
+
+def write_shards(path: Path, tensors, cast, shard_bytes: int) -> None:
+    """(hub name or None, our name, array) -> `model-0000i-of-0000n.safetensors` shards
+    and their index; the Qwen2-VL patch embedding is written as its Conv3d."""
+    shards, current, size = [], {}, 0
+
+    def flush():
+        nonlocal current, size
+        if current:
+            name = f"model-{len(shards) + 1:05d}.safetensors"
+            mx.save_safetensors(str(path / name), current, metadata={"format": "pt"})
+            shards.append((name, list(current)))
+            current, size = {}, 0
+
+    for name, ours, v in tensors:
+        if name is None:
+            continue
+        if ours.startswith("visual."):
+            (name, v), = vision_to_hub_layout({ours[len("visual.") :]: v}, "visual.").items()
+        v = cast(v)
+        mx.eval(v)
+        current[name] = v
+        size += v.nbytes
+        if size >= shard_bytes:
+            flush()
+    flush()
+    n = len(shards)
+    weight_map = {}
+    for i, (name, keys) in enumerate(shards, 1):
+        final = f"model-{i:05d}-of-{n:05d}.safetensors"
+        (path / name).rename(path / final)
+        weight_map.update({k: final for k in keys})
+    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2))
 
 
 def points_llm_config(p: dict, vocab_size: int) -> dict:

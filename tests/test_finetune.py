@@ -179,6 +179,45 @@ def test_padded_batch_loss_equals_token_weighted_singles(tmp_path):
     assert abs(batch_loss.item() - weighted) <= 1e-5
 
 
+def test_head_on_answer_rows_gives_the_full_loss_and_gradients(tmp_path):
+    """The output head run on the target positions only (`head_on_rows`) gives
+    the loss, count and LoRA gradients of the whole sequence's logits, on a
+    padded batch and on a packed row (Qwen2-VL, M-RoPE)."""
+    import mlx.nn as nn
+
+    from mlx_vlm_native.adapters import adapt_linears
+
+    model_dir = write_checkpoint(tmp_path / "qwen", "qwen2-vl-tiny")
+    model, processor = load(str(model_dir))
+    adapt_linears(model, [r"language_model\..*(q|v|down)_proj"], rank=4, scale=2.0)
+    rng = np.random.default_rng(0)
+    for _, m in model.named_modules():
+        if hasattr(m, "lora_b"):
+            m.lora_b = mx.array(rng.normal(0, 0.1, m.lora_b.shape).astype(np.float32))
+    finetune.set_trainable(model, "lora")
+    samples = []
+    for i, (h, w) in enumerate([(60, 90), (30, 30)]):
+        colour_image("blue", i, h, w).save(tmp_path / f"{i}.png")
+        samples.append(tokenize(processor, finetune.parse_record({"images": [f"{i}.png"], "conversations": [
+            {"from": "human", "value": "<image>\nColour?" + " more" * i},
+            {"from": "gpt", "value": "Blue" * (i + 2)}]}, tmp_path)))
+    assert finetune.head_language_model(model) is not None
+    for batch, forward in ((samples, finetune.forward_batch), (finetune.PackedBatch([samples]), finetune.forward_packed)):
+        logits, _, _ = forward(model, batch, targets_only=True)
+        assert logits.shape[1] == sum(int(m[1:].sum()) for _, m in samples)  # only the answer positions
+
+        def full(m, b, forward=forward):
+            return finetune.masked_cross_entropy(*forward(m, b))[0]
+
+        rows_loss, rows_grad = nn.value_and_grad(model, lambda m, b: answer_loss(m, b)[0])(model, batch)
+        full_loss, full_grad = nn.value_and_grad(model, full)(model, batch)
+        assert abs(rows_loss.item() - full_loss.item()) <= 1e-5
+        assert answer_loss(model, batch)[1].item() == finetune.masked_cross_entropy(*forward(model, batch))[1].item()
+        for (k, a), (_, b) in zip(tree_flatten(rows_grad), tree_flatten(full_grad)):
+            np.testing.assert_allclose(np.array(a), np.array(b), atol=1e-5, rtol=1e-4, err_msg=k)
+    assert type(model.language_model.model).__name__ == "Qwen2Model"  # the head is whole again after
+
+
 @pytest.mark.slow
 def test_two_process_ring_equals_one_process(colour_data, tmp_path):
     """mlx.launch, ring backend on localhost: 2 ranks x 1 micro-batch equals

@@ -201,10 +201,47 @@ def set_trainable(model: nn.Module, method: str, freeze: Sequence[str] = ()) -> 
 # ---------------------------------------------------------------- loss
 
 
-def forward_batch(model, batch: Sequence) -> Tuple[mx.array, mx.array, mx.array]:
+def head_language_model(model) -> Optional[nn.Module]:
+    """The decoder whose output head can be given selected rows: an mlx-lm
+    model (its `__call__` runs `self.model`, then the head, row by row)."""
+    lm = getattr(model, "language_model", None)
+    inner = getattr(lm, "model", None)
+    if isinstance(inner, nn.Module) and type(lm).__module__.startswith("mlx_lm."):
+        return inner
+    return None
+
+
+@contextlib.contextmanager
+def head_on_rows(model, rows: np.ndarray):
+    """Within it, the model's output is the logits of only these rows of its
+    (B * L) hidden states, as (1, len(rows), vocab): the output head (and the
+    loss after it) skips the positions that are not targets. On a vocabulary of
+    150k the logits of a whole sequence cost more memory than a decoder layer's
+    activations. Yields False (and changes nothing) where the model's decoder
+    is not one `head_language_model` knows."""
+    inner = head_language_model(model)
+    if inner is None:
+        yield False
+        return
+    cls, index = type(inner), mx.array(rows.astype(np.int32))
+
+    def __call__(self, *args, **kwargs):
+        h = cls.__call__(self, *args, **kwargs)
+        return mx.take(h.reshape(-1, h.shape[-1]), index, axis=0)[None]
+
+    inner.__class__ = type(f"RowsOf{cls.__name__}", (cls,), {"__call__": __call__})
+    try:
+        yield True
+    finally:
+        inner.__class__ = cls
+
+
+def forward_batch(model, batch: Sequence, targets_only: bool = False) -> Tuple[mx.array, mx.array, mx.array]:
     """Right-padded (logits, targets, target mask) of a list of (inputs, mask);
     the images of the whole batch go through one `encode_vision` call (one
-    packed tower call for the packed families)."""
+    packed tower call for the packed families). With `targets_only`, where the
+    model allows it (`head_on_rows`), the logits, targets and mask of the target
+    positions only, as one row."""
     samples = [inputs for inputs, _ in batch]
     features = model.encode_vision(samples)
     length = max(len(s.input_ids) for s in samples)
@@ -216,8 +253,16 @@ def forward_batch(model, batch: Sequence) -> Tuple[mx.array, mx.array, mx.array]
         embeds.append(mx.pad(e[0], [(0, length - n), (0, 0)]))
         positions.append([p])
         ids[i, :n], masks[i, :n] = inputs.input_ids, mask
-    logits = model(mx.array(ids), input_embeddings=mx.stack(embeds), positions=row_positions(positions, length))
-    return logits[:, :-1], mx.array(ids[:, 1:]), mx.array(masks[:, 1:])
+    kwargs = dict(input_embeddings=mx.stack(embeds), positions=row_positions(positions, length))
+    targets, masks = np.pad(ids[:, 1:], [(0, 0), (0, 1)]), np.pad(masks[:, 1:], [(0, 0), (0, 1)])
+    if targets_only and masks.any():
+        rows = np.flatnonzero(masks)
+        with head_on_rows(model, rows) as selected:
+            if selected:
+                logits = model(mx.array(ids), **kwargs)
+                return logits, mx.array(targets.reshape(-1)[rows][None]), mx.ones((1, len(rows)), dtype=mx.bool_)
+    logits = model(mx.array(ids), **kwargs)
+    return logits[:, :-1], mx.array(targets[:, :-1]), mx.array(masks[:, :-1])
 
 
 def row_positions(rows: Sequence[Sequence[Optional[np.ndarray]]], length: int) -> Optional[np.ndarray]:
@@ -287,11 +332,12 @@ def segment_rope(model, bounds):
             a.rope = rope
 
 
-def forward_packed(model, rows: Sequence) -> Tuple[mx.array, mx.array, mx.array]:
+def forward_packed(model, rows: Sequence, targets_only: bool = False) -> Tuple[mx.array, mx.array, mx.array]:
     """(logits, targets, target mask) of packed rows, each padded at its end:
     block-diagonal causal attention, positions restarting at each
     conversation (M-RoPE positions per sample for Qwen2-VL), and each
-    conversation's targets its own next tokens, as if it were alone."""
+    conversation's targets its own next tokens, as if it were alone.
+    `targets_only`: as for `forward_batch`."""
     samples = [inputs for row in rows for inputs, _ in row]
     features = iter(model.encode_vision(samples))
     length = max(sum(len(inputs.input_ids) for inputs, _ in row) for row in rows)
@@ -324,18 +370,23 @@ def forward_packed(model, rows: Sequence) -> Tuple[mx.array, mx.array, mx.array]
     mask = (seg[:, None, :, None] == seg[:, None, None, :]) & causal
     cache = [SegmentMask(mask) for _ in model.layers]
     positions = row_positions(positions, length)
-    if positions is not None:  # each sample's own positions, from 0
-        logits = model(mx.array(ids), cache=cache, input_embeddings=mx.stack(embeds), positions=positions)
-    else:
-        with segment_rope(model, bounds):
-            logits = model(mx.array(ids), cache=cache, input_embeddings=mx.stack(embeds))
+    selected = np.flatnonzero(masks) if targets_only and masks.any() else None
+    with head_on_rows(model, selected) if selected is not None else contextlib.nullcontext(False) as on_rows:
+        if positions is not None:  # each sample's own positions, from 0
+            logits = model(mx.array(ids), cache=cache, input_embeddings=mx.stack(embeds), positions=positions)
+        else:
+            with segment_rope(model, bounds):
+                logits = model(mx.array(ids), cache=cache, input_embeddings=mx.stack(embeds))
+    if on_rows:
+        return logits, mx.array(targets.reshape(-1)[selected][None]), mx.ones((1, len(selected)), dtype=mx.bool_)
     return logits, mx.array(targets), mx.array(masks)
 
 
 def answer_loss(model, batch, key=None):
-    """Mean cross-entropy over assistant tokens, and their count."""
+    """Mean cross-entropy over assistant tokens, and their count; the output
+    head runs on those tokens' positions only (`head_on_rows`)."""
     forward = forward_packed if isinstance(batch, PackedBatch) else forward_batch
-    logits, targets, mask = forward(model, batch)
+    logits, targets, mask = forward(model, batch, targets_only=True)
     return masked_cross_entropy(logits, targets, mask)
 
 
