@@ -68,8 +68,7 @@ PRESETS = {
     "tiny": dict(
         vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                     num_attention_heads=4, image_size=384, patch_size=14),
-        text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2),
+        text=dict(TINY_TEXT),
         vocab_size=None,
         # untied: with tied embeddings a random model just repeats its last token
         tie_word_embeddings=False,
@@ -78,8 +77,7 @@ PRESETS = {
     "tiny-56": dict(
         vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                     num_attention_heads=4, image_size=56, patch_size=14),
-        text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2),
+        text=dict(TINY_TEXT),
         vocab_size=None,
         tie_word_embeddings=False,
     ),
