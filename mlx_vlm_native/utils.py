@@ -187,6 +187,7 @@ def load_with_mlx_lm(path: Path, config: dict, lazy: bool = False, strict: bool 
     for f in files:
         if f not in read_by_mlx_lm:
             others.update(read_weight_file(f))
+    check_quantization_metadata(path, config)
     family = detect_family(config, names + list(others))
     config.setdefault("model_type", family.model_types[0])
     arch = importlib.import_module(f"mlx_vlm_native.models.{family.model_module or family.module}")
@@ -195,6 +196,27 @@ def load_with_mlx_lm(path: Path, config: dict, lazy: bool = False, strict: bool 
                                       get_model_classes=loading_classes(arch, others, strict))
     model.__class__ = arch.Model  # the loading steps belonged to this load only
     return model, config
+
+
+def check_quantization_metadata(path: Path, config: dict) -> None:
+    """Without a `quantization` entry, mlx-lm takes the quantization from
+    `quantization_config` (config.json's, its text_config's, or
+    `hf_quant_config.json`) and needs its `quant_method`: name the file and
+    the key rather than let a bare KeyError out."""
+    if config.get("quantization") is not None:
+        return
+    for where, found in (("config.json", config.get("quantization_config")),
+                         ("config.json text_config", (config.get("text_config") or {}).get("quantization_config"))):
+        if found:
+            break
+    else:
+        where, found = "hf_quant_config.json", None
+        if (path / where).exists():
+            found = read_json_file(path / where)
+    if found and (not isinstance(found, dict) or "quant_method" not in found):
+        keys = ", ".join(sorted(found)) if isinstance(found, dict) else type(found).__name__
+        raise ValueError(f"{path / where.split()[0]}: the quantization metadata ({where}) has no 'quant_method', "
+                         f"which says how the weights are quantized (it has: {keys})")
 
 
 def loading_classes(arch, others: dict, checked: bool) -> Callable[..., tuple]:

@@ -69,6 +69,18 @@ def test_hf_quant_config_json_is_read(nvfp4_folder, in_memory, tmp_path):
     assert np.array_equal(logits(model, load_processor(folder, model)), in_memory)
 
 
+def test_quantization_metadata_without_a_method_is_named(nvfp4_folder, tmp_path):
+    """mlx-lm needs hf_quant_config.json's `quant_method`; without it the error names the file."""
+    folder = tmp_path / "no-method"
+    shutil.copytree(nvfp4_folder, folder)
+    config = json.loads((folder / "config.json").read_text())
+    del config["quantization"], config["quantization_config"]
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "hf_quant_config.json").write_text(json.dumps({"quantization": {"quant_algo": "NVFP4"}}))
+    with pytest.raises(ValueError, match=r"hf_quant_config\.json: .* no 'quant_method'.*it has: quantization"):
+        load_model(folder)
+
+
 def test_a_quantized_layer_without_its_scales_is_named(nvfp4_folder, tmp_path):
     folder = tmp_path / "damaged"
     shutil.copytree(nvfp4_folder, folder)
