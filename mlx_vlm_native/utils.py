@@ -205,18 +205,15 @@ def check_quantization_metadata(path: Path, config: dict) -> None:
     the key rather than let a bare KeyError out."""
     if config.get("quantization") is not None:
         return
-    for where, found in (("config.json", config.get("quantization_config")),
-                         ("config.json text_config", (config.get("text_config") or {}).get("quantization_config"))):
-        if found:
-            break
-    else:
-        where, found = "hf_quant_config.json", None
-        if (path / where).exists():
-            found = read_json_file(path / where)
+    where = path / "config.json"
+    found = config.get("quantization_config") or (config.get("text_config") or {}).get("quantization_config")
+    if not found and (path / "hf_quant_config.json").exists():
+        where = path / "hf_quant_config.json"
+        found = read_json_file(where)
     if found and (not isinstance(found, dict) or "quant_method" not in found):
         keys = ", ".join(sorted(found)) if isinstance(found, dict) else type(found).__name__
-        raise ValueError(f"{path / where.split()[0]}: the quantization metadata ({where}) has no 'quant_method', "
-                         f"which says how the weights are quantized (it has: {keys})")
+        raise ValueError(f"{where}: the quantization metadata has no 'quant_method', which says how the "
+                         f"weights are quantized (it has: {keys})")
 
 
 def loading_classes(arch, others: dict, checked: bool) -> Callable[..., tuple]:

@@ -42,6 +42,23 @@ def vision_calls(monkeypatch):
 
 
 @pytest.fixture(scope="session")
+def tiny_56_dir(tmp_path_factory):
+    """A tiny random LLaVA-OneVision release folder with 56-px crops (short prompts),
+    written once for the session; tests only read it."""
+    from convert.write_hf_release import write_checkpoint
+
+    return write_checkpoint(tmp_path_factory.mktemp("tiny_56"), "tiny-56")
+
+
+@pytest.fixture(scope="module")
+def tiny_56_model(tiny_56_dir):
+    """(model, processor) of `tiny_56_dir`, loaded once per test module."""
+    from mlx_vlm_native import load
+
+    return load(str(tiny_56_dir))
+
+
+@pytest.fixture(scope="session")
 def tiny_hf_dir(tmp_path_factory):
     """A tiny random LLaVA-OneVision checkpoint as transformers itself writes it."""
     import torch

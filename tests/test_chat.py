@@ -18,18 +18,6 @@ STATS = re.compile(r"\[prompt: (\d+) tokens \((\d+) cached\), [\d.]+ tokens/s; a
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return write_checkpoint(tmp_path_factory.mktemp("chat_model"), "tiny-56")
-
-
-@pytest.fixture(scope="module")
-def loaded(model_dir):
-    from mlx_vlm_native import load
-
-    return load(str(model_dir))
-
-
-@pytest.fixture(scope="module")
 def images(tmp_path_factory):
     folder = tmp_path_factory.mktemp("chat_images")
     paths = [folder / "a.png", folder / "b.png"]
@@ -38,11 +26,11 @@ def images(tmp_path_factory):
     return [str(p) for p in paths]
 
 
-def talk(loaded, lines, conversation=None, verbose=True, **sampling):
+def talk(tiny_56_model, lines, conversation=None, verbose=True, **sampling):
     """(stdout, stderr, conversation) of the REPL fed `lines`."""
     out, err = io.StringIO(), io.StringIO()
     conversation = conversation or Conversation()
-    chat_loop(*loaded, conversation, lines, {**SAMPLING, **sampling}, verbose, out, err)
+    chat_loop(*tiny_56_model, conversation, lines, {**SAMPLING, **sampling}, verbose, out, err)
     return out.getvalue(), err.getvalue(), conversation
 
 
@@ -86,9 +74,9 @@ def test_dropping_old_exchanges_keeps_the_image_turn_and_the_question():
     assert [t["content"] for t in conversation.turns] == ["q0", "a0", "q3"]
 
 
-def test_history_is_kept_and_reset(loaded, images):
+def test_history_is_kept_and_reset(tiny_56_model, images):
     stdout, stderr, conversation = talk(
-        loaded, ["What is in this image?", "And the colours?", "/reset", "What is in this image?"],
+        tiny_56_model, ["What is in this image?", "And the colours?", "/reset", "What is in this image?"],
         Conversation([images[0]]))
     (p1, a1), (p2, _), (p3, _) = prompt_tokens(stdout)
     assert p2 > p1 + a1  # the first question and answer are in the second prompt
@@ -99,9 +87,9 @@ def test_history_is_kept_and_reset(loaded, images):
     assert len(conversation.turns) == 2
 
 
-def test_the_answers_are_what_chat_generate_gives(loaded, images):
-    model, processor = loaded
-    stdout, _, conversation = talk(loaded, ["Describe it.", "More?"], Conversation([images[0]]), verbose=False)
+def test_the_answers_are_what_chat_generate_gives(tiny_56_model, images):
+    model, processor = tiny_56_model
+    stdout, _, conversation = talk(tiny_56_model, ["Describe it.", "More?"], Conversation([images[0]]), verbose=False)
     first = generate(model, processor, "Describe it.", images=[images[0]], **SAMPLING)
     assert conversation.turns[1]["content"] == first.text
     second = chat_generate(model, processor, conversation.messages()[:3], [images[0]], **SAMPLING)
@@ -133,10 +121,10 @@ def test_prompt_cache_changes_nothing_but_the_work(preset, images, tmp_path):
     assert conversation.cache.kv is None  # other images: nothing cached applies
 
 
-def test_bad_image_path_keeps_the_session(loaded, images, tmp_path):
+def test_bad_image_path_keeps_the_session(tiny_56_model, images, tmp_path):
     lines = ["Describe it.", f"/image {tmp_path / 'missing.png'}", "And then?",
              f"/image {images[1]} {images[0]}", "Compare them.", "/image", "/frobnicate", "/help"]
-    stdout, stderr, conversation = talk(loaded, lines, Conversation([images[0]]))
+    stdout, stderr, conversation = talk(tiny_56_model, lines, Conversation([images[0]]))
     assert "image not found" in stderr and "images and conversation are kept" in stderr
     (p1, a1), (p2, _), (p3, _) = prompt_tokens(stdout)
     assert p2 > p1 + a1  # the bad path lost nothing
@@ -144,27 +132,27 @@ def test_bad_image_path_keeps_the_session(loaded, images, tmp_path):
     assert "usage: /image" in stderr and "unknown command /frobnicate" in stderr and "/reset" in stdout
 
 
-def test_context_overflow_forgets_old_turns_then_says_so(loaded, images, monkeypatch):
-    model, _ = loaded
-    first = talk(loaded, ["Describe it."], Conversation([images[0]]))[0]
+def test_context_overflow_forgets_old_turns_then_says_so(tiny_56_model, images, monkeypatch):
+    model, _ = tiny_56_model
+    first = talk(tiny_56_model, ["Describe it."], Conversation([images[0]]))[0]
     (p1, a1), = prompt_tokens(first)
     # room for the image turn and about two more exchanges
     monkeypatch.setattr(model.args.text_config, "max_position_embeddings", p1 + 3 * (a1 + 12))
     questions = ["Describe it.", "And the top?", "And the left?", "And the right?", "And the bottom?"]
-    stdout, stderr, conversation = talk(loaded, questions, Conversation([images[0]]))
+    stdout, stderr, conversation = talk(tiny_56_model, questions, Conversation([images[0]]))
     assert "the oldest exchange is forgotten" in stderr
     assert len(prompt_tokens(stdout)) == 5  # every question answered
     assert conversation.turns[0]["content"] == "Describe it." and conversation.turns[-2]["content"] == "And the bottom?"
-    stdout, stderr, conversation = talk(loaded, ["word " * 400, "Short?"], conversation)
+    stdout, stderr, conversation = talk(tiny_56_model, ["word " * 400, "Short?"], conversation)
     assert "context is" in stderr and len(prompt_tokens(stdout)) == 1  # the long one refused, the next answered
 
 
-def test_chat_command_with_piped_stdin(model_dir, images, tmp_path):
+def test_chat_command_with_piped_stdin(tiny_56_dir, images, tmp_path):
     lines = ["What is in this image?", "And the colours?", "/reset", "What is in this image?",
              f"/image {tmp_path / 'nope.png'}", "Still there?", f"/image {images[1]}", "And this one?",
              "/quit", "never asked"]
     r = subprocess.run(
-        [sys.executable, "-m", "mlx_vlm_native.cli", "chat", "--model", str(model_dir), "--image", images[0],
+        [sys.executable, "-m", "mlx_vlm_native.cli", "chat", "--model", str(tiny_56_dir), "--image", images[0],
          "--max-tokens", "5", "--verbose"],
         input="\n".join(lines) + "\n", capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
@@ -174,6 +162,6 @@ def test_chat_command_with_piped_stdin(model_dir, images, tmp_path):
     assert p2 > p1 + a1 and p3 == p1 and p4 > p3 and p5 != p1
     assert "image not found" in r.stderr and "new conversation about" in r.stdout
     assert "execution path: cpu: MLX with NumPy host ops" in r.stderr or "execution path: gpu: plain MLX" in r.stderr
-    r = subprocess.run([sys.executable, "-m", "mlx_vlm_native.cli", "chat", "--model", str(model_dir),
+    r = subprocess.run([sys.executable, "-m", "mlx_vlm_native.cli", "chat", "--model", str(tiny_56_dir),
                         "--image", str(tmp_path / "nope.png")], input="", capture_output=True, text=True, timeout=60)
     assert r.returncode != 0 and "image not found" in r.stderr

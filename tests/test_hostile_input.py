@@ -11,35 +11,22 @@ import time
 
 import pytest
 
-from convert.write_hf_release import write_checkpoint
 from mlx_vlm_native.server import Limits, make_server
 
 LIMITS = Limits(max_request_bytes=25_000_000, default_max_tokens=4, header_timeout=2.0, body_timeout=3.0,
                 max_connections=256)
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return write_checkpoint(tmp_path_factory.mktemp("hostile_model"), "tiny-56")
-
-
-@pytest.fixture(scope="module")
-def loaded(model_dir):
-    from mlx_vlm_native import load
-
-    return load(str(model_dir))
-
-
-def serve(loaded, limits=LIMITS):
-    model, processor = loaded
+def serve(tiny_56_model, limits=LIMITS):
+    model, processor = tiny_56_model
     httpd = make_server(model, processor, "tiny", "127.0.0.1", 0, limits)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     return httpd, httpd.server_address[:2]
 
 
 @pytest.fixture(scope="module")
-def server(loaded):
-    httpd, address = serve(loaded)
+def server(tiny_56_model):
+    httpd, address = serve(tiny_56_model)
     yield address
     httpd.shutdown()
     httpd.server_close()
@@ -127,7 +114,7 @@ def test_six_bytes_of_a_1000_byte_body_do_not_lock_anyone_out(server):
             s.close()
 
 
-def test_over_the_cap_the_request_is_read_before_the_503(loaded, monkeypatch):
+def test_over_the_cap_the_request_is_read_before_the_503(tiny_56_model, monkeypatch):
     from mlx_vlm_native import server as server_module
 
     release = threading.Event()
@@ -138,7 +125,7 @@ def test_over_the_cap_the_request_is_read_before_the_503(loaded, monkeypatch):
         yield from original(self, *args, **kwargs)
 
     monkeypatch.setattr(server_module.ChatService, "answer", held)
-    httpd, address = serve(loaded, Limits(**{**LIMITS.__dict__, "max_connections": 2, "overflow_connections": 2}))
+    httpd, address = serve(tiny_56_model, Limits(**{**LIMITS.__dict__, "max_connections": 2, "overflow_connections": 2}))
     busy = []
     try:
         for _ in range(2):
@@ -202,11 +189,11 @@ def test_a_lone_surrogate_is_a_400(server):
     assert status == 400 and b"lone surrogate" in reply, reply
 
 
-def test_a_non_utf8_prompt_is_a_clear_cli_error(model_dir):
+def test_a_non_utf8_prompt_is_a_clear_cli_error(tiny_56_dir):
     import subprocess
     import sys
 
-    result = subprocess.run([sys.executable, "-m", "mlx_vlm_native.generate", "--model", str(model_dir),
+    result = subprocess.run([sys.executable, "-m", "mlx_vlm_native.generate", "--model", str(tiny_56_dir),
                              "--prompt", b"what \xff colour?", "--max-tokens", "1"],
                             capture_output=True, timeout=120)
     err = result.stderr.decode("utf-8", "replace")
@@ -214,11 +201,11 @@ def test_a_non_utf8_prompt_is_a_clear_cli_error(model_dir):
     assert "Traceback" not in err
 
 
-def test_a_non_utf8_chat_line_is_refused_and_the_chat_goes_on(model_dir):
+def test_a_non_utf8_chat_line_is_refused_and_the_chat_goes_on(tiny_56_dir):
     import subprocess
     import sys
 
-    result = subprocess.run([sys.executable, "-m", "mlx_vlm_native.chat", "--model", str(model_dir), "--max-tokens", "2"],
+    result = subprocess.run([sys.executable, "-m", "mlx_vlm_native.chat", "--model", str(tiny_56_dir), "--max-tokens", "2"],
                             input=b"what \xff colour?\nWhat colour?\n", capture_output=True, timeout=120)
     err = result.stderr.decode("utf-8", "replace")
     assert result.returncode == 0 and "the line is not valid UTF-8 (byte 0xff at character 5)" in err, err
@@ -238,7 +225,7 @@ def test_a_temperature_that_overflows_is_greedy(server):
     assert answers[0]["choices"][0]["message"] == answers[1]["choices"][0]["message"]
 
 
-def test_video_frames_are_bounded_by_the_context_before_decoding(model_dir, tmp_path, monkeypatch):
+def test_video_frames_are_bounded_by_the_context_before_decoding(tiny_56_dir, tmp_path, monkeypatch):
     import importlib
 
     from PIL import Image
@@ -258,30 +245,30 @@ def test_video_frames_are_bounded_by_the_context_before_decoding(model_dir, tmp_
 
     monkeypatch.setattr(generate_module, "load_video_frames", never)
     with pytest.raises(SystemExit) as e:
-        generate_module.main(["--model", str(model_dir), "--video", str(gif), "--video-frames", "100000"])
+        generate_module.main(["--model", str(tiny_56_dir), "--video", str(gif), "--video-frames", "100000"])
     assert "--video-frames 100000" in str(e.value) and "context" in str(e.value)
 
 
 # ------------------------------------------------------------ 5. adapters
 
 
-def make_adapter(model_dir, folder, scale=1.0):
+def make_adapter(tiny_56_dir, folder, scale=1.0):
     from mlx_vlm_native import load
     from mlx_vlm_native.adapters import adapt_linears, save_adapters
 
-    model, _ = load(str(model_dir))
+    model, _ = load(str(tiny_56_dir))
     model.freeze()
     adapt_linears(model, ["q_proj"], 4, scale)
     save_adapters(folder, model, {"method": "lora", "targets": ["q_proj"], "rank": 4, "scale": scale})
     return folder
 
 
-def test_damaged_adapters_are_clear_errors(model_dir, tmp_path):
+def test_damaged_adapters_are_clear_errors(tiny_56_dir, tmp_path):
     import mlx.core as mx
 
     from mlx_vlm_native import load
 
-    good = make_adapter(model_dir, tmp_path / "good")
+    good = make_adapter(tiny_56_dir, tmp_path / "good")
     weights_file = good / "adapters.safetensors"
     data = weights_file.read_bytes()
 
@@ -292,7 +279,7 @@ def test_damaged_adapters_are_clear_errors(model_dir, tmp_path):
         if content is not None:
             (folder / "adapters.safetensors").write_bytes(content)
         with pytest.raises((ValueError, FileNotFoundError)) as e:
-            load(str(model_dir), adapter_path=str(folder))
+            load(str(tiny_56_dir), adapter_path=str(folder))
         return str(e.value)
 
     assert "truncated" in damaged("truncated", data[: len(data) // 2])
@@ -326,13 +313,13 @@ def test_damaged_adapters_are_clear_errors(model_dir, tmp_path):
     ("text_config.num_key_value_heads", 3, "must be a multiple of num_key_value_heads (3)"),
     ("text_config.hidden_size", 60000, "more than this machine's"),
 ])
-def test_config_values_are_checked_before_anything_is_built(model_dir, tmp_path, key, value, words):
+def test_config_values_are_checked_before_anything_is_built(tiny_56_dir, tmp_path, key, value, words):
     from mlx_vlm_native.utils import load_model
     from mlx_vlm_native.weights.validation import ConfigError
 
-    for f in model_dir.iterdir():
+    for f in tiny_56_dir.iterdir():
         (tmp_path / f.name).symlink_to(f)
-    config = json.loads((model_dir / "config.json").read_text())
+    config = json.loads((tiny_56_dir / "config.json").read_text())
     (tmp_path / "config.json").unlink()
     node, *path = [config] + key.split(".")
     for part in path[:-1]:
