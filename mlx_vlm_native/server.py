@@ -8,8 +8,9 @@ server goes on."""
 import argparse
 import contextlib
 import copy
-import dataclasses
 import ctypes
+import dataclasses
+import functools
 import hashlib
 import io
 import itertools
@@ -374,6 +375,13 @@ def logprob_entry(tokenizer, token: int, logprobs: mx.array, top: int) -> dict:
     return {**entry(token), "top_logprobs": [entry(int(t)) for t in best]}
 
 
+@functools.lru_cache(maxsize=64)
+def shared_sampler(temperature: float, top_p: float):
+    """One sampler per setting: mlx-lm's batch samples the rows that share one in a
+    single call, and calls each row's own sampler apart. (Seeded sampling is served alone.)"""
+    return make_sampler(temp=temperature, top_p=top_p)
+
+
 class Decoding:
     """One answer in the batch: its job, text and timings; its responses go to its request's thread."""
 
@@ -600,7 +608,7 @@ class ChatService:
         o = job.options
         (uid,) = self.batch.insert(
             [ids[cached:]], [min(o["max_tokens"], context_length(self.model) - len(ids))], [cache], [ids[:cached]],
-            [make_sampler(temp=o["temperature"], top_p=o["top_p"])],
+            [shared_sampler(o["temperature"], o["top_p"])],
             [make_logits_processors(None, o["repetition_penalty"], o["repetition_context_size"])])
         self.decoding[uid] = Decoding(job, self.processor.tokenizer, ids, cached, key, tic)
 
