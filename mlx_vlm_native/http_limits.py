@@ -3,15 +3,25 @@ request: deadlines on reading a request, the connection table that lets new
 clients in past slow ones, a bound on a JSON body's structure, a text budget
 from the context, and the decoded-pixel budget shared by all requests.
 
-Standard library only; the server (server.py) wires these in.
+The hardened HTTP transport is here too (`LimitedHTTPServer`,
+`LimitedHandler`, errors as `APIError` replies); the server (server.py)
+adds the endpoints.
 """
 
 import io
+import json
 import re
+import select
 import socket
+import sys
 import threading
 import time
-from typing import Dict, List, Optional
+import traceback
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Dict, List, Optional, Tuple
+from urllib.parse import urlsplit
+
+from .processors.image import short
 
 
 class DeadlineReader(io.RawIOBase):
@@ -185,3 +195,256 @@ class PixelBudget:
         with self.changed:
             self.used -= pixels
             self.changed.notify_all()
+
+
+# ------------------------------------------------------------------- transport
+
+class APIError(Exception):
+    """A request that gets an error reply; the message says what to change."""
+
+    TYPES = {404: "not_found_error", 500: "server_error", 503: "server_error"}
+
+    def __init__(self, status: int, message: str, code: Optional[str] = None, param: Optional[str] = None,
+                 headers: Optional[dict] = None):
+        super().__init__(message)
+        self.status, self.message, self.code, self.param = status, message, code, param
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        error_type = self.TYPES.get(self.status, "invalid_request_error")
+        return {"error": {"message": self.message, "type": error_type, "param": self.param, "code": self.code}}
+
+
+class ClientGone(Exception):
+    """The client closed its connection while its answer was being made."""
+
+
+BUSY_REPLY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
+              b"Connection: close\r\nContent-Length: %d\r\n\r\n%s")
+
+
+class LimitedHTTPServer(ThreadingHTTPServer):
+    """One thread per connection and a listen backlog deep enough that a burst
+    of clients waits instead of being reset. The connection table keeps at
+    most `limits.max_connections`: a new client gets in by closing the
+    connection that has waited longest for its request (slow or idle), so slow
+    sockets cannot lock anyone out. `limits` also holds the deadlines and the
+    body size the handler (a `LimitedHandler`) enforces."""
+
+    request_queue_size = 128
+
+    def __init__(self, address, handler, limits):
+        self.limits = limits
+        self.table = ConnectionTable(limits.max_connections, limits.overflow_connections)
+        super().__init__(address, handler)
+
+    def process_request(self, request, client_address):
+        if self.table.admit(request) is None:
+            body = json.dumps(APIError(503, "the server has too many open connections; retry later",
+                                       "server_busy").body()).encode()
+            try:
+                request.sendall(BUSY_REPLY % (len(body), body))
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.table.remove(request)
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.table.remove(request)
+
+    def handle_error(self, request, client_address):
+        if isinstance(sys.exc_info()[1], OSError):  # a client that left or was closed to make room
+            return
+        super().handle_error(request, client_address)
+
+
+class LimitedHandler(BaseHTTPRequestHandler):
+    """Requests read within the server's deadlines and size limit, routed by
+    `ROUTES` (path -> (method, name of the method that answers)); every error is
+    an `APIError` reply in OpenAI's shape, a bug a 500, and the connection goes on
+    or is closed cleanly."""
+
+    server_version = "mlx-vlm-native"
+    timeout = 60  # seconds a client may stall while sending
+    ROUTES: Dict[str, Tuple[str, str]] = {}
+
+    def setup(self) -> None:
+        super().setup()
+        self.rfile.close()
+        self.reader = DeadlineReader(self.connection, self.timeout)
+        self.rfile = io.BufferedReader(self.reader)
+
+    def handle_one_request(self) -> None:
+        """Wait (at most `timeout`) for a request's first byte, then read its
+        request line and headers within `header_timeout` of it."""
+        self.request_start = None
+        if not self.server.table.reading(self.connection, True):
+            self.close_connection = True
+            return
+        self.reader.deadline = None
+        try:
+            if not self.rfile.peek(1):
+                self.close_connection = True
+                return
+        except OSError:  # idle past the timeout, or closed to make room
+            self.close_connection = True
+            return
+        self.request_start = time.monotonic()
+        self.reader.deadline = self.request_start + self.server.limits.header_timeout
+        super().handle_one_request()
+
+    do_GET, do_POST, do_PUT, do_DELETE, do_PATCH = (
+        lambda self, m=method: self.dispatch(m) for method in ("GET", "POST", "PUT", "DELETE", "PATCH"))
+
+    def dispatch(self, method: str) -> None:
+        self.tic, self.logged = time.perf_counter(), False
+        self.status, self.note, self.replied = None, "", False
+        self.unread_body = ((self.headers.get("Content-Length") or "0").strip() != "0"  # until read_body reads it
+                            or self.headers.get("Transfer-Encoding") is not None)
+        path = urlsplit(self.path).path.rstrip("/") or "/"
+        table = self.server.table
+        connection = table.get(self.connection)
+        if connection is None or connection.evicted:  # closed to make room while sending its headers
+            self.close_connection, self.unread_body = True, False
+            return
+        self.reader.deadline = self.request_start + self.server.limits.body_timeout
+        if not self.unread_body:
+            table.reading(self.connection, False)
+        try:
+            if connection.overflow and path != "/health":  # over the cap: read (or refuse) the body, then 503
+                self.close_connection = True
+                if self.unread_body:
+                    self.read_body(keep=False)
+                raise APIError(503, "the server has too many open connections; retry later", "server_busy",
+                               headers={"Retry-After": "1"})
+            if path not in self.ROUTES:
+                raise APIError(404, f"no endpoint {short(path)}; try {', '.join(self.ROUTES)}", "not_found")
+            allowed, action = self.ROUTES[path]
+            if method != allowed:
+                raise APIError(405, f"{path} takes {allowed}, not {method}", "method_not_allowed",
+                               headers={"Allow": allowed})
+            getattr(self, action)()
+        except APIError as e:
+            self.fail(e)
+        except (ClientGone, BrokenPipeError, ConnectionResetError):
+            self.note, self.close_connection = " client went away; generation stopped", True
+        except Exception as e:  # a bug must not take the server down; the trace stays in the log
+            traceback.print_exc()
+            self.fail(APIError(500, f"internal error ({type(e).__name__}); the server log has the details",
+                               "internal_error"))
+        finally:
+            self.log_done()
+            if self.unread_body:
+                self.close_connection = True
+                self.discard_unread_body()
+
+    def log_done(self) -> None:
+        """The request's one log line, written before the last bytes of the reply
+        so that it is there once the client has its answer."""
+        if not self.logged:
+            self.logged = True
+            elapsed = time.perf_counter() - self.tic
+            self.log_message('"%s" %s %.2fs%s', short(self.requestline), self.status, elapsed, self.note)
+
+    def log_request(self, code="-", size="-"):
+        pass  # written by `log_done`
+
+    def fail(self, error: APIError) -> None:
+        self.note = f" {error.message}"
+        try:
+            if not self.replied:
+                self.send_json(error.status, error.body(), error.headers)
+            else:  # mid-stream: the status line is gone, tell the client in the stream
+                self.send_event(error.body())
+        except OSError:
+            self.note += " (client gone)"
+            self.close_connection = True
+
+    def send_json(self, status: int, payload: dict, headers: Optional[dict] = None) -> None:
+        body = json.dumps(payload).encode()
+        self.send_response(status)
+        self.status, self.replied = status, True
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        if self.unread_body or self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        self.log_done()
+        self.wfile.write(body)
+
+    def send_event(self, payload) -> None:
+        data = payload if isinstance(payload, str) else json.dumps(payload)
+        self.wfile.write(f"data: {data}\n\n".encode())
+        self.wfile.flush()
+
+    def client_gone(self) -> bool:
+        """Whether the client has closed its end (readable with nothing to read)."""
+        try:
+            readable, _, _ = select.select([self.connection], [], [], 0)
+            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
+        except (OSError, ValueError):
+            return True
+
+    def read_body(self, keep: bool = True) -> bytes:
+        """The request body, refused from its Content-Length before any of it is
+        read, and received within `body_timeout` seconds of the request's first
+        byte (`keep=False`: read and dropped)."""
+        limits = self.server.limits
+        length = self.headers.get("Content-Length")
+        if self.headers.get("Transfer-Encoding"):
+            self.close_connection = True
+            raise APIError(411, "chunked request bodies are not supported; send a Content-Length",
+                           "length_required")
+        if length is None:
+            raise APIError(411, "a Content-Length header is required", "length_required")
+        length = length.strip()
+        if not (length.isascii() and length.isdigit()) or len(length) > 20:
+            self.close_connection = True
+            raise APIError(400, f"bad Content-Length {short(length)!r}: it must be a decimal byte count",
+                           "invalid_request")
+        size = int(length)
+        if size > limits.max_request_bytes:
+            self.unread_body = self.close_connection = True
+            raise APIError(413, f"the request body is {size} bytes, over the limit of "
+                           f"{limits.max_request_bytes} bytes", "request_too_large")
+        chunks, received = [], 0
+        try:
+            while received < size:
+                chunk = self.rfile.read1(min(65536, size - received))
+                if not chunk:
+                    self.unread_body = False
+                    self.close_connection = True
+                    raise APIError(400, f"the request body ended after {received} of {size} bytes",
+                                   "invalid_request")
+                if keep:
+                    chunks.append(chunk)
+                received += len(chunk)
+        except TimeoutError:
+            self.close_connection = True
+            raise APIError(408, f"the request was not received within {limits.body_timeout:g} s "
+                           f"({received} of {size} body bytes)", "request_timeout")
+        self.unread_body = False
+        self.server.table.reading(self.connection, False)
+        return b"".join(chunks)
+
+    def discard_unread_body(self, seconds: float = 2.0) -> None:
+        """Close after a refused body without resetting the connection, so that the
+        client still reads the error: stop sending, then drain for a while."""
+        self.reader.deadline = time.monotonic() + seconds
+        try:
+            self.wfile.flush()
+            self.connection.shutdown(socket.SHUT_WR)
+            while self.rfile.read1(65536):
+                pass
+        except OSError:
+            pass

@@ -1,52 +1,43 @@
 """`mlx-vlm-native serve`: an OpenAI-compatible chat completions server
-(standard library HTTP, docs/generation.md). Handler threads parse and check
-requests and fetch their images; one generation thread decodes the concurrent
-answers together on mlx-lm's `BatchGenerator`. Every bad request gets an error
-in OpenAI's shape, {"error": {"message", "type", "param", "code"}}, and the
+(docs/generation.md). Handler threads parse and check requests
+(`openai_api`) and fetch their images; one generation thread decodes the
+concurrent answers together on mlx-lm's `BatchGenerator`. The HTTP transport
+and its limits are `http_limits`'; every bad request gets an error in
+OpenAI's shape, {"error": {"message", "type", "param", "code"}}, and the
 server goes on."""
 
 import argparse
 import contextlib
 import copy
 import ctypes
-import dataclasses
 import functools
 import hashlib
-import io
 import itertools
-import json
 import queue
-import select
-import socket
 import sys
 import threading
 import time
-import traceback
 import uuid
 from collections import OrderedDict, deque
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Callable, Iterator, List, Optional, Tuple
-from urllib.parse import urlsplit
+from typing import Callable, Iterator, List, Optional
 
 import mlx.core as mx
-import numpy as np
 from mlx_lm.generate import BatchGenerator
 from mlx_lm.models.cache import LRUPromptCache, trim_prompt_cache
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
-from .conversations import ROLES, UnsupportedPart, openai_content
 from .engine import PromptReader, attach_prompt
-from .http_limits import ConnectionTable, DeadlineReader, PixelBudget, json_values, longest_token_bytes, text_of
-from .weights.validation import invalid_unicode
 from .generate import (
     DEFAULT_MODEL_NAME, GenerationResponse, PromptTooLongError, add_model_argument, add_runtime_arguments,
     check_chat_length, context_length, prepare_chat_inputs, stream_chat,
 )
-from .params import GenerationParameterError, check_cache_params, check_generation_params
-from .processors.image import (
-    ImageError, ImageTooLargeError, check_pixels, fetch_url, load_image, open_image, oriented_size, read_data_url, short,
+from .http_limits import APIError, ClientGone, LimitedHandler, LimitedHTTPServer, PixelBudget, longest_token_bytes, text_of
+from .openai_api import (
+    RequestImage, chat_messages, completion, completion_chunk, logprob_entry, parse_json_body, request_images,
+    sampling_options, stream_settings, until_stop, usage_of,
 )
+from .params import check_cache_params
 from .utils import load
 
 
@@ -84,260 +75,6 @@ FLAGS = {  # Limits field -> `serve` flag help
 }
 
 
-class APIError(Exception):
-    """A request that gets an error reply; the message says what to change."""
-
-    TYPES = {404: "not_found_error", 500: "server_error", 503: "server_error"}
-
-    def __init__(self, status: int, message: str, code: Optional[str] = None, param: Optional[str] = None,
-                 headers: Optional[dict] = None):
-        super().__init__(message)
-        self.status, self.message, self.code, self.param = status, message, code, param
-        self.headers = headers or {}
-
-    def body(self) -> dict:
-        error_type = self.TYPES.get(self.status, "invalid_request_error")
-        return {"error": {"message": self.message, "type": error_type, "param": self.param, "code": self.code}}
-
-
-class ClientGone(Exception):
-    """The client closed its connection while its answer was being made."""
-
-
-# ----------------------------------------------------------------- request parsing
-
-
-def _refuse_constant(name: str):
-    raise ValueError(f"{name} is not a JSON number")
-
-
-def parse_json_body(body: bytes, max_values: int = Limits.max_json_values) -> dict:
-    """The request's JSON object; a body that would parse into more than
-    `max_values` values is refused before it is parsed."""
-    values = json_values(body, max_values)
-    if values > max_values:
-        raise APIError(400, f"the request body has over {max_values} JSON values (objects, arrays, members and "
-                       "items); the limit bounds what a request may make the server hold", "invalid_json")
-    try:
-        request = json.loads(body.decode("utf-8"), parse_constant=_refuse_constant)
-    except UnicodeDecodeError as e:
-        raise APIError(400, f"the request body is not UTF-8: {e}", "invalid_json")
-    except RecursionError:
-        raise APIError(400, "the request body is nested too deeply", "invalid_json")
-    except ValueError as e:  # JSONDecodeError, NaN/Infinity, an integer of thousands of digits
-        raise APIError(400, f"the request body is not valid JSON: {e}", "invalid_json")
-    if not isinstance(request, dict):
-        raise APIError(400, "the request body must be a JSON object", "invalid_json")
-    return request
-
-
-def flag(request: dict, name: str, default: bool = False) -> bool:
-    value = request.get(name)
-    if value is None:
-        return default
-    if not isinstance(value, bool):
-        raise APIError(400, f"{name} must be true or false, got {short(repr(value))}", "invalid_value", name)
-    return value
-
-
-def stream_settings(request: dict) -> Tuple[bool, bool]:
-    """(stream, include_usage) from `stream` and `stream_options`."""
-    stream = flag(request, "stream")
-    options = request.get("stream_options")
-    if options is None:
-        return stream, False
-    if not isinstance(options, dict):
-        raise APIError(400, f"stream_options must be an object, got {short(repr(options))}", "invalid_value",
-                       "stream_options")
-    if not stream:
-        raise APIError(400, "stream_options is only allowed with stream: true", "invalid_value", "stream_options")
-    return stream, flag(options, "include_usage")
-
-
-def sampling_options(request: dict, default_max_tokens: int) -> dict:
-    """OpenAI's sampling fields -> the checked keyword arguments of `stream_chat`."""
-    name = "max_completion_tokens" if request.get("max_completion_tokens") is not None else "max_tokens"
-    if request.get("n") not in (None, 1):
-        raise APIError(400, "only n = 1 is supported", "invalid_value", "n")
-
-    given = {k: request.get(k) for k in ("temperature", "top_p", "seed", "repetition_penalty",
-                                         "repetition_context_size")}
-    given["max_tokens"] = default_max_tokens if request.get(name) is None else request.get(name)
-    try:
-        options = check_generation_params(**{k: v for k, v in given.items() if v is not None})
-    except GenerationParameterError as e:
-        param = name if e.param == "max_tokens" else e.param
-        raise APIError(400, str(e).replace("max_tokens", param, 1), "invalid_value", param)
-    top = request.get("top_logprobs")
-    if top is not None and (isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= 20):
-        raise APIError(400, f"top_logprobs must be an integer from 0 to 20, got {short(repr(top))}",
-                       "invalid_value", "top_logprobs")
-    if top is not None and not flag(request, "logprobs"):
-        raise APIError(400, "top_logprobs needs logprobs: true", "invalid_value", "top_logprobs")
-    options["top_logprobs"] = (top or 0) if flag(request, "logprobs") else None
-    stop = request.get("stop")
-    stop = [stop] if isinstance(stop, str) else stop
-    if stop is not None and (not isinstance(stop, list) or len(stop) > 4
-                             or not all(isinstance(x, str) and x for x in stop)):
-        raise APIError(400, "stop must be a non-empty string or a list of at most 4 of them", "invalid_value", "stop")
-    options["stop"] = stop or []
-    return options
-
-
-def until_stop(responses: Iterator, stops: List[str]) -> Iterator:
-    """The responses with the answer cut before the first of the `stop` strings
-    (finish_reason "stop"); text that may begin one is held back until it cannot."""
-    held, hold = "", max(map(len, stops), default=1) - 1
-    for r in responses:
-        held += r.text
-        cuts = [i for i in (held.find(x) for x in stops) if i >= 0]
-        if cuts:
-            yield dataclasses.replace(r, text=held[: min(cuts)], finish_reason="stop")
-            return
-        if r.finish_reason is not None:
-            yield dataclasses.replace(r, text=held)
-            return
-        out, held = held[: max(len(held) - hold, 0)], held[max(len(held) - hold, 0) :]
-        yield dataclasses.replace(r, text=out)
-
-
-def checked_text(text: str, where: str) -> str:
-    """`text` if it can be written as UTF-8 (JSON's \\ud800 escapes can make lone surrogates)."""
-    at = invalid_unicode(text)
-    if at is not None:
-        raise APIError(400, f"{where} is not valid Unicode: a lone surrogate \\u{ord(text[at]):04x} at character "
-                       f"{at}; send UTF-8 text", "invalid_value", "messages")
-    return text
-
-
-def content_parts(content, where: str) -> Tuple[list, List[str]]:
-    """One message's content -> template parts ({"type": "text"|"image"}) and its image URLs
-    (the shared parser, `conversations.openai_content`)."""
-    urls, videos = [], []
-    try:
-        parts = openai_content(content, urls, videos, where)
-    except UnsupportedPart as e:
-        raise APIError(400, f"{e}: use 'text' (with a string 'text') or 'image_url'",
-                       "unsupported_content_type") from None
-    except ValueError as e:
-        raise APIError(400, str(e), "invalid_value", where) from None
-    if videos:
-        raise APIError(400, f"video parts are not served ({where}): use 'text' or 'image_url'",
-                       "unsupported_content_type")
-    parts = [{"type": "text", "text": parts}] if isinstance(parts, str) else parts
-    for i, part in enumerate(parts):
-        if part["type"] == "text":
-            checked_text(part["text"], f"{where}.content" if len(parts) == 1 else f"{where}.content[{i}].text")
-    return parts, urls
-
-
-def chat_messages(request: dict) -> Tuple[list, List[str]]:
-    """OpenAI messages -> the chat template's messages and the image URLs in order."""
-    messages = request.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise APIError(400, "'messages' is required: a non-empty list of {role, content}", "invalid_value", "messages")
-    out, urls = [], []
-    for i, message in enumerate(messages):
-        where = f"messages[{i}]"
-        role = message.get("role") if isinstance(message, dict) else None
-        if not isinstance(role, str) or role not in ROLES:
-            raise APIError(400, f"{where}.role must be one of {sorted(ROLES)}, got {short(repr(role))}",
-                           "invalid_value")
-        parts, message_urls = content_parts(message.get("content"), where)
-        if all(p["type"] == "text" for p in parts):
-            parts = "".join(p["text"] for p in parts)
-        out.append({"role": ROLES[role], "content": parts})
-        urls += message_urls
-    return out, urls
-
-
-# -------------------------------------------------------------------------- images
-
-
-def image_error(e: Exception) -> APIError:
-    if isinstance(e, ImageTooLargeError):
-        return APIError(413, str(e), "image_too_large")
-    return APIError(400, str(e), "invalid_image")
-
-
-@dataclass
-class RequestImage:
-    """An image of a request as fetched: its encoded bytes and header size; it
-    is decoded only when its request's turn comes."""
-
-    data: bytes
-    name: str
-    size: Tuple[int, int]  # (width, height) as displayed
-
-    def decode(self, limits: "Limits"):
-        try:
-            return load_image(self.data, max_pixels=limits.max_image_pixels)
-        except ImageError as e:
-            raise image_error(e)
-
-
-def fetch_request_image(url: str, limits: Limits) -> RequestImage:
-    """An image URL's bytes (bounded in bytes and time) and its size from the header."""
-    scheme = urlsplit(url).scheme.lower()
-    try:
-        if scheme == "data":
-            name, data = "the data URL image", read_data_url(url, limits.max_image_bytes)
-        elif scheme in ("http", "https"):
-            name, data = f"the image at {short(url)}", fetch_url(url, limits.max_image_bytes, limits.image_timeout)
-        else:
-            raise APIError(400, f"image URLs must be http://, https:// or data: URLs; got {short(url)!r}",
-                           "invalid_image_url")
-        header = open_image(data, name)
-        check_pixels(header, name, limits.max_image_pixels)
-        return RequestImage(data, name, oriented_size(header))
-    except ImageError as e:
-        raise image_error(e)
-
-
-def request_images(urls: List[str], limits: Limits) -> List[RequestImage]:
-    """The request's images, with its budgets checked from the headers: at most
-    `max_images`, and `max_request_pixels` in all."""
-    if len(urls) > limits.max_images:
-        raise APIError(400, f"the request has {len(urls)} images; at most {limits.max_images} are allowed",
-                       "too_many_images", "messages")
-    images, pixels = [], 0
-    for url in urls:
-        image = fetch_request_image(url, limits)
-        pixels += image.size[0] * image.size[1]
-        if pixels > limits.max_request_pixels:
-            raise APIError(413, f"the request's images are over {limits.max_request_pixels} pixels in all "
-                           f"(at {image.name}, {len(images) + 1} of {len(urls)})", "image_too_large", "messages")
-        images.append(image)
-    return images
-
-
-# ------------------------------------------------------------------------- replies
-
-
-def completion(request_id: str, created: int, model_id: str, text: str, finish_reason: str, usage: dict,
-               logprobs: Optional[list] = None) -> dict:
-    return {
-        "id": request_id, "object": "chat.completion", "created": created, "model": model_id,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                     "finish_reason": finish_reason, "logprobs": None if logprobs is None else {"content": logprobs}}],
-        "usage": usage,
-    }
-
-
-def completion_chunk(request_id: str, created: int, model_id: str, delta: dict,
-                     finish_reason: Optional[str] = None, logprobs: Optional[list] = None) -> dict:
-    return {
-        "id": request_id, "object": "chat.completion.chunk", "created": created, "model": model_id,
-        "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason,
-                     "logprobs": None if logprobs is None else {"content": logprobs}}],
-    }
-
-
-def usage_of(response) -> dict:
-    return {"prompt_tokens": response.prompt_tokens, "completion_tokens": response.generation_tokens,
-            "total_tokens": response.prompt_tokens + response.generation_tokens}
-
-
 # -------------------------------------------------------------------------- server
 
 
@@ -361,18 +98,6 @@ def release_memory() -> None:
             ctypes.CDLL("libc.so.6").malloc_trim(0)
         except (OSError, AttributeError):
             pass
-
-
-def logprob_entry(tokenizer, token: int, logprobs: mx.array, top: int) -> dict:
-    """OpenAI's logprobs entry of one sampled token: its log-probability and the `top` likeliest."""
-    values = np.array(logprobs.astype(mx.float32))
-
-    def entry(t: int) -> dict:
-        text = tokenizer.decode([t])
-        return {"token": text, "logprob": float(values[t]), "bytes": list(text.encode("utf-8"))}
-
-    best = np.argsort(-values, kind="stable")[:top] if top else []
-    return {**entry(token), "top_logprobs": [entry(int(t)) for t in best]}
 
 
 @functools.lru_cache(maxsize=64)
@@ -707,242 +432,27 @@ class ChatService:
         self.idle.wait(timeout)
 
 
-BUSY_REPLY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
-              b"Connection: close\r\nContent-Length: %d\r\n\r\n%s")
-
-
-class ChatServer(ThreadingHTTPServer):
-    """One thread per connection and a listen backlog deep enough that a burst
-    of clients waits instead of being reset. The connection table keeps at
-    most `max_connections`: a new client gets in by closing the connection
-    that has waited longest for its request (slow or idle), so slow sockets
-    cannot lock anyone out. The server-wide pixel budget and the text bound
-    (context x the longest token) are kept here for the handlers."""
-
-    request_queue_size = 128
+class ChatServer(LimitedHTTPServer):
+    """The chat service behind the hardened transport, with the server-wide
+    pixel budget and the text bound (context x the longest token) the handlers use."""
 
     def __init__(self, address, service: ChatService):
         self.service = service
         limits = service.limits
-        self.table = ConnectionTable(limits.max_connections, limits.overflow_connections)
         self.pixels = PixelBudget(max(limits.max_server_pixels, limits.max_request_pixels), limits.pixel_wait)
         # a text of n characters is at least n / longest-token tokens: longer than this never fits
         self.longest_token = longest_token_bytes(service.processor.tokenizer)
         self.max_prompt_chars = context_length(service.model) * self.longest_token
-        super().__init__(address, Handler)
-
-    def process_request(self, request, client_address):
-        if self.table.admit(request) is None:
-            body = json.dumps(APIError(503, "the server has too many open connections; retry later",
-                                       "server_busy").body()).encode()
-            try:
-                request.sendall(BUSY_REPLY % (len(body), body))
-            except OSError:
-                pass
-            self.shutdown_request(request)
-            return
-        try:
-            super().process_request(request, client_address)
-        except BaseException:
-            self.table.remove(request)
-            raise
-
-    def process_request_thread(self, request, client_address):
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            self.table.remove(request)
-
-    def handle_error(self, request, client_address):
-        if isinstance(sys.exc_info()[1], OSError):  # a client that left or was closed to make room
-            return
-        super().handle_error(request, client_address)
+        super().__init__(address, Handler, limits)
 
     def server_close(self) -> None:
         super().server_close()
         self.service.close()
 
 
-class Handler(BaseHTTPRequestHandler):
-    server_version = "mlx-vlm-native"
-    timeout = 60  # seconds a client may stall while sending
+class Handler(LimitedHandler):
     ROUTES = {"/v1/models": ("GET", "models"), "/health": ("GET", "health"),
               "/v1/chat/completions": ("POST", "chat_completions")}
-
-    def setup(self) -> None:
-        super().setup()
-        self.rfile.close()
-        self.reader = DeadlineReader(self.connection, self.timeout)
-        self.rfile = io.BufferedReader(self.reader)
-
-    def handle_one_request(self) -> None:
-        """Wait (at most `timeout`) for a request's first byte, then read its
-        request line and headers within `header_timeout` of it."""
-        self.request_start = None
-        if not self.server.table.reading(self.connection, True):
-            self.close_connection = True
-            return
-        self.reader.deadline = None
-        try:
-            if not self.rfile.peek(1):
-                self.close_connection = True
-                return
-        except OSError:  # idle past the timeout, or closed to make room
-            self.close_connection = True
-            return
-        self.request_start = time.monotonic()
-        self.reader.deadline = self.request_start + self.server.service.limits.header_timeout
-        super().handle_one_request()
-
-    do_GET, do_POST, do_PUT, do_DELETE, do_PATCH = (
-        lambda self, m=method: self.dispatch(m) for method in ("GET", "POST", "PUT", "DELETE", "PATCH"))
-
-    def dispatch(self, method: str) -> None:
-        self.tic, self.logged = time.perf_counter(), False
-        self.status, self.note, self.replied = None, "", False
-        self.unread_body = ((self.headers.get("Content-Length") or "0").strip() != "0"  # until read_body reads it
-                            or self.headers.get("Transfer-Encoding") is not None)
-        path = urlsplit(self.path).path.rstrip("/") or "/"
-        table = self.server.table
-        connection = table.get(self.connection)
-        if connection is None or connection.evicted:  # closed to make room while sending its headers
-            self.close_connection, self.unread_body = True, False
-            return
-        self.reader.deadline = self.request_start + self.server.service.limits.body_timeout
-        if not self.unread_body:
-            table.reading(self.connection, False)
-        try:
-            if connection.overflow and path != "/health":  # over the cap: read (or refuse) the body, then 503
-                self.close_connection = True
-                if self.unread_body:
-                    self.read_body(keep=False)
-                raise APIError(503, "the server has too many open connections; retry later", "server_busy",
-                               headers={"Retry-After": "1"})
-            if path not in self.ROUTES:
-                raise APIError(404, f"no endpoint {short(path)}; try {', '.join(self.ROUTES)}", "not_found")
-            allowed, action = self.ROUTES[path]
-            if method != allowed:
-                raise APIError(405, f"{path} takes {allowed}, not {method}", "method_not_allowed",
-                               headers={"Allow": allowed})
-            getattr(self, action)()
-        except APIError as e:
-            self.fail(e)
-        except (ClientGone, BrokenPipeError, ConnectionResetError):
-            self.note, self.close_connection = " client went away; generation stopped", True
-        except Exception as e:  # a bug must not take the server down; the trace stays in the log
-            traceback.print_exc()
-            self.fail(APIError(500, f"internal error ({type(e).__name__}); the server log has the details",
-                               "internal_error"))
-        finally:
-            self.log_done()
-            if self.unread_body:
-                self.close_connection = True
-                self.discard_unread_body()
-
-    def log_done(self) -> None:
-        """The request's one log line, written before the last bytes of the reply
-        so that it is there once the client has its answer."""
-        if not self.logged:
-            self.logged = True
-            elapsed = time.perf_counter() - self.tic
-            self.log_message('"%s" %s %.2fs%s', short(self.requestline), self.status, elapsed, self.note)
-
-    def log_request(self, code="-", size="-"):
-        pass  # written by `log_done`
-
-    def fail(self, error: APIError) -> None:
-        self.note = f" {error.message}"
-        try:
-            if not self.replied:
-                self.send_json(error.status, error.body(), error.headers)
-            else:  # mid-stream: the status line is gone, tell the client in the stream
-                self.send_event(error.body())
-        except OSError:
-            self.note += " (client gone)"
-            self.close_connection = True
-
-    def send_json(self, status: int, payload: dict, headers: Optional[dict] = None) -> None:
-        body = json.dumps(payload).encode()
-        self.send_response(status)
-        self.status, self.replied = status, True
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        for k, v in (headers or {}).items():
-            self.send_header(k, v)
-        if self.unread_body or self.close_connection:
-            self.send_header("Connection", "close")
-        self.end_headers()
-        self.log_done()
-        self.wfile.write(body)
-
-    def send_event(self, payload) -> None:
-        data = payload if isinstance(payload, str) else json.dumps(payload)
-        self.wfile.write(f"data: {data}\n\n".encode())
-        self.wfile.flush()
-
-    def client_gone(self) -> bool:
-        """Whether the client has closed its end (readable with nothing to read)."""
-        try:
-            readable, _, _ = select.select([self.connection], [], [], 0)
-            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
-        except (OSError, ValueError):
-            return True
-
-    def read_body(self, keep: bool = True) -> bytes:
-        """The request body, refused from its Content-Length before any of it is
-        read, and received within `body_timeout` seconds of the request's first
-        byte (`keep=False`: read and dropped)."""
-        limits = self.server.service.limits
-        length = self.headers.get("Content-Length")
-        if self.headers.get("Transfer-Encoding"):
-            self.close_connection = True
-            raise APIError(411, "chunked request bodies are not supported; send a Content-Length",
-                           "length_required")
-        if length is None:
-            raise APIError(411, "a Content-Length header is required", "length_required")
-        length = length.strip()
-        if not (length.isascii() and length.isdigit()) or len(length) > 20:
-            self.close_connection = True
-            raise APIError(400, f"bad Content-Length {short(length)!r}: it must be a decimal byte count",
-                           "invalid_request")
-        size = int(length)
-        if size > limits.max_request_bytes:
-            self.unread_body = self.close_connection = True
-            raise APIError(413, f"the request body is {size} bytes, over the limit of "
-                           f"{limits.max_request_bytes} bytes", "request_too_large")
-        chunks, received = [], 0
-        try:
-            while received < size:
-                chunk = self.rfile.read1(min(65536, size - received))
-                if not chunk:
-                    self.unread_body = False
-                    self.close_connection = True
-                    raise APIError(400, f"the request body ended after {received} of {size} bytes",
-                                   "invalid_request")
-                if keep:
-                    chunks.append(chunk)
-                received += len(chunk)
-        except TimeoutError:
-            self.close_connection = True
-            raise APIError(408, f"the request was not received within {limits.body_timeout:g} s "
-                           f"({received} of {size} body bytes)", "request_timeout")
-        self.unread_body = False
-        self.server.table.reading(self.connection, False)
-        return b"".join(chunks)
-
-    def discard_unread_body(self, seconds: float = 2.0) -> None:
-        """Close after a refused body without resetting the connection, so that the
-        client still reads the error: stop sending, then drain for a while."""
-        self.reader.deadline = time.monotonic() + seconds
-        try:
-            self.wfile.flush()
-            self.connection.shutdown(socket.SHUT_WR)
-            while self.rfile.read1(65536):
-                pass
-        except OSError:
-            pass
-
-    # ------------------------------------------------------------------ endpoints
 
     def health(self) -> None:
         self.send_json(200, {"status": "ok"})

@@ -17,7 +17,7 @@ LAYERS = (
     ("loading and generation", ("utils", "adapters", "conversations", "params", "generate", "convert", "fuse",
                                 "caption")),
     ("training", ("training",)),
-    ("commands", ("chat", "server", "http_limits", "train", "selftest", "cli", "__main__", "__init__")),
+    ("commands", ("chat", "server", "openai_api", "http_limits", "train", "selftest", "cli", "__main__", "__init__")),
 )
 # imported inside functions on purpose: optional and heavy, or the peer project
 LAZY_ALLOWED = ("torch", "transformers", "tokenizers", "sentencepiece", "mlx_vlm", "jinja2")
