@@ -133,3 +133,28 @@ def test_host_ops_and_plain_paths_agree(qwen2_vl_dir, monkeypatch):
     plain, _ = load(str(qwen2_vl_dir))
     diff = mx.abs(forward_of(host, processor)() - forward_of(plain, processor)()).max().item()
     assert diff <= 1e-5, diff
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+def test_compiled_rotary_equals_the_formula_for_every_shape(dtype):
+    """`apply_rotary`'s shapeless compiled kernel (traced once) against the
+    uncompiled rotate-half formula, over the shapes the towers and M-RoPE give it:
+    (N, H, D) with (N, 1, D) tables, (B, H, L, D) with (L, D) or (B, 1, L, D),
+    several head dims in one process. Within 1e-6 relative in fp32 (a fused
+    multiply-add may round once less), one rounding in bf16."""
+    from mlx_vlm_native.models.base import apply_rotary
+
+    rng = np.random.default_rng(0)
+    shapes = [((6, 2, 8), (6, 1, 8)), ((2, 4, 5, 16), (5, 16)), ((2, 4, 5, 16), (2, 1, 5, 16)),
+              ((1, 3, 9, 64), (9, 64)), ((40, 12, 80), (40, 1, 80)), ((6, 2, 8), (6, 1, 8))]
+    for x_shape, table_shape in shapes:
+        x = mx.array(rng.standard_normal(x_shape).astype(np.float32)).astype(dtype)
+        angles = mx.array(rng.uniform(-4, 4, table_shape).astype(np.float32))
+        cos, sin = mx.cos(angles).astype(dtype), mx.sin(angles).astype(dtype)
+        half = x_shape[-1] // 2
+        expected = x * cos + mx.concatenate([-x[..., half:], x[..., :half]], axis=-1) * sin
+        got = apply_rotary(x, cos, sin)
+        assert got.shape == expected.shape and got.dtype == dtype
+        tol = (1e-6 if dtype == mx.float32 else 2 ** -7) * float(mx.abs(expected.astype(mx.float32)).max())
+        diff = float(mx.abs(got.astype(mx.float32) - expected.astype(mx.float32)).max())
+        assert diff <= tol, (x_shape, table_shape, diff)

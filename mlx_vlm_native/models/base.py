@@ -1,5 +1,6 @@
 import inspect
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Iterator, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
@@ -165,6 +166,22 @@ def resize_bilinear(x, rows: int, cols: int):
     wc = mx.array(weights(W, cols)).astype(x.dtype)
     x = (wr @ x.reshape(H, W * D)).reshape(rows, W, D)
     return mx.einsum("cw,rwd->rcd", wc, x)
+
+
+def rotate_half(x: mx.array) -> mx.array:
+    half = x.shape[-1] // 2
+    return mx.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+
+
+@partial(mx.compile, shapeless=True)
+def _rotary_sum(x: mx.array, rotated: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
+    # elementwise only, so one shapeless trace serves every shape (one fused kernel on a GPU)
+    return x * cos + rotated * sin
+
+
+def apply_rotary(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
+    """x rotated by angles whose cos and sin broadcast against it (rotate-half convention)."""
+    return _rotary_sum(x, rotate_half(x), cos, sin)
 
 
 def scatter_features(embeds: mx.array, mask: np.ndarray, features: mx.array) -> mx.array:

@@ -15,7 +15,7 @@ import numpy as np
 from .. import native
 from ..native.packed_attention import PackedAttention
 from ..native.packing import Pack
-from .base import BaseModelArgs
+from .base import BaseModelArgs, apply_rotary
 
 ACTIVATIONS = {  # as layers: the CPU backend gives quick_gelu and silu a NumPy body at load time
     "quick_gelu": lambda: nn.GELU(approx="fast"), "gelu": nn.GELU,
@@ -74,11 +74,7 @@ def rope_2d_angles(positions: np.ndarray, head_dim: int, theta: float) -> mx.arr
 
 def apply_rope(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
     """x (N, H, D) rotated in fp32 by per-token angles (rotate-half convention)."""
-    dtype = x.dtype
-    x = x.astype(mx.float32)
-    half = x.shape[-1] // 2
-    rotated = mx.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-    return (x * cos[:, None] + rotated * sin[:, None]).astype(dtype)
+    return apply_rotary(x.astype(mx.float32), cos[:, None], sin[:, None]).astype(x.dtype)
 
 
 def rotate_qk(q: mx.array, k: mx.array, cos: mx.array, sin: mx.array):

@@ -21,7 +21,8 @@ from ..engine import BatchPromptKVCache, Prompt, PromptKVCache, prompts_of
 
 from ..native.packing import pack_of_packs, split_by_prompt
 from .base import (
-    IMAGE, TEXT, VIDEO, BaseModelArgs, ProcessedInputs, VisionLanguageModel, scatter_features, text_config_for_mlx_lm,
+    IMAGE, TEXT, VIDEO, BaseModelArgs, ProcessedInputs, VisionLanguageModel, apply_rotary, scatter_features,
+    text_config_for_mlx_lm,
 )
 from .qwen2_vision import VisionConfig, VisionModel, patch_embed_mlx_conv
 
@@ -152,10 +153,7 @@ class MRoPE(nn.Module):
     def __call__(self, x: mx.array, offset=0) -> mx.array:
         if not isinstance(offset, RopeTables):  # plain 1-D positions from `offset`
             return mx.fast.rope(x, self.head_dim, traditional=False, base=self.base, scale=1.0, offset=offset)
-        cos, sin = offset.cos.astype(x.dtype), offset.sin.astype(x.dtype)
-        half = x.shape[-1] // 2
-        rotated = mx.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-        return x * cos + rotated * sin
+        return apply_rotary(x, offset.cos.astype(x.dtype), offset.sin.astype(x.dtype))
 
     def tables(self, positions) -> "RopeTables":
         """cos and sin of (3, L) or (B, 3, L) positions: each frequency takes the
