@@ -1,5 +1,5 @@
 """The CPU backend (`native/cpu_backend.py`: NumPy softmax / quick_gelu / silu /
-one-row gemv) against MLX's own ops: values to 1e-6 and gradients to 1e-5, in
+one-row gemv, few-row column blocks) against MLX's own ops: values to 1e-6 and gradients to 1e-5, in
 float32 and bfloat16; and `install`, which puts it into a model. The NumPy ops
 run on whatever device MLX defaults to (they read arrays back to the host), so
 these tests are device-neutral; which path a loaded model takes is in
@@ -66,9 +66,9 @@ def test_matvec_matches_mlx_with_gradients():
     x = mx.array(rng.standard_normal((1, 1, 48)).astype(np.float32))
     w = mx.array(rng.standard_normal((40, 48)).astype(np.float32))
     assert cpu_backend.matvec_applies(x, w)
-    assert float(mx.abs(cpu_backend.matvec(x, w) - x @ w.T).max()) <= 1e-5
+    assert float(mx.abs(cpu_backend.fast_product(x, w) - x @ w.T).max()) <= 1e-5
     g = mx.array(rng.standard_normal((1, 1, 40)).astype(np.float32))
-    ours = mx.grad(lambda x, w: (cpu_backend.matvec(x, w) * g).sum(), argnums=(0, 1))(x, w)
+    ours = mx.grad(lambda x, w: (cpu_backend.fast_product(x, w) * g).sum(), argnums=(0, 1))(x, w)
     ref = mx.grad(lambda x, w: ((x @ w.T) * g).sum(), argnums=(0, 1))(x, w)
     for a, b in zip(ours, ref):
         assert a.shape == b.shape and float(mx.abs(a - b).max()) <= 1e-5
@@ -76,8 +76,46 @@ def test_matvec_matches_mlx_with_gradients():
     assert not cpu_backend.matvec_applies(x.astype(mx.bfloat16), w.astype(mx.bfloat16))
 
 
+@pytest.mark.parametrize("rows,out,inner", [(2, 64, 48), (4, 2048, 768), (8, 768, 2048), (16, 96, 40)])
+def test_few_rows_product_matches_mlx_with_gradients(rows, out, inner):
+    """The column-block product (any block that divides the output) against
+    x @ w.T: values and gradients to 1e-5 relative, (rows, 1, inner) decode input."""
+    rng = np.random.default_rng(rows)
+    x = mx.array(rng.standard_normal((rows, 1, inner)).astype(np.float32))
+    w = mx.array(rng.standard_normal((out, inner)).astype(np.float32) / np.sqrt(inner))
+    g = mx.array(rng.standard_normal((rows, 1, out)).astype(np.float32))
+    for block in (8, 32, out):
+        got = cpu_backend.few_rows_product(x, w, block)
+        assert got.shape == (rows, 1, out)
+        assert float(mx.abs(got - x @ w.T).max()) <= 1e-5 * float(mx.abs(x @ w.T).max())
+        ours = mx.grad(lambda x, w: (cpu_backend.few_rows_product(x, w, block) * g).sum(), argnums=(0, 1))(x, w)
+        ref = mx.grad(lambda x, w: ((x @ w.T) * g).sum(), argnums=(0, 1))(x, w)
+        for a, b in zip(ours, ref):
+            assert a.shape == b.shape and float(mx.abs(a - b).max()) <= 1e-5 * float(mx.abs(b).max())
+
+
+def test_column_blocks_only_on_openblas_small_matrix_cores(monkeypatch):
+    """Blocks keep each product within OpenBLAS's small-matrix kernels (M*N*K <=
+    100**3) and divide the output; one row, over 16 rows, another core or
+    another BLAS keep one product."""
+    monkeypatch.setattr(cpu_backend, "openblas_core", lambda: "skylakex")
+    assert cpu_backend.column_block(8, 768, 2048) == 128  # 8 * 128 * 768 = 786k
+    assert cpu_backend.column_block(8, 2048, 768) == 32  # 8 * 64 * 2048 is over
+    assert cpu_backend.column_block(4, 768, 2048) == 256
+    assert cpu_backend.column_block(8, 768, 447) == 0  # no block of 8 or more divides 447
+    assert cpu_backend.column_block(1, 768, 2048) == cpu_backend.column_block(17, 768, 2048) == 0
+    x, w = mx.zeros((4, 1, 768)), mx.zeros((2048, 768))
+    assert cpu_backend.fast_product(x.astype(mx.bfloat16), w.astype(mx.bfloat16)) is None
+    assert cpu_backend.fast_product(x, w).shape == (4, 1, 2048)
+    for core in ("haswell", "zen", ""):
+        monkeypatch.setattr(cpu_backend, "openblas_core", lambda: core)
+        assert cpu_backend.column_block(8, 768, 2048) == 0 and cpu_backend.fast_product(x, w) is None
+
+
 def test_install_keeps_parameters_and_outputs_of_a_language_model(monkeypatch):
     from mlx_lm.models import qwen2
+
+    monkeypatch.setattr(cpu_backend, "openblas_core", lambda: "")  # one row: gemv; more: MLX's product
 
     args = qwen2.ModelArgs(model_type="qwen2", hidden_size=64, num_hidden_layers=2, intermediate_size=96,
                            num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6, vocab_size=80,
@@ -103,6 +141,12 @@ def test_install_keeps_parameters_and_outputs_of_a_language_model(monkeypatch):
     assert float(mx.abs(out - ref).max()) <= 1e-5
     assert float(mx.abs(model(mx.array([[7, 8, 9]]))[:, :1] - ref).max()) <= 1e-5  # rows > 1: MLX's path
     assert cpu_backend.install(model) is model and type(q_proj) is cpu_backend.Linear  # twice: no change
+    batch = mx.array([[7], [3], [11], [5]])  # a decode step of four sequences, in column blocks
+    plain = qwen2.Model(args)
+    nn.quantize(plain.layers[1], group_size=32, bits=4)
+    plain.update(model.parameters())
+    monkeypatch.setattr(cpu_backend, "openblas_core", lambda: "skylakex")
+    assert float(mx.abs(model(batch) - plain(batch)).max()) <= 1e-5
 
 
 @pytest.mark.parametrize("windowed", [False, True])

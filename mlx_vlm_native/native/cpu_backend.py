@@ -14,11 +14,24 @@ the speed of NumPy's `gemv` (4 against 8 GB/s on that box, one thread), and
 decode time is almost all weight traffic. `Linear` and `Embedding.as_linear`
 take NumPy's path for one float32 row.
 
+Decoding a batch is a product of 2-16 rows per weight. OpenBLAS packs the
+whole weight into a buffer before such a product (about half of a batched
+decode step's time under `perf`), except in its small-matrix kernels
+(AVX-512 cores, M*N*K <= 100**3), which read the weight as it lies. Where
+OpenBLAS runs on such a core, those products are made as one batched
+product of column blocks small enough for them (plain MLX: nothing is
+evaluated, so mlx-lm's async decode steps still overlap): 1.5-1.8x faster
+per product, a batched decode step of 4-8 sequences about 30% faster here.
+
 Each op is an `mx.custom_function` with its usual vjp in MLX, so training still
 differentiates through them; they evaluate their inputs (`mx.eval` inside the
 forward), so a model with them installed cannot be wrapped in `mx.compile`:
 load it with MLX_VLM_NATIVE_HOST_OPS=0 for that.
 """
+
+import ctypes
+import functools
+from typing import Optional
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -103,29 +116,71 @@ def matvec_applies(x: mx.array, weight: mx.array) -> bool:
     return x.size == x.shape[-1] and x.dtype == mx.float32 and weight.dtype == mx.float32
 
 
-def matvec(x: mx.array, weight: mx.array) -> mx.array:
-    """x @ weight.T; NumPy's gemv where `matvec_applies`."""
-    return _host_matvec(x, weight) if matvec_applies(x, weight) else x @ weight.T
+SMALL_MATRIX_CORES = ("skylakex", "cooperlake", "sapphirerapids")  # OpenBLAS cores with small-matrix sgemm
+SMALL_MATRIX_MNK = 100**3  # the largest product M*N*K those kernels take
+
+
+@functools.lru_cache(maxsize=None)
+def openblas_core() -> str:
+    """The core OpenBLAS runs on in this process, lower case ('' where MLX uses another BLAS)."""
+    try:
+        corename = ctypes.CDLL(None).openblas_get_corename
+    except (AttributeError, OSError, TypeError):
+        return ""
+    corename.restype = ctypes.c_char_p
+    return (corename() or b"").decode().lower()
+
+
+def column_block(rows: int, inner: int, out: int) -> int:
+    """Output columns per block that make a float32 product of 2-16 rows one
+    small-matrix product per block; 0 where it stays one product."""
+    if not 2 <= rows <= 16 or openblas_core() not in SMALL_MATRIX_CORES:
+        return 0
+    block = 256
+    while block >= 8 and (rows * block * inner > SMALL_MATRIX_MNK or out % block):
+        block //= 2
+    return block if block >= 8 else 0
+
+
+def few_rows_product(x: mx.array, weight: mx.array, block: int) -> mx.array:
+    """x @ weight.T as one batched product over blocks of `block` output columns."""
+    out, inner = weight.shape
+    rows = x.size // inner
+    y = mx.matmul(x.reshape(1, rows, inner), weight.reshape(out // block, block, inner).swapaxes(1, 2))
+    return y.swapaxes(0, 1).reshape(*x.shape[:-1], out)
+
+
+def fast_product(x: mx.array, weight: mx.array) -> Optional[mx.array]:
+    """x @ weight.T where this backend has a faster path than MLX's one product
+    (NumPy's gemv for one float32 row, column blocks for 2-16), else None."""
+    if matvec_applies(x, weight):
+        return _host_matvec(x, weight)
+    if x.dtype == mx.float32 and weight.dtype == mx.float32:
+        block = column_block(x.size // x.shape[-1], weight.shape[1], weight.shape[0])
+        if block:
+            return few_rows_product(x, weight, block)
+    return None
 
 
 # ---- the modules `install` puts in place of MLX's (same state, NumPy inside) --------
 
 
 class Linear(nn.Linear):
-    """nn.Linear whose one-row float32 products are NumPy's gemv."""
+    """nn.Linear whose few-row float32 products take `fast_product`."""
 
     def __call__(self, x: mx.array) -> mx.array:
-        if not matvec_applies(x, self.weight):
+        y = fast_product(x, self.weight)
+        if y is None:
             return super().__call__(x)
-        y = _host_matvec(x, self.weight)
         return y + self.bias if "bias" in self else y
 
 
 class Embedding(nn.Embedding):
-    """nn.Embedding whose `as_linear` (a tied output head) takes `matvec`."""
+    """nn.Embedding whose `as_linear` (a tied output head) takes `fast_product`."""
 
     def as_linear(self, x: mx.array) -> mx.array:
-        return matvec(x, self.weight)
+        y = fast_product(x, self.weight)
+        return x @ self.weight.T if y is None else y
 
 
 class QuickGELU(nn.GELU):
