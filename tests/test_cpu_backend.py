@@ -96,20 +96,23 @@ def test_few_rows_product_matches_mlx_with_gradients(rows, out, inner):
 
 def test_column_blocks_only_on_openblas_small_matrix_cores(monkeypatch):
     """Blocks keep each product within OpenBLAS's small-matrix kernels (M*N*K <=
-    100**3) and divide the output; one row, over 16 rows, another core or
-    another BLAS keep one product."""
+    100**3) and divide the output, one row included (in place of the gemv);
+    over 16 rows, another core or another BLAS keep one product."""
     monkeypatch.setattr(cpu_backend, "openblas_core", lambda: "skylakex")
     assert cpu_backend.column_block(8, 768, 2048) == 128  # 8 * 128 * 768 = 786k
     assert cpu_backend.column_block(8, 2048, 768) == 32  # 8 * 64 * 2048 is over
     assert cpu_backend.column_block(4, 768, 2048) == 256
     assert cpu_backend.column_block(8, 768, 447) == 0  # no block of 8 or more divides 447
-    assert cpu_backend.column_block(1, 768, 2048) == cpu_backend.column_block(17, 768, 2048) == 0
+    assert cpu_backend.column_block(1, 768, 2048) == 256 and cpu_backend.column_block(17, 768, 2048) == 0
+    one = mx.zeros((1, 1, 768))
+    assert cpu_backend.fast_product(one, mx.zeros((447, 768))).shape == (1, 1, 447)  # no block: the gemv
     x, w = mx.zeros((4, 1, 768)), mx.zeros((2048, 768))
     assert cpu_backend.fast_product(x.astype(mx.bfloat16), w.astype(mx.bfloat16)) is None
     assert cpu_backend.fast_product(x, w).shape == (4, 1, 2048)
     for core in ("haswell", "zen", ""):
         monkeypatch.setattr(cpu_backend, "openblas_core", lambda: core)
         assert cpu_backend.column_block(8, 768, 2048) == 0 and cpu_backend.fast_product(x, w) is None
+        assert cpu_backend.fast_product(one, w).shape == (1, 1, 2048)  # one row: NumPy's gemv
 
 
 def test_install_keeps_parameters_and_outputs_of_a_language_model(monkeypatch):

@@ -14,14 +14,14 @@ the speed of NumPy's `gemv` (4 against 8 GB/s on that box, one thread), and
 decode time is almost all weight traffic. `Linear` and `Embedding.as_linear`
 take NumPy's path for one float32 row.
 
-Decoding a batch is a product of 2-16 rows per weight. OpenBLAS packs the
+Decoding a batch is a product of a few rows per weight. OpenBLAS packs the
 whole weight into a buffer before such a product (about half of a batched
 decode step's time under `perf`), except in its small-matrix kernels
 (AVX-512 cores, M*N*K <= 100**3), which read the weight as it lies. Where
-OpenBLAS runs on such a core, those products are made as one batched
-product of column blocks small enough for them (plain MLX: nothing is
-evaluated, so mlx-lm's async decode steps still overlap): 1.5-1.8x faster
-per product, a batched decode step of 4-8 sequences about 30% faster here.
+OpenBLAS runs on such a core, products of 1-16 float32 rows are made as one
+batched product of column blocks small enough for them, in place of the
+gemv too (plain MLX: nothing is evaluated, so mlx-lm's async decode steps
+still overlap): a decode step of 1 sequence ~25% and of 4-8 ~30% faster here.
 
 Each op is an `mx.custom_function` with its usual vjp in MLX, so training still
 differentiates through them; they evaluate their inputs (`mx.eval` inside the
@@ -132,9 +132,9 @@ def openblas_core() -> str:
 
 
 def column_block(rows: int, inner: int, out: int) -> int:
-    """Output columns per block that make a float32 product of 2-16 rows one
+    """Output columns per block that make a float32 product of 1-16 rows one
     small-matrix product per block; 0 where it stays one product."""
-    if not 2 <= rows <= 16 or openblas_core() not in SMALL_MATRIX_CORES:
+    if not 1 <= rows <= 16 or openblas_core() not in SMALL_MATRIX_CORES:
         return 0
     block = 256
     while block >= 8 and (rows * block * inner > SMALL_MATRIX_MNK or out % block):
@@ -152,14 +152,13 @@ def few_rows_product(x: mx.array, weight: mx.array, block: int) -> mx.array:
 
 def fast_product(x: mx.array, weight: mx.array) -> Optional[mx.array]:
     """x @ weight.T where this backend has a faster path than MLX's one product
-    (NumPy's gemv for one float32 row, column blocks for 2-16), else None."""
-    if matvec_applies(x, weight):
-        return _host_matvec(x, weight)
+    (column blocks for 1-16 float32 rows where OpenBLAS has small-matrix
+    kernels, else NumPy's gemv for one row), else None."""
     if x.dtype == mx.float32 and weight.dtype == mx.float32:
         block = column_block(x.size // x.shape[-1], weight.shape[1], weight.shape[0])
         if block:
             return few_rows_product(x, weight, block)
-    return None
+    return _host_matvec(x, weight) if matvec_applies(x, weight) else None
 
 
 # ---- the modules `install` puts in place of MLX's (same state, NumPy inside) --------
