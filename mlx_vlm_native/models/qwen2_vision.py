@@ -203,8 +203,9 @@ class VisionModel(nn.Module):
         return out
 
     def steps(self, pack: Pack, merge: bool = True, evaluate: bool = True):
-        """The call block by block: yields None after each block (evaluated, with
-        `evaluate`, so that each step is bounded work), then the output."""
+        """The call block by block: yields None after the patch embedding and
+        after each block (evaluated, with `evaluate`, so that each step is
+        bounded work), then the output."""
         c = self.config
         x = self.patch_embed(mx.array(pack.patches))
         angles = rope_2d_angles(pack.positions, c.embed_dim // c.num_heads, c.rope_theta)
@@ -216,6 +217,9 @@ class VisionModel(nn.Module):
             token_order = mx.array((order[:, None] * unit + np.arange(unit)).reshape(-1))
             x, angles = x[token_order], angles[token_order]
         cos, sin = mx.cos(angles), mx.sin(angles)
+        if evaluate:  # the patch embedding is a step of its own
+            mx.eval(x, cos, sin)
+            yield None
         for i, block in enumerate(self.blocks):
             full = not c.windowed or i in c.fullatt_block_indexes
             x = block(x, pack.cu_seqlens if full else cu_windows, cos, sin)
