@@ -20,7 +20,7 @@ from .processors.image import (
 )
 from .weights.validation import invalid_unicode
 
-MAX_JSON_VALUES = 100_000  # objects, arrays, members and items in a request body (serve's default)
+MAX_JSON_VALUES = 100_000  # objects, arrays, members and items in a request body (serve's Limits default)
 
 # ----------------------------------------------------------------- request parsing
 

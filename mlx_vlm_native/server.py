@@ -34,7 +34,7 @@ from .generate import (
 )
 from .http_limits import APIError, ClientGone, LimitedHandler, LimitedHTTPServer, PixelBudget, longest_token_bytes, text_of
 from .openai_api import (
-    RequestImage, chat_messages, completion, completion_chunk, logprob_entry, parse_json_body, request_images,
+    MAX_JSON_VALUES, RequestImage, chat_messages, completion, completion_chunk, logprob_entry, parse_json_body, request_images,
     sampling_options, stream_settings, until_stop, usage_of,
 )
 from .params import check_cache_params
@@ -57,7 +57,7 @@ class Limits:
     overflow_connections: int = 32  # over the cap with none to close: read the request, answer 503
     header_timeout: float = 10.0  # seconds from a request's first byte to the end of its headers
     body_timeout: float = 60.0  # seconds from a request's first byte to the end of its body
-    max_json_values: int = 100_000  # objects, arrays, members and items in a request body
+    max_json_values: int = MAX_JSON_VALUES  # objects, arrays, members and items in a request body
     max_server_pixels: int = 128_000_000  # image pixels held by all requests in flight together
     pixel_wait: float = 30.0  # seconds a request may wait for max_server_pixels; then 503
 

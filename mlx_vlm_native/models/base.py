@@ -10,6 +10,7 @@ from mlx.utils import tree_flatten
 
 from ..engine import PromptKVCache
 from ..native.packing import Pack
+from ..native.rope import rotate_half
 
 TEXT, IMAGE, VIDEO = 0, 1, 2  # the values of `ProcessedInputs.token_types`
 
@@ -166,11 +167,6 @@ def resize_bilinear(x, rows: int, cols: int):
     wc = mx.array(weights(W, cols)).astype(x.dtype)
     x = (wr @ x.reshape(H, W * D)).reshape(rows, W, D)
     return mx.einsum("cw,rwd->rcd", wc, x)
-
-
-def rotate_half(x: mx.array) -> mx.array:
-    half = x.shape[-1] // 2
-    return mx.concatenate([-x[..., half:], x[..., :half]], axis=-1)
 
 
 @partial(mx.compile, shapeless=True)

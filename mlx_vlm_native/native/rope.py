@@ -27,6 +27,12 @@ def rope_launch(backend: str, q, k, cos, sin, backward: bool) -> Launch:
     )
 
 
+def rotate_half(x: mx.array) -> mx.array:
+    """The rotate-half partner of x: (-second half, first half) on the last axis."""
+    half = x.shape[-1] // 2
+    return mx.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+
+
 def reference_rope(x, cos, sin, backward: bool = False):
     """x (N, H, D) rotated in fp32; `backward` applies the transpose rotation."""
     half = x.shape[-1] // 2
@@ -79,12 +85,10 @@ def rope_2d(q: mx.array, k: Optional[mx.array], cos: mx.array, sin: mx.array, ba
         gs = list(cotangents) if isinstance(cotangents, (list, tuple)) else [cotangents]
         dxs = _rotate(backend, gs, c, s, backward=True)
         d_cos, d_sin = mx.zeros_like(c), mx.zeros_like(s)
-        half = c.shape[-1] // 2
         for x, g in zip(xs, gs):
             xf, gf = x.astype(mx.float32), g.astype(mx.float32)
-            rotated = mx.concatenate([-xf[..., half:], xf[..., :half]], axis=-1)
             d_cos = d_cos + (gf * xf).sum(1)
-            d_sin = d_sin + (gf * rotated).sum(1)
+            d_sin = d_sin + (gf * rotate_half(xf)).sum(1)
         return (*dxs, d_cos.astype(c.dtype), d_sin.astype(s.dtype))
 
     outs = rotate(*([q] if k is None else [q, k]), cos, sin)
